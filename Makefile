@@ -1,0 +1,35 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench bench-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint: install
+	$(BIN)/ruff check jaxckpt tests benchmarks
+	$(BIN)/ruff format --check jaxckpt tests benchmarks
+	$(BIN)/mypy
+
+demo: install
+	$(BIN)/python examples/seed_guide.py
+
+bench: install
+	$(BIN)/python benchmarks/bench.py
+
+bench-gpu: install
+	$(BIN)/python benchmarks/bench.py --workloads W3
+
+clean:
+	rm -rf $(VENV) tf_ckpts bench_out

@@ -1,0 +1,20 @@
+"""jaxckpt: fast, safe, open checkpoints for JAX pytrees."""
+
+from ._checkpoint import SaveHandle as SaveHandle
+from ._checkpoint import save as save
+from ._checkpoint import save_async as save_async
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointExistsError as CheckpointExistsError
+from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import CorruptCheckpointError as CorruptCheckpointError
+from ._errors import FormatVersionError as FormatVersionError
+from ._errors import StructureMismatchError as StructureMismatchError
+from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._reader import Reader as Reader
+from ._reader import list_variables as list_variables
+from ._reader import open as open
+from ._restore import MatchStatus as MatchStatus
+from ._restore import match as match
+from ._restore import restore as restore
+
+__version__ = "0.1.0"

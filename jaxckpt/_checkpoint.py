@@ -1,0 +1,270 @@
+"""Saving one checkpoint: ``save`` is the synchronous case of ``save_async``'s path.
+
+A save walks the tree once (structure + leaves), writes every array's shards through
+TensorStore with their futures issued together, writes the metadata, then commits: ``COMMIT``
+is written last and, on a local disk, the temporary sibling directory is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _metadata, _multihost, _storage
+from ._errors import CheckpointError, CheckpointExistsError
+
+PyTree = Any
+# Host bytes a synchronous save holds in flight; async snapshots are bounded by the caller.
+STREAM_BYTES = 512 << 20
+
+
+@dataclasses.dataclass
+class _Piece:
+    index: tuple[slice, ...]
+    data: Any  # np.ndarray, or a single-device jax.Array not yet on the host
+    nbytes: int
+
+
+@dataclasses.dataclass
+class _Array:
+    loc: str
+    meta: dict[str, Any]
+    pieces: list[_Piece]
+
+
+def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
+    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        shard_shape = tuple(x.sharding.shard_shape(x.shape))
+        pieces = [
+            _Piece(tuple(s.index), s.data, s.data.nbytes)
+            for s in x.addressable_shards
+            if s.replica_id == 0
+        ]
+        return pieces, shard_shape
+    arr = np.asarray(x)
+    return [_Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
+
+
+def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array]]:
+    arrays: list[_Array] = []
+
+    def array_record(path: str, x: Any) -> dict[str, Any]:
+        if isinstance(x, jax.core.Tracer):
+            raise CheckpointError(
+                f"The leaf at {path or '<root>'} is a traced value inside jit/vmap; "
+                "checkpoints hold concrete arrays. Fix: save outside the traced function."
+            )
+        dtype = np.dtype(x.dtype)
+        shape = tuple(int(d) for d in np.shape(x))
+        pieces, shard = _pieces(x)
+        data_type = _storage.stored_dtype(dtype)
+        chunks = _storage.chunk_shape(shape, dtype.itemsize, shard)
+        loc = path or "%"
+        arrays.append(_Array(loc, _storage.array_metadata(shape, data_type, chunks), pieces))
+        rec: dict[str, Any] = {
+            "t": "array", "dtype": dtype.name, "shape": list(shape), "chunks": chunks, "loc": loc
+        }
+        if data_type != dtype.name:
+            rec["stored"] = data_type
+        if isinstance(x, np.generic):
+            rec["np_scalar"] = True
+        return rec
+
+    record, _ = _metadata.describe(tree, array_record)
+    return record, arrays
+
+
+def _group_files(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    if node["t"] in ("array", "value", "state"):
+        return files
+    if prefix:
+        files[f"{prefix}/zarr.json"] = _storage.group_json()
+    from ._paths import name_of
+
+    for kind, key, child in node["c"]:
+        name = name_of(kind, key)
+        files.update(_group_files(child, f"{prefix}/{name}" if prefix else name))
+    return files
+
+
+def _to_host(data: Any, copy: bool) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return np.array(data, copy=True) if copy else data
+    arr = np.asarray(data)
+    # On the CPU backend np.asarray may alias the device buffer: a snapshot must own its bytes.
+    return np.array(arr, copy=True) if copy and not arr.flags.owndata else arr
+
+
+def _snapshot(arrays: list[_Array]) -> None:
+    """Copies every piece to host memory that this save owns (donation-safe)."""
+    for a in arrays:
+        for p in a.pieces:
+            if isinstance(p.data, jax.Array):
+                p.data.copy_to_host_async()
+    for a in arrays:
+        for p in a.pieces:
+            p.data = _to_host(p.data, copy=True)
+
+
+def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
+    """Opens every array, then streams its pieces, keeping at most ``budget`` bytes in flight."""
+    opened = [_storage.open_array(root, a.loc, a.meta, create=True) for a in arrays]
+    inflight: deque[tuple[Any, int]] = deque()
+    held = 0
+    for a, fut in zip(arrays, opened, strict=True):
+        store = fut.result()
+        for p in a.pieces:
+            host = _to_host(p.data, copy=False)
+            if host.dtype.name != a.meta["data_type"]:
+                host = host.view(a.meta["data_type"])
+            w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
+            inflight.append((w, p.nbytes))
+            held += p.nbytes
+            while held > budget and inflight:
+                done, n = inflight.popleft()
+                done.result()
+                held -= n
+    for w, _ in inflight:
+        w.result()
+
+
+@dataclasses.dataclass
+class _Save:
+    final: str
+    tmp: str
+    record: dict[str, Any]
+    arrays: list[_Array]
+    extra: dict[str, Any]
+
+
+def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
+    final = _storage.normalize(path)
+    if _storage.is_committed(final):
+        raise CheckpointExistsError(
+            f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
+            "to a new path (e.g. one per step), or delete the old checkpoint first."
+        )
+    if _storage.is_dir(final) and os.listdir(final):
+        raise CheckpointExistsError(
+            f"{final} exists and is not an empty directory nor a checkpoint. Fix: choose "
+            "another path, or remove that directory."
+        )
+    record, arrays = _plan(tree)
+    return _Save(final, _storage.tmp_sibling(final), record, arrays, extra)
+
+
+def _execute(s: _Save, budget: int) -> str:
+    primary = _multihost.is_primary()
+    try:
+        if primary:
+            os.makedirs(os.path.dirname(s.final) or ".", exist_ok=True)
+            os.makedirs(s.tmp)
+        _multihost.barrier(f"jaxckpt-start:{s.final}")
+        _write_arrays(s.tmp, s.arrays, budget)
+        if primary:
+            attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})
+            files = {"zarr.json": _storage.group_json(attrs), **_group_files(s.record)}
+            kv = _storage.open_kv(s.tmp)
+            for f in _storage.write_json_files(kv, files):
+                f.result()
+        _multihost.barrier(f"jaxckpt-written:{s.final}")
+        if primary:
+            _storage.write_bytes_durable(s.tmp, _storage.COMMIT, b"{}")
+            _storage.commit(s.tmp, s.final)
+        _multihost.barrier(f"jaxckpt-committed:{s.final}")
+    except BaseException:
+        if primary:
+            _storage.remove_tree(s.tmp)
+        raise
+    return s.final
+
+
+class SaveHandle:
+    """A save in flight: ``wait()`` returns the final path or raises the save's error."""
+
+    def __init__(self, save: _Save):
+        self.path = save.final
+        self._error: BaseException | None = None
+        self._seen = False
+        self._thread = threading.Thread(target=self._run, args=(save,), daemon=True)
+        self._thread.start()
+
+    def _run(self, save: _Save) -> None:
+        try:
+            _execute(save, budget=1 << 62)
+        except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> str:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
+        _unfinished.discard(self)
+        if self._error is not None:
+            self._seen = True
+            raise self._error
+        return self.path
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"SaveHandle({self.path!r}, {state})"
+
+
+_unfinished: set[SaveHandle] = set()
+
+
+def _raise_earlier_errors() -> None:
+    """An async save's error nobody waited for is raised by the next save."""
+    for h in list(_unfinished):
+        if h.done():
+            _unfinished.discard(h)
+            if h._error is not None and not h._seen:
+                h._seen = True
+                raise CheckpointError(f"An earlier asynchronous save to {h.path} failed") from h._error
+
+
+def save(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None, metrics: dict[str, Any] | None = None) -> str:
+    """Saves ``tree`` to the directory ``path``, atomically; returns the final path.
+
+    Example:
+        >>> jc.save("/tmp/ckpt-1", {"w": np.ones(3)})  # doctest: +SKIP
+        '/tmp/ckpt-1'
+    """
+    _raise_earlier_errors()
+    s = _prepare(path, tree, _extra(step, metrics))
+    return _execute(s, budget=STREAM_BYTES)
+
+
+def save_async(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None, metrics: dict[str, Any] | None = None) -> SaveHandle:
+    """Snapshots ``tree`` to host memory, then saves it in the background.
+
+    Returns once the snapshot is taken: the caller may then donate, delete or mutate its
+    arrays. ``handle.wait()`` blocks until the checkpoint is committed.
+    """
+    _raise_earlier_errors()
+    s = _prepare(path, tree, _extra(step, metrics))
+    _snapshot(s.arrays)
+    h = SaveHandle(s)
+    _unfinished.add(h)
+    return h
+
+
+def _extra(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if step is not None:
+        out["step"] = int(step)
+    if metrics:
+        out["metrics"] = {k: float(v) if np.ndim(v) == 0 else v for k, v in metrics.items()}
+    return out

@@ -1,0 +1,234 @@
+"""The tree structure and the leaf records kept in the root ``zarr.json``.
+
+A saved tree is described by one JSON value, ``tree``: an inner node is
+``{"t": "dict"|"list"|"tuple"|"obj"|"none", "c": [[kind, key, child], ...]}`` (``obj`` is a
+named tuple, dataclass or other registered node, with its class name in ``"cls"``); a leaf is
+``{"t": "array", ...}``, ``{"t": "value", ...}`` or ``{"t": "state", ...}``. Edge kinds and
+names are those of :mod:`jaxckpt._paths`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import msgpack
+import numpy as np
+
+from . import _paths
+from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeafError
+
+FORMAT_VERSION = 1
+ATTR_KEY = "jaxckpt"
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Leaf:
+    """One leaf found while walking a tree to save it."""
+
+    keypath: tuple[Any, ...]
+    path: str  # "params/l1/kernel"
+    value: Any
+    record: dict[str, Any]
+
+
+def is_stateful(x: Any) -> bool:
+    return callable(getattr(x, "get_state", None)) and callable(getattr(x, "set_state", None))
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _flatten_one(node: Any) -> tuple[list[tuple[Any, Any]], Any] | None:
+    """One level of a pytree node: ``([(key, child), ...], treedef)``, or None for a leaf."""
+    if _is_array(node) or is_stateful(node) or isinstance(node, (str, bytes, int, float, complex)):
+        return None
+    items, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    if treedef.num_leaves == 1 and treedef.num_nodes == 1 and items and items[0][1] is node:
+        return None
+    return [(kp[0], child) for kp, child in items], treedef
+
+
+def _node_type(node: Any) -> str:
+    if node is None:
+        return "none"
+    if isinstance(node, list):
+        return "list"
+    if type(node) is tuple:
+        return "tuple"
+    if isinstance(node, dict) or type(node).__name__ in ("FrozenDict", "State"):
+        return "dict"
+    return "obj"
+
+
+def value_record(x: Any, where: str) -> dict[str, Any]:
+    """The record of a non-array leaf kept inline in the metadata."""
+    if isinstance(x, bool):
+        return {"t": "value", "py": "bool", "v": x}
+    if isinstance(x, int):
+        return {"t": "value", "py": "int", "v": x}
+    if isinstance(x, float):
+        return {"t": "value", "py": "float", "v": x if math.isfinite(x) else repr(x)}
+    if isinstance(x, complex):
+        return {"t": "value", "py": "complex", "v": [repr(x.real), repr(x.imag)]}
+    if isinstance(x, str):
+        return {"t": "value", "py": "str", "v": x}
+    if isinstance(x, bytes):
+        return {"t": "value", "py": "bytes", "v": base64.b64encode(x).decode()}
+    if is_stateful(x):
+        try:
+            packed = msgpack.packb(x.get_state(), default=_pack_ext, strict_types=False)
+        except Exception as e:
+            raise UnsupportedLeafError(
+                f"The state of the {type(x).__name__} at {where} could not be serialised "
+                f"({e}). Fix: make get_state() return a tree of dicts, lists, numbers, str, "
+                "bytes and NumPy arrays."
+            ) from e
+        return {"t": "state", "cls": _cls_name(x), "v": base64.b64encode(packed).decode()}
+    raise UnsupportedLeafError(
+        f"The leaf at {where} is a {_cls_name(x)}, which jaxckpt cannot save. Fix: turn it into "
+        "an array or a Python scalar, give it get_state()/set_state() methods, or take it out "
+        "of the tree (e.g. register its class as a pytree node)."
+    )
+
+
+def load_value(rec: dict[str, Any]) -> Any:
+    py, v = rec["py"], rec["v"]
+    if py == "float":
+        return float(v)
+    if py == "complex":
+        return complex(float(v[0]), float(v[1]))
+    if py == "bytes":
+        return base64.b64decode(v)
+    return v
+
+
+def load_state(rec: dict[str, Any]) -> Any:
+    return msgpack.unpackb(
+        base64.b64decode(rec["v"]), ext_hook=_unpack_ext, strict_map_key=False, use_list=True
+    )
+
+
+def _pack_ext(obj: Any) -> Any:
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+        arr = np.asarray(obj)
+        head = msgpack.packb([arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, list(arr.shape)])
+        return msgpack.ExtType(1, head + np.ascontiguousarray(arr).tobytes())
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def _unpack_ext(code: int, data: bytes) -> Any:
+    if code != 1:
+        return msgpack.ExtType(code, data)
+    unpacker = msgpack.Unpacker()
+    unpacker.feed(data)
+    dtype, shape = next(unpacker)
+    offset = unpacker.tell()
+    return np.frombuffer(data[offset:], dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def _cls_name(x: Any) -> str:
+    t = type(x)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], list[Leaf]]:
+    """Walks ``tree``: returns its structure record and its leaves in flatten order.
+
+    ``array_record(path, array)`` makes the record of an array leaf.
+    """
+    leaves: list[Leaf] = []
+
+    def walk(node: Any, keypath: tuple[Any, ...], names: tuple[str, ...]) -> dict[str, Any]:
+        where = _paths.keystr(keypath)
+        flat = _flatten_one(node)
+        if flat is None:
+            path = "/".join(names)
+            rec = array_record(path, node) if _is_array(node) else value_record(node, where)
+            leaves.append(Leaf(keypath, path, node, rec))
+            return rec
+        children, _ = flat
+        out: dict[str, Any] = {"t": _node_type(node), "c": []}
+        if out["t"] == "obj":
+            out["cls"] = _cls_name(node)
+        seen: dict[str, Any] = {}
+        for key, child in children:
+            kind, k = _paths.edge_of(key, where)
+            name = _paths.name_of(kind, k)
+            if name in seen:
+                raise UnsupportedLeafError(
+                    f"Two children of {where} map to the same name {name!r} ({seen[name]!r} and "
+                    f"{k!r}). Fix: rename one of the keys."
+                )
+            seen[name] = k
+            out["c"].append([kind, k, walk(child, (*keypath, key), (*names, name))])
+        return out
+
+    return walk(tree, (), ()), leaves
+
+
+def iter_leaves(node: dict[str, Any], names: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
+    if node["t"] in ("array", "value", "state"):
+        yield "/".join(names), node
+        return
+    for kind, key, child in node["c"]:
+        yield from iter_leaves(child, (*names, _paths.name_of(kind, key)))
+
+
+def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    """The structure record under ``prefix`` (``"params/backbone"``), or None."""
+    for part in [p for p in prefix.split("/") if p]:
+        if node["t"] in ("array", "value", "state"):
+            return None
+        for kind, key, child in node["c"]:
+            if _paths.name_of(kind, key) == part:
+                node = child
+                break
+        else:
+            return None
+    return node
+
+
+def rebuild(node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()) -> PyTree:
+    """Rebuilds plain containers (dict, list, tuple, None) from a structure record."""
+    t = node["t"]
+    if t in ("array", "value", "state"):
+        return leaf("/".join(names), node)
+    if t == "none":
+        return None
+    kids = [(k, rebuild(c, leaf, (*names, _paths.name_of(kind, k)))) for kind, k, c in node["c"]]
+    if t == "list":
+        return [v for _, v in kids]
+    if t == "tuple":
+        return tuple(v for _, v in kids)
+    return {k: v for k, v in kids}
+
+
+def root_attributes(tree_record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {ATTR_KEY: {"format_version": FORMAT_VERSION, "tree": tree_record, **extra}}
+
+
+def parse_root(attrs: dict[str, Any], where: str) -> dict[str, Any]:
+    meta = attrs.get(ATTR_KEY)
+    if not isinstance(meta, dict) or "tree" not in meta:
+        raise CorruptCheckpointError(
+            f"{where}/zarr.json has no jaxckpt metadata; it is not a jaxckpt checkpoint or its "
+            "metadata was damaged. Fix: point at a directory written by jaxckpt."
+        )
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where} was written in jaxckpt format version {version}, but this jaxckpt reads "
+            f"versions up to {FORMAT_VERSION}. Fix: upgrade jaxckpt (pip install -U jaxckpt)."
+        )
+    return meta

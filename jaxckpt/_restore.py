@@ -1,0 +1,291 @@
+"""Restoring into a target tree, and matching a target against a checkpoint (``jc.match``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _metadata, _paths
+from ._errors import StructureMismatchError
+from ._reader import Reader
+
+PyTree = Any
+Rename = Mapping[str, str] | Callable[[str], str | None] | None
+log = logging.getLogger("jaxckpt")
+
+_FIX = (
+    "Fix: pass partial=True to skip saved leaves the target does not ask for; "
+    'missing="keep" to keep the target\'s own value where the checkpoint has none; '
+    "prefix=/rename= to map target paths to checkpoint paths (see jc.list_variables)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    path: str  # the checkpoint path
+    where: str  # the target key path, keystr form
+    expected: str  # what the target asks for
+    found: str  # what the checkpoint holds
+
+    def __str__(self) -> str:
+        return f"{self.where}: the target expects {self.expected}, the checkpoint has {self.found}"
+
+
+@dataclasses.dataclass
+class MatchStatus:
+    """How a target matches a checkpoint, found from the metadata alone.
+
+    ``missing``: target leaves the checkpoint lacks (checkpoint paths); ``unused``: saved
+    leaves the target does not ask for; ``mismatched``: leaves in both whose shape or dtype
+    the target cannot take.
+    """
+
+    path: str
+    missing: list[str]
+    unused: list[str]
+    mismatched: list[Mismatch]
+    _where: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    def assert_existing_objects_matched(self) -> MatchStatus:
+        """Every leaf of the target was found in the checkpoint with a compatible shape/dtype."""
+        if self.missing or self.mismatched:
+            raise StructureMismatchError(self._message(unused=False))
+        return self
+
+    def assert_consumed(self) -> MatchStatus:
+        """As above, and every saved leaf was used by the target."""
+        if self.missing or self.mismatched or self.unused:
+            raise StructureMismatchError(self._message(unused=True))
+        return self
+
+    def _message(self, unused: bool) -> str:
+        lines = [f"The checkpoint at {self.path} does not match the target."]
+        if self.missing:
+            lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
+            lines += [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing[:20]]
+        if self.mismatched:
+            lines.append(f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):")
+            lines += [f"    {m}" for m in self.mismatched[:20]]
+        if unused and self.unused:
+            lines.append(f"  Saved leaves the target lacks ({len(self.unused)}):")
+            lines += [f"    {p}" for p in self.unused[:20]]
+        lines.append(_FIX)
+        return "\n".join(lines)
+
+
+def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
+    base = (prefix or "").strip("/")
+    if rename is None:
+        fn: Callable[[str], str | None] = lambda p: p  # noqa: E731
+    elif callable(rename):
+        fn = rename
+    else:
+        rules = [(re.compile(k), v) for k, v in rename.items()]
+
+        def fn(p: str) -> str | None:
+            for pattern, repl in rules:
+                p = pattern.sub(repl, p)
+            return p
+
+    def mapped(p: str) -> str | None:
+        q = fn(p)
+        if q is None:
+            return None
+        return f"{base}/{q}" if base and q else (base or q)
+
+    return mapped
+
+
+def _kind(x: Any) -> str:
+    if _metadata.is_stateful(x):
+        return "state"
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+        return "array"
+    if isinstance(x, (bool, int, float, complex)):
+        return "scalar"
+    if isinstance(x, (str, bytes)):
+        return "text"
+    return "any"
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    if rec["t"] == "array":
+        return f"{rec['dtype']}{list(rec['shape'])}"
+    return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
+
+
+def _problem(x: Any, rec: dict[str, Any]) -> str | None:
+    """Why the target leaf ``x`` cannot take the saved leaf ``rec``, or None."""
+    kind = _kind(x)
+    if kind == "state":
+        return None if rec["t"] == "state" else "an object state"
+    if kind == "text":
+        ok = rec["t"] == "value" and rec["py"] == type(x).__name__
+        return None if ok else f"a Python {type(x).__name__}"
+    if kind == "any":
+        return None
+    shape = tuple(np.shape(x)) if kind == "array" else ()
+    dtype = np.dtype(x.dtype) if kind == "array" else np.dtype(type(x))
+    expected = f"{dtype.name}{list(shape)}"
+    if rec["t"] == "value" and rec["py"] in ("bool", "int", "float", "complex") and shape == ():
+        src = np.dtype(rec["py"] if rec["py"] != "float" else "float64")
+    elif rec["t"] == "array":
+        src = np.dtype(rec["dtype"])
+        if tuple(rec["shape"]) != shape:
+            return expected
+    else:
+        return expected
+    if not _castable(src, dtype):
+        return expected + f" (no safe cast from {src.name})"
+    return None
+
+
+def _castable(src: np.dtype, dst: np.dtype) -> bool:
+    if src == dst:
+        return True
+    kinds = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3, "V": 2}  # ml_dtypes floats are kind "V"
+    return kinds.get(src.kind, 9) <= kinds.get(dst.kind, -1)
+
+
+def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+    to_ckpt = _renamer(prefix, rename)
+    base = (prefix or "").strip("/")
+    if base and _metadata.subtree(reader.structure, base) is None:
+        raise StructureMismatchError(
+            f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
+            "prefix among the leading parts of jc.list_variables(path)."
+        )
+    scope = [p for p in reader.records if not base or p == base or p.startswith(base + "/")]
+    entries, missing, mismatched, where, used = [], [], [], {}, set()
+    for keypath, x in flat:
+        cpath = to_ckpt(_paths.path_str(keypath))
+        rec = reader.records.get(cpath) if cpath is not None else None
+        shown = cpath if cpath is not None else _paths.path_str(keypath)
+        where[shown] = _paths.keystr(keypath)
+        if rec is None:
+            missing.append(shown)
+        else:
+            used.add(cpath)
+            why = _problem(x, rec)
+            if why is not None:
+                mismatched.append(Mismatch(cpath, _paths.keystr(keypath), why, _describe(rec)))
+        entries.append((keypath, x, cpath, rec))
+    unused = [p for p in scope if p not in used]
+    status = MatchStatus(reader.path, missing, unused, mismatched, where)
+    return entries, treedef, status
+
+
+def match(path: str | os.PathLike[str], target: PyTree, *, prefix: str | None = None, rename: Rename = None) -> MatchStatus:
+    """Compares ``target`` with the checkpoint at ``path`` without reading any array."""
+    return _plan(Reader(path), target, prefix, rename)[2]
+
+
+def restore(
+    path: str | os.PathLike[str],
+    target: PyTree = None,
+    *,
+    partial: bool = False,
+    missing: str = "error",
+    prefix: str | None = None,
+    rename: Rename = None,
+) -> PyTree:
+    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings."""
+    if missing not in ("error", "keep"):
+        raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
+    reader = Reader(path)
+    if target is None:
+        return reader.tree(prefix)
+    entries, treedef, status = _plan(reader, target, prefix, rename)
+    if status.mismatched or (status.missing and missing == "error") or (status.unused and not partial):
+        raise StructureMismatchError(status._message(unused=not partial))
+    if status.missing:
+        log.warning("jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
+                    len(status.missing), reader.path, ", ".join(status.missing))
+
+    # One read per distinct slice any addressable device needs, all issued together.
+    requests: list[tuple[str, Any]] = []
+    plans: list[Any] = []
+    for _, x, cpath, rec in entries:
+        if rec is None or rec["t"] != "array":
+            plans.append(None)
+            continue
+        shards = _target_shards(x, tuple(rec["shape"]))
+        slots = {}
+        for dev, idx in shards.items():
+            key = _index_key(idx)
+            if key not in slots:
+                slots[key] = len(requests)
+                requests.append((cpath, idx))
+        plans.append((shards, slots))
+    arrays = reader.read_many(requests)
+
+    leaves, states = [], []
+    for (_, x, _, rec), plan in zip(entries, plans, strict=True):
+        if rec is None:
+            leaves.append(x)
+        elif rec["t"] == "state":
+            states.append((x, _metadata.load_state(rec)))
+            leaves.append(x)
+        elif rec["t"] == "value":
+            v = _metadata.load_value(rec)
+            leaves.append(_as_target(x, np.asarray(v)) if _kind(x) in ("array", "scalar") else v)
+        else:
+            shards, slots = plan
+            pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
+            leaves.append(_assemble(x, rec, pieces))
+    for obj, state in states:
+        obj.set_state(state)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _sharding(x: Any) -> jax.sharding.Sharding | None:
+    if isinstance(x, jax.Array):
+        return x.sharding
+    if isinstance(x, jax.ShapeDtypeStruct):
+        s = getattr(x, "sharding", None)
+        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return None
+
+
+def _target_shards(x: Any, shape: tuple[int, ...]) -> dict[Any, Any]:
+    sharding = _sharding(x)
+    if sharding is None:
+        return {None: None}
+    return dict(sharding.addressable_devices_indices_map(shape))
+
+
+def _index_key(idx: Any) -> Any:
+    if idx is None:
+        return None
+    return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
+
+
+def _as_target(x: Any, arr: np.ndarray) -> Any:
+    kind = _kind(x)
+    if kind == "scalar":
+        return type(x)(arr.item())
+    if kind != "array":
+        return arr
+    out = arr.astype(np.dtype(x.dtype), copy=False)
+    if isinstance(x, np.generic):
+        return out[()]
+    if isinstance(x, np.ndarray):
+        return out
+    return jax.device_put(out, _sharding(x))
+
+
+def _assemble(x: Any, rec: dict[str, Any], pieces: dict[Any, np.ndarray]) -> Any:
+    sharding = _sharding(x)
+    if sharding is None:
+        return _as_target(x, pieces[None])
+    dtype = np.dtype(x.dtype)
+    bufs = [jax.device_put(p.astype(dtype, copy=False), d) for d, p in pieces.items()]
+    return jax.make_array_from_single_device_arrays(tuple(rec["shape"]), sharding, bufs)
