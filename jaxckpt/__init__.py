@@ -10,6 +10,7 @@ from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import StructureMismatchError as StructureMismatchError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._locations import set_storage_options as set_storage_options
 from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open

@@ -153,7 +153,7 @@ def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) 
             f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
             "to a new path (e.g. one per step), or delete the old checkpoint first."
         )
-    if _storage.is_dir(final) and os.listdir(final):
+    if _storage.occupied(final):
         raise CheckpointExistsError(
             f"{final} exists and is not an empty directory nor a checkpoint. Fix: choose "
             "another path, or remove that directory."
@@ -166,8 +166,7 @@ def _execute(s: _Save, budget: int) -> str:
     primary = _multihost.is_primary()
     try:
         if primary:
-            os.makedirs(os.path.dirname(s.final) or ".", exist_ok=True)
-            os.makedirs(s.tmp)
+            _storage.begin(s.tmp)
         _multihost.barrier(f"jaxckpt-start:{s.final}")
         _write_arrays(s.tmp, s.arrays, budget)
         if primary:

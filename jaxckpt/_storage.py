@@ -1,117 +1,48 @@
 """The one module that speaks to TensorStore: zarr v3 array specs, key-value stores, commit.
 
-Paths are local directories for now; every byte goes through a TensorStore kvstore so that
-object stores can be added behind the same functions.
+Locations (local directories, ``s3://`` and ``gs://`` prefixes) and the commit protocol live in
+:mod:`jaxckpt._locations`, re-exported here so that callers speak to this module only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
+from ._locations import COMMIT as COMMIT
+from ._locations import PENDING as PENDING
+from ._locations import TMP_MARK as TMP_MARK
+from ._locations import begin as begin
+from ._locations import commit as commit
+from ._locations import context as context
+from ._locations import exists as exists
+from ._locations import is_committed as is_committed
+from ._locations import is_dir as is_dir
+from ._locations import is_url as is_url
+from ._locations import kvstore as kvstore
+from ._locations import normalize as normalize
+from ._locations import occupied as occupied
+from ._locations import open_kv as open_kv
+from ._locations import read_json as read_json
+from ._locations import remove_tree as remove_tree
+from ._locations import storage_error as storage_error
+from ._locations import tmp_sibling as tmp_sibling
+from ._locations import write_bytes_durable as write_bytes_durable
 
-COMMIT = "COMMIT"
-TMP_MARK = ".jaxckpt-tmp-"
 CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its shards say otherwise
-
-_context: ts.Context | None = None
-
-
-def context() -> ts.Context:
-    """One shared TensorStore context: one cache pool and one I/O concurrency limit."""
-    global _context
-    if _context is None:
-        _context = ts.Context(
-            {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": "shared"}}
-        )
-    return _context
-
-
-# ---------------------------------------------------------------------------- locations
-
-
-def normalize(path: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(path))
-
-
-def kvstore(root: str) -> dict[str, Any]:
-    return {"driver": "file", "path": root.rstrip("/") + "/"}
-
-
-def tmp_sibling(final: str) -> str:
-    parent, name = os.path.split(final)
-    return os.path.join(parent, f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def exists(root: str, key: str = "") -> bool:
-    return os.path.exists(os.path.join(root, key))
-
-
-def is_committed(root: str) -> bool:
-    return os.path.isfile(os.path.join(root, COMMIT))
-
-
-def is_dir(root: str) -> bool:
-    return os.path.isdir(root)
-
-
-def remove_tree(root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def commit(tmp: str, final: str) -> None:
-    """Makes ``tmp`` appear as ``final`` atomically; ``COMMIT`` inside it is already durable."""
-    _fsync_dir(tmp)
-    os.rename(tmp, final)  # fails on a non-empty ``final``: never clobbers a checkpoint
-    _fsync_dir(os.path.dirname(final))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- small files
 
 
-def open_kv(root: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore(root), context=context()).result()
-
-
 def write_json_files(kv: ts.KvStore, files: dict[str, Any]) -> list[ts.Future]:
     return [kv.write(key, json.dumps(obj, separators=(",", ":")).encode()) for key, obj in files.items()]
-
-
-def read_json(root: str, key: str) -> Any:
-    path = os.path.join(root, key)
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpointError(
-            f"{path} is not valid JSON ({e}); the checkpoint's metadata is damaged. Fix: restore "
-            "an earlier checkpoint."
-        ) from e
-
-
-def write_bytes_durable(root: str, key: str, data: bytes) -> None:
-    path = os.path.join(root, key)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -185,9 +116,17 @@ def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool) -> ts
     return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
 
 
-def read_error(root: str, path: str, e: Exception) -> CorruptCheckpointError:
+def read_error(root: str, path: str, e: Exception) -> CheckpointError:
+    if _unreachable(e):  # the store refused or failed after its retries: not the bytes' fault
+        return storage_error(root, e, path)
     return CorruptCheckpointError(
         f"Reading the array {path!r} of {root} failed: {e}. The checkpoint is damaged (a chunk "
         "fails its crc32c checksum or is missing). Fix: restore an earlier checkpoint, or run "
         f"`jaxckpt verify {root}` to list every damaged array."
     )
+
+
+def _unreachable(e: Exception) -> bool:
+    """Whether a TensorStore error comes from the storage service rather than the bytes read."""
+    msg = str(e)
+    return "http_response_code" in msg or msg.startswith(("UNAVAILABLE", "PERMISSION_DENIED"))
