@@ -118,23 +118,37 @@ def _snapshot(arrays: list[_Array]) -> None:
 def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
     """Opens every array, then streams its pieces, keeping at most ``budget`` bytes in flight."""
     opened = [_storage.open_array(root, a.loc, a.meta, create=True) for a in arrays]
-    inflight: deque[tuple[Any, int]] = deque()
+    inflight: deque[tuple[Any, int, str]] = deque()
     held = 0
-    for a, fut in zip(arrays, opened, strict=True):
-        store = fut.result()
-        for p in a.pieces:
-            host = _to_host(p.data, copy=False)
-            if host.dtype.name != a.meta["data_type"]:
-                host = host.view(a.meta["data_type"])
-            w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
-            inflight.append((w, p.nbytes))
-            held += p.nbytes
-            while held > budget and inflight:
-                done, n = inflight.popleft()
-                done.result()
-                held -= n
-    for w, _ in inflight:
-        w.result()
+    try:
+        for a, fut in zip(arrays, opened, strict=True):
+            store = _result(root, a.loc, fut)
+            for p in a.pieces:
+                host = _to_host(p.data, copy=False)
+                if host.dtype.name != a.meta["data_type"]:
+                    host = host.view(a.meta["data_type"])
+                w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
+                inflight.append((w, p.nbytes, a.loc))
+                held += p.nbytes
+                while held > budget and inflight:
+                    done, n, loc = inflight.popleft()
+                    _result(root, loc, done)
+                    held -= n
+        for w, _, loc in inflight:
+            _result(root, loc, w)
+    except BaseException:
+        # Let every write still in flight land before the caller removes what was written.
+        for f in [*opened, *(w for w, _, _ in inflight)]:
+            f.exception()
+        raise
+
+
+def _result(root: str, loc: str, fut: Any) -> Any:
+    """A write's result; its storage error (after TensorStore's retries) names URL and array."""
+    try:
+        return fut.result()
+    except ValueError as e:
+        raise _storage.storage_error(root, e, loc) from e
 
 
 @dataclasses.dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from typing import Any
@@ -158,7 +159,8 @@ def open_kv(root: str) -> ts.KvStore:
 def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     """A permanent storage error (retries are TensorStore's), naming the URL and the array."""
     of = f" (the array {what!r})" if what else ""
-    msg = f"Accessing {where}{of} failed: {e}."
+    detail = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(e))  # the JSON spec buries the cause
+    msg = f"Accessing {where}{of} failed: {detail}."
     if is_url(where):
         msg += (
             " Fix: check the bucket name, the endpoint (AWS_ENDPOINT_URL_S3, "

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote
 
 DUMMY_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -145,7 +146,7 @@ class FaultyProxy:
                 body = self.rfile.read(n) if n else None
                 with proxy._lock:
                     proxy.seen += 1
-                    status = proxy.fail(self.command, self.path, proxy.seen)
+                    status = proxy.fail(self.command, unquote(self.path), proxy.seen)
                     if status is not None:
                         proxy.failed.append((self.command, self.path, status))
                 if status is not None:
@@ -153,7 +154,8 @@ class FaultyProxy:
                     self.send_response(status)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
@@ -161,10 +163,11 @@ class FaultyProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 self.send_response(resp.status)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

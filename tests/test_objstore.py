@@ -7,6 +7,7 @@ by the fixtures below; every test writes under its own fresh prefix.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,3 +238,120 @@ def _kill_mid_save(final: str) -> None:
         child.wait()
     assert child.returncode == -signal.SIGKILL
     assert not _storage.is_committed(final)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def _round_trip(path: str) -> None:
+    tree = model_state()
+    assert_trees_equal(jc.restore(jc.save(path, tree), tree), tree)
+
+
+def test_s3_endpoint_conventions(s3_env, monkeypatch):
+    """``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``, which serves when alone."""
+    dead = f"http://127.0.0.1:{servers.free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/a")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    spec = _locations.kvstore(f"s3://{BUCKET}/run/ckpt-1")
+    assert spec == {
+        "driver": "s3", "bucket": BUCKET, "path": "run/ckpt-1/", "endpoint": s3_env.url,
+        "aws_region": "eu-west-3", "aws_credentials": {"type": "environment"},
+    }  # fmt: skip
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/b")
+
+
+def test_s3_explicit_options(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    jc.set_storage_options("s3", endpoint=s3_env.url, aws_region="us-east-1")
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/ckpt")
+    with pytest.raises(ValueError, match=r"scheme must be one of \['gs', 's3'\], got 'gcs'"):
+        jc.set_storage_options("gcs", endpoint="x")
+
+
+def test_gcs_storage_emulator_host(gcs_env, monkeypatch):
+    """``STORAGE_EMULATOR_HOST`` (host:port, as google-cloud-storage reads it) is enough."""
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_env.url.removeprefix("http://"))
+    _round_trip(f"gs://{BUCKET}/{uuid.uuid4().hex}/ckpt")
+    assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == gcs_env.url
+
+
+def test_unknown_scheme_and_missing_bucket_name():
+    with pytest.raises(ValueError, match="uses the scheme 'hdfs'; jaxckpt reads and writes"):
+        jc.save("hdfs://cluster/ckpt", {"w": np.ones(2)})
+    with pytest.raises(ValueError, match=r"names no bucket. Fix: write s3://BUCKET/PREFIX"):
+        jc.restore("s3:///")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def proxied(request, monkeypatch):
+    """Points s3:// or gs:// at a FaultyProxy in front of the real server; yields (proxy, base).
+
+    The retry delays are cut to milliseconds (TensorStore's defaults start at 1 s).
+    """
+    faults: list = []
+    if request.param == "s3":
+        srv = request.getfixturevalue("s3_env")
+        proxy = servers.FaultyProxy(srv.url, lambda *a: faults[0](*a) if faults else None)
+        jc.set_storage_options("s3", endpoint=proxy.url, s3_request_retries=FAST_RETRIES)
+        base = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    else:
+        srv = request.getfixturevalue("gcs_env")
+        proxy = servers.FaultyProxy(srv.url, lambda *a: faults[0](*a) if faults else None)
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+        jc.set_storage_options("gs", gcs_request_retries=FAST_RETRIES)
+        base = f"gs://{BUCKET}/{uuid.uuid4().hex}"
+    yield proxy, base, faults
+    proxy.stop()
+
+
+FAST_RETRIES = {"max_retries": 6, "initial_delay": "1ms", "max_delay": "20ms"}
+
+
+def test_transient_errors_are_retried(proxied):
+    proxy, base, faults = proxied
+    first_tries: set[tuple[str, str]] = set()
+
+    def every_request_fails_once(method: str, path: str, n: int) -> int | None:
+        path = re.sub(r"[?&]tensorstore=\w+", "", path)  # the gcs driver's cache buster
+        if (method, path) in first_tries:
+            return None
+        first_tries.add((method, path))
+        return 503 if n % 2 else 429  # unavailable, throttled
+
+    faults.append(every_request_fails_once)
+    _round_trip(_locations.join(base, "ckpt"))
+    assert {s for _, _, s in proxy.failed} == {503, 429}
+    assert len(proxy.failed) == len(first_tries) > 10
+
+
+def test_permanent_error_names_url_and_array(proxied):
+    proxy, base, faults = proxied
+    tree = {"w": np.arange(6, dtype=np.float32), "v": np.ones(2, np.float32)}
+    path = jc.save(_locations.join(base, "ckpt"), tree)
+    faults.append(lambda method, path, n: 403 if method == "GET" and "/w/c/" in path else None)
+    with pytest.raises(
+        jc.CheckpointError, match=rf"Accessing {path} \(the array 'w'\) failed: .*403"
+    ):
+        jc.restore(path, tree)
+    faults[0] = lambda method, path, n: 403 if method in ("PUT", "POST") and "/w/" in path else None
+    with pytest.raises(
+        jc.CheckpointError, match=rf"Accessing {base}/ckpt-2 \(the array 'w'\) failed"
+    ):
+        jc.save(_locations.join(base, "ckpt-2"), tree)
+    with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
+        jc.restore(_locations.join(base, "ckpt-2"))  # the failed save removed what it wrote
+
+
+def test_missing_bucket(s3_env):
+    with pytest.raises(jc.CheckpointNotFoundError, match="Accessing s3://no-such-bucket/c failed"):
+        jc.restore("s3://no-such-bucket/c")
+    with pytest.raises(jc.CheckpointError, match="check the bucket name, the endpoint"):
+        jc.save("s3://no-such-bucket/c", {"w": np.ones(2)})
