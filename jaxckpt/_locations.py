@@ -242,8 +242,7 @@ def remove_tree(root: str) -> None:
 def begin(tmp: str) -> None:
     """Makes the place a save writes into: a fresh directory, or a prefix marked ``PENDING``."""
     if is_url(tmp):
-        if is_dir(tmp):  # debris of an interrupted save (``occupied`` was checked)
-            remove_tree(tmp)
+        remove_tree(tmp)  # debris of an interrupted save, if any (``occupied`` was checked)
         write_bytes_durable(tmp, PENDING, b"")
         return
     os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)

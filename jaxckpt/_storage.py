@@ -111,9 +111,32 @@ def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool) -> ts
     if create:
         # Every chunk is written, zeros included: a missing chunk then always means damage.
         spec["store_data_equal_to_fill_value"] = True
+        if is_url(root):
+            return _create_remote(root, rel, meta, spec)
         return ts.open(spec, create=True, context=context())
     spec["fill_missing_data_reads"] = False
     return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
+
+
+def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, Any]) -> ts.Future:
+    """One PUT of ``zarr.json``, then the array opened on it with no request at all.
+
+    ``create=True`` would first GET the metadata and, on S3, HEAD it before a conditional PUT
+    (3 requests per array); the prefix is this save's own, so nothing there can be lost.
+    """
+    put = open_kv(root).write(f"{rel}/zarr.json", json.dumps(meta, separators=(",", ":")).encode())
+    opened = ts.open(spec, open=True, assume_metadata=True, context=context())
+    promise, future = ts.Promise.new()
+
+    def settle(_: Any) -> None:
+        for f in (put, opened):
+            if f.exception() is not None:
+                promise.set_exception(f.exception())
+                return
+        promise.set_result(opened.result())
+
+    put.add_done_callback(lambda _: opened.add_done_callback(settle))
+    return future
 
 
 def read_error(root: str, path: str, e: Exception) -> CheckpointError:

@@ -114,7 +114,8 @@ def moto_requests(log: Path, since: int = 0) -> dict[str, int]:
     counts: dict[str, int] = {}
     with open(log, "rb") as f:
         f.seek(since)
-        for m in re.finditer(rb'"([A-Z]+) \S+ HTTP/1\.1" (\d+)', f.read()):
+        text = re.sub(rb"\x1b\[[0-9;]*m", b"", f.read())  # werkzeug colours non-200 lines
+        for m in re.finditer(rb'"([A-Z]+) \S+ HTTP/1\.1" (\d+)', text):
             key = m.group(1).decode()
             counts[key] = counts.get(key, 0) + 1
     return counts
