@@ -161,10 +161,16 @@ def array_metadata(shape: Sequence[int], data_type: str, chunks: Sequence[int]) 
         "data_type": data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if data_type == "bool" else 0,
+        "fill_value": _fill_value(data_type),
         "codecs": [*codecs, {"name": "crc32c"}],
         "attributes": {},
     }
+
+
+def _fill_value(data_type: str) -> Any:
+    if data_type == "bool":
+        return False
+    return [0.0, 0.0] if data_type.startswith("complex") else 0
 
 
 def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
