@@ -24,6 +24,7 @@ from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeaf
 
 FORMAT_VERSION = 1
 ATTR_KEY = "jaxckpt"
+MAX_NAME_BYTES = 255  # the longest file name common file systems take
 
 PyTree = Any
 
@@ -199,6 +200,12 @@ def describe(
                     f"{k!r}). Fix: rename one of the keys."
                 )
             seen[name] = k
+            if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+                raise UnsupportedLeafError(
+                    f"The key {str(k)[:40]!r}... at {where} becomes a file name of "
+                    f"{len(name.encode('utf-8'))} bytes, but file systems take at most "
+                    f"{MAX_NAME_BYTES}. Fix: shorten the key."
+                )
             out["c"].append([kind, k, walk(child, (*keypath, key), (*names, name))])
         return out
 
