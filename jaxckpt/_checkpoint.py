@@ -275,5 +275,5 @@ def _extra(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
     if step is not None:
         out["step"] = int(step)
     if metrics:
-        out["metrics"] = {k: float(v) if np.ndim(v) == 0 else v for k, v in metrics.items()}
+        out["metrics"] = {str(k): np.asarray(v).tolist() for k, v in metrics.items()}
     return out

@@ -252,3 +252,10 @@ def test_nnx_state_roundtrip_and_update(tmp_path):
     # Abstract target: the state of nnx.eval_shape, leaves as ShapeDtypeStruct.
     abstract = nnx.state(nnx.eval_shape(lambda: Model(nnx.Rngs(2))))
     assert_tree_equal(jc.restore(path, abstract), state)
+
+
+def test_step_and_metrics_are_recorded(tmp_path):
+    metrics = {"loss": jnp.float32(0.5), "acc": np.array([0.25, 1.0]), "n": 3}
+    reader = jc.open(jc.save(tmp_path / "c", {"w": np.ones(2)}, step=7, metrics=metrics))
+    assert reader.step == 7
+    assert reader.metrics == {"loss": 0.5, "acc": [0.25, 1.0], "n": 3}
