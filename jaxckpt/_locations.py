@@ -19,6 +19,7 @@ members for every ``s3://`` or ``gs://`` location.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,6 +34,7 @@ COMMIT = "COMMIT"
 PENDING = "PENDING"
 TMP_MARK = ".jaxckpt-tmp-"
 _DRIVERS = {"s3": "s3", "gs": "gcs"}
+log = logging.getLogger("jaxckpt")
 
 _context: ts.Context | None = None
 _options: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
@@ -251,8 +253,11 @@ def begin(tmp: str) -> None:
 
 def commit(tmp: str, final: str) -> None:
     """Makes ``tmp`` appear as ``final`` atomically; ``COMMIT`` inside it is already durable."""
-    if is_url(final):
-        _remote(final, lambda kv: kv.write(PENDING, None).result())  # the commit was COMMIT's PUT
+    if is_url(final):  # the commit was COMMIT's PUT; a PENDING left beside it is harmless
+        try:
+            _remote(final, lambda kv: kv.write(PENDING, None).result())
+        except CheckpointError as e:
+            log.warning("jaxckpt: %s (the checkpoint is committed)", e)
         return
     _fsync_dir(tmp)
     os.rename(tmp, final)  # fails on a non-empty ``final``: never clobbers a checkpoint
@@ -297,3 +302,98 @@ def write_bytes_durable(root: str, key: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------- directories
+# What CheckpointManager needs of a directory of checkpoints (a local directory or a prefix).
+
+
+def list_names(root: str) -> list[str]:
+    """The names directly inside ``root``, sorted; empty when ``root`` does not exist.
+
+    On an object store this lists every key under the prefix (TensorStore lists without a
+    delimiter) and keeps their first segments.
+    """
+    if is_url(root):
+        return sorted({k.partition("/")[0] for k in _keys(root)})
+    try:
+        return sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def make_dirs(root: str) -> None:
+    if not is_url(root):  # a prefix exists once something is written under it
+        os.makedirs(root, exist_ok=True)
+
+
+def is_debris(name: str) -> bool:
+    """Whether ``name`` is left over by a local jaxckpt write that never committed."""
+    return TMP_MARK in name
+
+
+def remove(path: str) -> None:
+    """Removes a file or a directory tree (an object and a prefix); a missing one is no error."""
+    if is_url(path):
+        parent, _, name = path.rpartition("/")
+        remove_tree(path)
+        _remote(parent, lambda kv: kv.write(name, None).result())
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def delete_checkpoint(path: str) -> None:
+    """Deletes a committed checkpoint so that no crash leaves it half-deleted but listed.
+
+    Locally it is first renamed to a debris name (one atomic step: it stops being a
+    checkpoint), then removed. On an object store it is marked ``PENDING`` and loses its
+    ``COMMIT`` before its other objects are deleted. A crash in between leaves debris that the
+    next manager removes.
+    """
+    if is_url(path):
+        if is_committed(path):
+            write_bytes_durable(path, PENDING, b"")
+            _remote(path, lambda kv: kv.write(COMMIT, None).result())
+        remove_tree(path)
+        return
+    doomed = tmp_sibling(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    remove(doomed)
+
+
+def read_bytes(root: str, key: str) -> bytes | None:
+    """The bytes of ``root/key``, or None when it does not exist."""
+    if is_url(root):
+        return _read(root, key)
+    try:
+        with open(os.path.join(root, key), "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
+    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes."""
+    if is_url(root):  # a PUT replaces an object atomically
+        write_bytes_durable(root, key, data)
+        return
+    final = os.path.join(root, key)
+    tmp = tmp_sibling(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove(tmp)
+        raise
+    _fsync_dir(root)

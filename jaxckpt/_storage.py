@@ -21,18 +21,26 @@ from ._locations import TMP_MARK as TMP_MARK
 from ._locations import begin as begin
 from ._locations import commit as commit
 from ._locations import context as context
+from ._locations import delete_checkpoint as delete_checkpoint
 from ._locations import exists as exists
 from ._locations import is_committed as is_committed
+from ._locations import is_debris as is_debris
 from ._locations import is_dir as is_dir
 from ._locations import is_url as is_url
+from ._locations import join as join
 from ._locations import kvstore as kvstore
+from ._locations import list_names as list_names
+from ._locations import make_dirs as make_dirs
 from ._locations import normalize as normalize
 from ._locations import occupied as occupied
 from ._locations import open_kv as open_kv
+from ._locations import read_bytes as read_bytes
 from ._locations import read_json as read_json
+from ._locations import remove as remove
 from ._locations import remove_tree as remove_tree
 from ._locations import storage_error as storage_error
 from ._locations import tmp_sibling as tmp_sibling
+from ._locations import write_bytes_atomic as write_bytes_atomic
 from ._locations import write_bytes_durable as write_bytes_durable
 
 CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its shards say otherwise
@@ -92,10 +100,16 @@ def array_metadata(shape: Sequence[int], data_type: str, chunks: Sequence[int]) 
         "data_type": data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if data_type == "bool" else 0,
+        "fill_value": _fill_value(data_type),
         "codecs": [*codecs, {"name": "crc32c"}],
         "attributes": {},
     }
+
+
+def _fill_value(data_type: str) -> Any:
+    if data_type == "bool":
+        return False
+    return [0.0, 0.0] if data_type.startswith("complex") else 0
 
 
 def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ by the fixtures below; every test writes under its own fresh prefix.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -166,7 +167,7 @@ class TestStorage:
             os.makedirs(path)
         _storage.write_bytes_durable(path, "mine.txt", b"user data")
         with pytest.raises(
-            jc.CheckpointExistsError, match="is not an empty directory nor a checkpoint"
+            jc.CheckpointExistsError, match="is neither an empty directory nor a checkpoint"
         ):
             jc.save(path, {"w": np.ones(2)})
         assert keys_of(path) == ["mine.txt"]
@@ -186,6 +187,30 @@ class TestStorage:
         with pytest.raises(jc.CorruptCheckpointError, match="is missing"):
             jc.open(path)["v"]
 
+    def test_manager_rotation_index_and_best(self, base):
+        """max_to_keep, the index, best_metric, latest_checkpoint and async saves."""
+        trees = {step: model_state(seed=step) for step in range(1, 6)}
+        losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.0}
+        with jc.CheckpointManager(base, max_to_keep=2, best_metric="loss") as mngr:
+            for step, tree in trees.items():
+                assert mngr.save(step, tree, metrics={"loss": losses[step]})
+            mngr.wait_until_finished()
+            assert mngr.steps == [2, 5]  # the two best, the newest among them
+            assert mngr.best_step == 2
+        names = _storage.list_names(_storage.normalize(base))
+        assert names == ["checkpoint", "ckpt-2", "ckpt-5"]  # rotation deleted by prefix
+        index = json.loads(_storage.read_bytes(_storage.normalize(base), "checkpoint"))
+        assert [(c["step"], c["metrics"]) for c in index["checkpoints"]] == [
+            (2, {"loss": 1.0}),
+            (5, {"loss": 2.0}),
+        ]
+        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-5")
+        again = jc.CheckpointManager(base, max_to_keep=2, best_metric="loss")
+        assert again.steps == [2, 5] and again.best_step == 2
+        assert_trees_equal(again.restore(target=model_state()), trees[5])
+        assert_trees_equal(again.restore(2, target=model_state()), trees[2])
+        again.close()
+
     def test_interrupted_save(self, base):
         """A save process killed mid-write commits nothing and spoils no earlier checkpoint."""
         first = jc.save(_locations.join(base, "ckpt-1"), model_state())
@@ -194,11 +219,27 @@ class TestStorage:
         assert_trees_equal(jc.restore(first, model_state()), model_state())
         with pytest.raises(jc.CheckpointNotFoundError):
             jc.restore(second)
-        # A new save to the same place clears the debris and commits.
+        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-1")
+        # A manager started on the directory removes the debris, and saves that step anew.
+        with jc.CheckpointManager(base, max_to_keep=3) as mngr:
+            assert mngr.steps == [1]
+            names = _storage.list_names(_storage.normalize(base))
+            assert [n for n in names if n != "checkpoint"] == ["ckpt-1"]
+            tree = model_state(seed=2)
+            mngr.save(2, tree)
+        assert_trees_equal(jc.restore(second, tree), tree)
+        assert all(not k.startswith("x") for k in keys_of(second))  # none of the killed save's
+
+    def test_save_over_debris(self, base):
+        """A plain save to where a killed save left debris clears it first."""
+        second = _storage.normalize(_locations.join(base, "ckpt-2"))
+        tmp = _storage.tmp_sibling(second)  # the final prefix itself on an object store
+        _storage.begin(tmp)  # what a save does first, before writing its arrays
+        _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
         tree = model_state(seed=2)
         assert jc.save(second, tree) == second
         assert_trees_equal(jc.restore(second, tree), tree)
-        assert all(not k.startswith("x") for k in keys_of(second))  # none of the killed save's
+        assert "x0001.json" not in keys_of(second) and _storage.PENDING not in keys_of(second)
 
 
 _CHILD = """
