@@ -98,7 +98,7 @@ def main() -> None:
 
 
 def _arrays(tree: dict) -> list:
-    return [x for x in jax.tree.leaves(tree) if np.ndim(x) > 0]
+    return [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype")]
 
 
 def _mib(tree: dict) -> float:

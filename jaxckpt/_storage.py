@@ -140,7 +140,7 @@ def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, An
     """
     put = open_kv(root).write(f"{rel}/zarr.json", json.dumps(meta, separators=(",", ":")).encode())
     opened = ts.open(spec, open=True, assume_metadata=True, context=context())
-    promise, future = ts.Promise.new()
+    promise, future = ts.Promise.new()  # type: ignore[var-annotated]
 
     def settle(_: Any) -> None:
         for f in (put, opened):
