@@ -187,15 +187,20 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
     return src == dst or _category(src) <= _category(dst) < 9
 
 
-def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-    to_ckpt = _renamer(prefix, rename)
+def _check_prefix(reader: Reader, prefix: str | None) -> str:
     base = (prefix or "").strip("/")
     if base and _metadata.subtree(reader.structure, base) is None:
         raise StructureMismatchError(
             f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
             "prefix among the leading parts of jc.list_variables(path)."
         )
+    return base
+
+
+def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+    to_ckpt = _renamer(prefix, rename)
+    base = _check_prefix(reader, prefix)
     scope = [p for p in reader.records if not base or p == base or p.startswith(base + "/")]
     entries, missing, mismatched, where, used = [], [], [], {}, set()
     for keypath, x in flat:
@@ -244,7 +249,7 @@ def restore(
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     reader = Reader(path)
     if target is None:
-        return reader.tree(prefix)
+        return reader.tree(_check_prefix(reader, prefix))
     entries, treedef, status = _plan(reader, target, prefix, rename)
     if (
         status.mismatched

@@ -242,6 +242,8 @@ def test_bad_prefix_and_missing_argument(ckpt):
         match=r"prefix='params/l9' is not a path in the checkpoint .*Fix: pick a prefix",
     ):
         jc.restore(path, {"kernel": jnp.ones((1, 5))}, prefix="params/l9")
+    with pytest.raises(jc.StructureMismatchError, match=r"prefix='params/l9' is not a path"):
+        jc.restore(path, prefix="params/l9")
     with pytest.raises(ValueError, match=r'missing must be "error" or "keep", not \'drop\''):
         jc.restore(path, tree, missing="drop")
 
