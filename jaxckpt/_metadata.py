@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import msgpack
@@ -52,6 +52,7 @@ def _flatten_one(node: Any) -> tuple[list[tuple[Any, Any]], Any] | None:
     if _is_array(node) or is_stateful(node) or isinstance(node, (str, bytes, int, float, complex)):
         return None
     items, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    treedef = cast(Any, treedef)  # PyTreeDef's stubs lack num_leaves / num_nodes
     if treedef.num_leaves == 1 and treedef.num_nodes == 1 and items and items[0][1] is node:
         return None
     return [(kp[0], child) for kp, child in items], treedef

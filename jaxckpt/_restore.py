@@ -214,7 +214,7 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
             used.add(cpath)
             why = _problem(x, rec)
             if why is not None:
-                mismatched.append(Mismatch(cpath, _paths.keystr(keypath), why, _describe(rec)))
+                mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
         entries.append((keypath, x, cpath, rec))
     unused = [p for p in scope if p not in used]
     if unused:
