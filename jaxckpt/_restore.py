@@ -142,7 +142,7 @@ def _kind(x: Any) -> str:
 
 def _describe(rec: dict[str, Any]) -> str:
     if rec["t"] == "array":
-        return f"{rec['dtype']}{list(rec['shape'])}"
+        return f"{rec.get('key_dtype', rec['dtype'])}{list(rec.get('key_shape', rec['shape']))}"
     return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
 
 
@@ -156,6 +156,12 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
         return None if ok else f"a Python {type(x).__name__}"
     if kind == "any":
         return None
+    if "key" in rec or _metadata.is_key(x):  # typed PRNG keys take only the same key type
+        if kind != "array":
+            return f"a Python {type(x).__name__}"
+        expected = f"{x.dtype}{list(np.shape(x))}"
+        same = str(x.dtype) == rec.get("key_dtype") and list(np.shape(x)) == rec.get("key_shape")
+        return None if same else expected
     if kind == "array":
         shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
         expected = f"{dtype.name}{list(shape)}"
@@ -272,7 +278,7 @@ def restore(
         if rec is None or rec["t"] != "array":
             plans.append(None)
             continue
-        shards = _target_shards(x, tuple(rec["shape"]))
+        shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))
         slots = {}
         for idx in shards.values():
             key = _index_key(idx)
@@ -339,6 +345,9 @@ def _as_target(x: Any, arr: np.ndarray) -> Any:
 
 def _assemble(x: Any, rec: dict[str, Any], pieces: dict[Any, np.ndarray]) -> Any:
     sharding = _sharding(x)
+    if "key" in rec:  # small: read whole, wrapped, then placed
+        keys = _metadata.load_key(rec, pieces[None])
+        return keys if sharding is None else jax.device_put(keys, sharding)
     if sharding is None:
         return _as_target(x, pieces[None])
     dtype = np.dtype(x.dtype)
