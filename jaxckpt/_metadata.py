@@ -119,7 +119,7 @@ def key_record(x: Any) -> dict[str, Any]:
 
 def load_key(rec: dict[str, Any], data: np.ndarray) -> jax.Array:
     """The typed key array saved as ``data`` (its key data)."""
-    return jax.random.wrap_key_data(data, impl=rec["key"])
+    return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=rec["key"])
 
 
 def check_array(x: Any, where: str) -> None:
