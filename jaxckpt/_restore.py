@@ -73,12 +73,12 @@ class MatchStatus:
     def assert_consumed(self) -> MatchStatus:
         """As above, and every saved leaf was used by the target."""
         if self.missing or self.mismatched or self.unused:
-            raise StructureMismatchError(self._message(unused=True))
+            raise StructureMismatchError(self._message())
         return self
 
-    def _message(self, unused: bool) -> str:
+    def _message(self, *, missing: bool = True, unused: bool = True) -> str:
         lines = [f"The checkpoint at {self.path} does not match the target."]
-        if self.missing:
+        if missing and self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
             lines += _listed(
                 [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing]
@@ -262,7 +262,9 @@ def restore(
         or (status.missing and missing == "error")
         or (status.unused and not partial)
     ):
-        raise StructureMismatchError(status._message(unused=not partial))
+        raise StructureMismatchError(
+            status._message(missing=missing == "error", unused=not partial)
+        )
     if status.missing:
         log.warning(
             "jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",

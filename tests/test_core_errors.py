@@ -227,6 +227,15 @@ def test_saved_leaves_the_target_lacks(ckpt):
     assert_tree_equal(out, {"params": tree["params"], "step": 3})
 
 
+def test_kept_leaves_are_not_reported_as_errors(ckpt):
+    path, tree = ckpt
+    target = {"params": {**tree["params"], "head": jnp.ones(2)}, "step": 0}
+    with pytest.raises(jc.StructureMismatchError) as e:
+        jc.restore(path, target, missing="keep")
+    assert "Saved leaves the target lacks (1)" in str(e.value)
+    assert "head" not in str(e.value) and "missing=" not in str(e.value)
+
+
 def test_long_mismatch_lists_are_cut(tmp_path):
     path = jc.save(tmp_path / "c", {f"k{i:02d}": np.ones(1) for i in range(25)})
     with pytest.raises(
