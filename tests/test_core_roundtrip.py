@@ -103,6 +103,18 @@ class _Net(nn.Module):
         return nn.Dense(5, name="l1")(nn.Dense(3, name="l0")(x))
 
 
+class Pytree:
+    """A class registered without keys: its children get FlattenedIndexKey edges."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(
+    Pytree, lambda p: ((p.a, p.b), None), lambda _, children: Pytree(*children)
+)
+
+
 def _linen_params():
     return _Net().init(jax.random.key(0), jnp.ones((1, 2)))["params"]
 
@@ -123,6 +135,7 @@ def _trees():
         "flax_struct": StructState(jnp.int32(4), {"k": jnp.ones(2)}, "x"),
         "linen_dict": _linen_params(),
         "linen_frozen": flax.core.freeze(_linen_params()),
+        "unkeyed_node": [Pytree(jnp.ones(2), {"c": np.arange(3)})],
     }
 
 
