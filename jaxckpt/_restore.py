@@ -237,7 +237,21 @@ def match(
     prefix: str | None = None,
     rename: Rename = None,
 ) -> MatchStatus:
-    """Compares ``target`` with the checkpoint at ``path`` without reading any array."""
+    """Compares ``target`` with the checkpoint at ``path`` without reading any array.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree a restore would fill; only its structure, shapes and dtypes matter.
+        prefix: as in :func:`restore`.
+        rename: as in :func:`restore`.
+
+    Returns:
+        A :class:`MatchStatus` with ``missing``, ``unused`` and ``mismatched`` leaves.
+
+    Example:
+        >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
+        >>> status.assert_existing_objects_matched()  # doctest: +SKIP
+    """
     return _plan(Reader(path), target, prefix, rename)[2]
 
 
@@ -250,7 +264,32 @@ def restore(
     prefix: str | None = None,
     rename: Rename = None,
 ) -> PyTree:
-    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings."""
+    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree to restore into. Its leaves may be ``jax.Array``, ``np.ndarray``,
+            ``jax.ShapeDtypeStruct`` (with or without a sharding), Python scalars, str/bytes,
+            or objects with ``get_state``/``set_state`` (``set_state`` is called). None:
+            rebuild the saved tree as dicts, lists and tuples of NumPy arrays.
+        partial: skip saved leaves the target does not ask for (they are never read).
+        missing: ``"keep"`` keeps the target's own value for leaves the checkpoint lacks.
+        prefix: the checkpoint subtree (``"params/backbone"``) restored as the target's root.
+        rename: maps target paths to checkpoint paths: a dict of regex -> replacement
+            (applied in order) or a callable returning the checkpoint path or None.
+
+    Returns:
+        The restored tree.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``path``.
+        StructureMismatchError: leaves missing, unused or of a shape/dtype the target cannot
+            take; the message lists them with their key paths.
+        CorruptCheckpointError: a chunk fails its checksum.
+
+    Example:
+        >>> state = jc.restore("/tmp/run/ckpt-10", target=state)  # doctest: +SKIP
+    """
     if missing not in ("error", "keep"):
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     reader = Reader(path)
