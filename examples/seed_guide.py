@@ -63,7 +63,9 @@ opt = optax.adam(0.1)
 
 
 @jax.jit
-def train_step(params: Any, opt_state: Any, example: dict[str, jax.Array]) -> tuple[Any, Any, jax.Array]:
+def train_step(
+    params: Any, opt_state: Any, example: dict[str, jax.Array]
+) -> tuple[Any, Any, jax.Array]:
     """One step of the guide's training: L1 loss, Adam(0.1)."""
 
     def loss_fn(p: Any) -> jax.Array:
@@ -91,7 +93,10 @@ def new_manager(directory: str) -> jc.CheckpointManager:
 
 
 def train_and_checkpoint(
-    state: dict[str, Any], mngr: jc.CheckpointManager, steps: int = 50, say: Callable[[str], None] = print
+    state: dict[str, Any],
+    mngr: jc.CheckpointManager,
+    steps: int = 50,
+    say: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], list[jax.Array]]:
     """The guide's ``train_and_checkpoint``: restore if there is a checkpoint, train, save."""
     if mngr.latest_step is not None:
@@ -102,7 +107,9 @@ def train_and_checkpoint(
     losses = []
     for _ in range(steps):
         example = next(state["iterator"])
-        state["net"], state["optimizer"], loss = train_step(state["net"], state["optimizer"], example)
+        state["net"], state["optimizer"], loss = train_step(
+            state["net"], state["optimizer"], example
+        )
         state["step"] += 1
         losses.append(loss)
         if mngr.save(state["step"], state, metrics={"loss": loss}):  # every 10th step
@@ -133,7 +140,9 @@ def main(root: str = ".") -> None:
     print(sorted(os.listdir(directory)))
     with open(f"{directory}/checkpoint") as f:
         index = json.load(f)
-    print("checkpoint:", [(c["path"], round(c["metrics"]["loss"], 2)) for c in index["checkpoints"]])
+    print(
+        "checkpoint:", [(c["path"], round(c["metrics"]["loss"], 2)) for c in index["checkpoints"]]
+    )
 
     print("\n== Inspect a checkpoint: jc.list_variables")
     path = jc.latest_checkpoint(directory)
@@ -161,7 +170,10 @@ def main(root: str = ".") -> None:
     print("\n== Read one array lazily: jc.open")
     reader = jc.open(path)  # reads the metadata only
     print(f"{len(reader.paths)} leaves; reading one: net/l1/kernel =", reader["net/l1/kernel"])
-    print("optimizer/0/mu/l1/kernel[0, :2] =", reader.read("optimizer/0/mu/l1/kernel", (0, slice(0, 2))))
+    print(
+        "optimizer/0/mu/l1/kernel[0, :2] =",
+        reader.read("optimizer/0/mu/l1/kernel", (0, slice(0, 2))),
+    )
 
     print("\n== Lists and dicts in the tree")
     listed = [jnp.array(1.0), jnp.array(2.0)]

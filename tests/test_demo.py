@@ -27,7 +27,10 @@ TABLE = [
 
 
 def with_root_on_path() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def check_guide_output(out: str, run_dir: Path) -> None:
@@ -65,7 +68,12 @@ def check_guide_output(out: str, run_dir: Path) -> None:
     mu = reader.read("optimizer/0/mu/l1/kernel", (0, slice(0, 2)))
     assert f"optimizer/0/mu/l1/kernel[0, :2] = {mu}" in lines
     assert lines[-2:] == ["mapped['two'] = 2.0", "listed[0] = 1.0"]
-    assert sorted(os.listdir(run_dir / "tf_ckpts")) == ["checkpoint", "ckpt-100", "ckpt-80", "ckpt-90"]
+    assert sorted(os.listdir(run_dir / "tf_ckpts")) == [
+        "checkpoint",
+        "ckpt-100",
+        "ckpt-80",
+        "ckpt-90",
+    ]
     assert jc.restore(run_dir / "tf_list_example")["listed"] == [np.float32(1.0), np.float32(2.0)]
 
 
@@ -75,7 +83,11 @@ def test_make_demo_prints_the_guide(tmp_path):
     jc.save(tmp_path / "tf_list_example", {"listed": [1]})
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "seed_guide.py")],
-        cwd=tmp_path, env=with_root_on_path(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=with_root_on_path(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("== Train and checkpoint\nInitializing from scratch.\n")
@@ -90,7 +102,10 @@ def test_notebook_runs(tmp_path, monkeypatch):
     )
     client.execute()
     out = "".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        o.get("text", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
         if o.output_type == "stream" and o.name == "stdout"
     )
     check_guide_output(out, tmp_path)

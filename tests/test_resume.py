@@ -41,7 +41,9 @@ def test_stop_and_resume_equals_uninterrupted_training(tmp_path):
     assert first["iterator"].position == 100 and first["step"] == 50
     # A new process would start here: new model (another seed), optimizer, iterator, manager.
     with guide.new_manager(resumed_dir) as mngr:
-        resumed, losses_2 = guide.train_and_checkpoint(guide.new_state(seed=1), mngr, 50, said.append)
+        resumed, losses_2 = guide.train_and_checkpoint(
+            guide.new_state(seed=1), mngr, 50, said.append
+        )
 
     assert f"Restored from {resumed_dir}/ckpt-50" in said
     np.testing.assert_array_equal(np.array(losses_1 + losses_2), np.array(losses))
