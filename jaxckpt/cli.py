@@ -320,7 +320,10 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="jaxckpt", description="Inspect, compare, verify and convert jaxckpt checkpoints."
+        prog="jaxckpt",
+        description="Inspect, compare, verify, draw and convert jaxckpt checkpoints.",
+        epilog="Exit status: 0 when all is well, 1 when diff finds differences or verify finds "
+        "damage, 2 for a bad argument or path. `jaxckpt COMMAND -h` describes a command.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("ls", help="list a manager's checkpoints: steps, sizes, times, metrics")

@@ -327,12 +327,22 @@ def test_python_m_jaxckpt_runs_the_command_line(tmp_path):
     p = _python_m("inspect", "ckpt-10", "params", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[2].split() == ["params/l1/bias", "(5,)", "float32", "20", "B"]
-    p = _python_m("frobnicate", cwd=tmp_path)
-    assert p.returncode == 2
+
+
+def test_usage_errors_exit_2(capsys):
+    code, out, err = run(capsys, "frobnicate")
+    assert code == 2 and out == ""
     assert (
         "invalid choice: 'frobnicate' (choose from 'ls', 'inspect', 'diff', 'verify', 'graph', 'convert')"
-        in p.stderr
+        in err
     )
+    code, _, err = run(capsys, "diff", "only-one")
+    assert code == 2 and "the following arguments are required: B" in err
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    commands = [line.split()[0] for line in out.splitlines() if re.match(r"    \w", line)]
+    assert commands == ["ls", "inspect", "diff", "verify", "graph", "convert"]
+    assert "Exit status: 0 when all is well, 1 when diff finds differences" in out
 
 
 def test_notebook_runs(tmp_path, monkeypatch):
