@@ -156,7 +156,12 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         when = meta.get("time") or extra.get("time")
         metrics = meta.get("metrics") or extra.get("metrics")
         rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
-    unfinished = sorted(n for n in os.listdir(directory) if _storage.TMP_MARK in n)
+    unfinished = [
+        n
+        for n in sorted(os.listdir(directory))
+        if _storage.is_debris(n)
+        or (_STEP_NAME.match(n) and not os.path.isfile(os.path.join(directory, n, "COMMIT")))
+    ]
     if not rows:
         print(f"No committed checkpoints in {directory}.", file=out)
     else:

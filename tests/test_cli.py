@@ -51,33 +51,38 @@ def _disk(path):
 
 def test_ls_lists_steps_sizes_times_metrics_and_debris(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    for step in (10, 20, 30):
-        jc.save(run_dir / f"ckpt-{step}", seed_tree(step), step=step, metrics={"loss": 1.0 / step})
-    jc.save(run_dir / "ckpt-40", seed_tree(40), step=40)  # metrics only in the manager's index
-    (run_dir / "checkpoint").write_text(
-        json.dumps({"checkpoints": [{"step": 40, "metrics": {"loss": 0.25}}]})
+    with jc.CheckpointManager(run_dir, max_to_keep=3) as mngr:
+        for step in (10, 20, 30, 40):
+            mngr.save(step, seed_tree(step), metrics={"loss": 1.0 / step})
+    # Metrics the checkpoint's own metadata lacks come from the manager's index.
+    jc.save(run_dir / "ckpt-50", seed_tree(50), step=50)
+    index = json.loads((run_dir / "checkpoint").read_text())
+    index["checkpoints"].append(
+        {"step": 50, "path": "ckpt-50", "time": 0.0, "metrics": {"loss": 0.25}}
     )
-    os.makedirs(run_dir / "ckpt-50.jaxckpt-tmp-0123abcd")
+    (run_dir / "checkpoint").write_text(json.dumps(index))
+    os.makedirs(run_dir / "ckpt-60.jaxckpt-tmp-0123abcd")  # debris of saves that never committed
+    os.makedirs(run_dir / "ckpt-70")
     code, out, _ = run(capsys, "ls", str(run_dir))
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["STEP", "NAME", "SIZE", "SAVED", "METRICS"]
     rows = [line.split() for line in lines[1:5]]
     assert [r[:2] for r in rows] == [
-        ["10", "ckpt-10"],
         ["20", "ckpt-20"],
         ["30", "ckpt-30"],
         ["40", "ckpt-40"],
+        ["50", "ckpt-50"],
     ]
-    assert [r[-1] for r in rows] == ["loss=0.1", "loss=0.05", "loss=0.0333333", "loss=0.25"]
-    assert rows[0][2:4] == [f"{_disk(run_dir / 'ckpt-10') / 1024:.1f}", "KiB"]
+    assert [r[-1] for r in rows] == ["loss=0.05", "loss=0.0333333", "loss=0.025", "loss=0.25"]
+    assert rows[0][2:4] == [f"{_disk(run_dir / 'ckpt-20') / 1024:.1f}", "KiB"]
     assert all(
         re.fullmatch(r"\d{4}-\d\d-\d\d", r[4]) and re.fullmatch(r"\d\d:\d\d:\d\d", r[5])
         for r in rows
     )
-    total = sum(_disk(run_dir / f"ckpt-{s}") for s in (10, 20, 30, 40))
+    total = sum(_disk(run_dir / f"ckpt-{s}") for s in (20, 30, 40, 50))
     assert lines[5] == f"4 checkpoints, {total / 1024:.1f} KiB on disk"
-    assert lines[6] == "1 unfinished save(s) ignored: ckpt-50.jaxckpt-tmp-0123abcd"
+    assert lines[6] == "2 unfinished save(s) ignored: ckpt-60.jaxckpt-tmp-0123abcd, ckpt-70"
 
 
 def test_ls_errors_name_the_fix(tmp_path, capsys):
@@ -360,3 +365,44 @@ def test_notebook_runs(tmp_path, monkeypatch):
     assert "opt_state/0/mu/l1/kernel" in text
     assert "Converted the Flax msgpack file" in text
     assert "OK:" in text
+
+
+# ---------------------------------------------------------------------------- docs/cli.md
+
+
+def _normal(text, tmp_path):
+    text = text.replace(str(tmp_path), "/work")
+    text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<time>", text)
+    return re.sub(r"\d+\.\d KiB", "<size>", text).strip()
+
+
+def test_docs_cli_examples_print_what_the_page_shows(tmp_path, capsys, monkeypatch):
+    """Every ``$ jaxckpt ...`` block of docs/cli.md that shows output prints that output."""
+    import optax
+
+    monkeypatch.chdir(tmp_path)
+    params = {
+        "l1": {
+            "kernel": np.arange(5, dtype=np.float32).reshape(1, 5),
+            "bias": np.zeros(5, np.float32),
+        }
+    }
+    opt_state = optax.adam(0.1).init(params)
+    for step, loss in ((30, 7.35), (40, 2.48), (50, 1.38)):
+        state = {"params": params, "opt_state": opt_state, "step": step}
+        jc.save(f"tf_ckpts/ckpt-{step}", state, step=step, metrics={"loss": loss})
+        params = {"l1": {k: v + np.float32(0.5) for k, v in params["l1"].items()}}
+    with open(os.path.join(ROOT, "docs", "cli.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```\n(\$ jaxckpt .*?)```", f.read(), re.S)
+    checked = 0
+    for block in blocks:
+        command, _, shown = block.partition("\n")
+        if not shown.strip() or shown.startswith("$"):  # commands without their output
+            continue
+        main(command.split("#")[0].split()[2:])
+        out, err = capsys.readouterr()
+        assert _normal(out or err, tmp_path) == _normal(shown, tmp_path), (
+            command
+        )  # stdout, else the error
+        checked += 1
+    assert checked == 6
