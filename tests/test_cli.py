@@ -11,6 +11,7 @@ import sys
 import jax
 import nbformat
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nbclient import NotebookClient
 
@@ -217,6 +218,27 @@ def test_diff_reads_large_arrays_in_blocks(tmp_path, capsys, monkeypatch):
     jc.save(tmp_path / "c", {"w": jax.device_put(y, rows), "b": np.ones(3, bool)})
     code, out, _ = run(capsys, "diff", a, str(tmp_path / "c"))
     assert out.splitlines()[2] == "! w  (1000, 4) float32  2 of 4000 values differ, max abs diff 7"
+
+
+@pytest.mark.parametrize(
+    "dtype, a, b, expected",
+    [
+        ("bfloat16", [1.0, np.nan, 3.0], [1.0, np.nan, 2.5], (1, 0.5)),
+        ("float8_e4m3fn", [1.0, 2.0, 4.0], [1.0, 2.0, -4.0], (1, 8.0)),
+        ("float16", [np.nan, 1.0, np.inf], [1.0, 1.0, np.inf], (1, np.nan)),
+        ("int4", [-8, 0, 7], [7, 0, 7], (1, 15.0)),
+        ("int64", [2**62, 5, 0], [2**62 - 1, 5, 0], (1, 1.0)),
+        ("uint8", [0, 255, 3], [255, 0, 3], (2, 255.0)),
+        ("complex64", [1 + 1j, 2j], [1 + 1j, -2j], (1, 4.0)),
+        ("bool", [True, False], [True, True], (1, 1.0)),
+    ],
+)
+def test_compare_counts_differences_in_every_dtype(dtype, a, b, expected):
+    x, y = np.array(a).astype(dtype), np.array(b).astype(dtype)
+    n, m = _scan._compare(x, y)
+    assert n == expected[0]
+    np.testing.assert_equal(m, expected[1])
+    assert _scan._compare(x, x.copy()) == (0, 0.0)
 
 
 # ---------------------------------------------------------------------------- verify
