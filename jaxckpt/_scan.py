@@ -8,7 +8,9 @@ any size is scanned with bounded memory and without one round trip per leaf.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any, TextIO
@@ -140,6 +142,10 @@ def verify(reader: Reader, progress: Progress) -> VerifyReport:
         done += sum(r[2] for r in batch)
         progress.update(done)
     for p, rec in reader.records.items():
+        if rec["t"] == "array" and p not in damaged:
+            problem = _zarr_json_problem(reader.path, rec)
+            if problem:
+                damaged[p] = problem
         if rec["t"] != "array":
             try:
                 reader.read(p)
@@ -148,6 +154,34 @@ def verify(reader: Reader, progress: Progress) -> VerifyReport:
     progress.close(done)
     n_arrays = sum(1 for rec in reader.records.values() if rec["t"] == "array")
     return VerifyReport(n_arrays, progress.total, damaged)
+
+
+_OWN_ARRAY = {"t", "dtype", "shape", "chunks", "loc", "stored", "np_scalar"}
+
+
+def _zarr_json_problem(root: str, rec: dict[str, Any]) -> str | None:
+    """What is wrong with the ``zarr.json`` of an array stored at its own local path, if anything.
+
+    jaxckpt reads arrays from its own metadata; this file is what zarr-python reads.
+    """
+    if set(rec) - _OWN_ARRAY or "://" in root:
+        return None  # packed with other leaves, or on an object store
+    path = os.path.join(root, rec["loc"], "zarr.json")
+    try:
+        with open(path, "rb") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return f"{path} is missing, so zarr-python cannot open the array"
+    except (OSError, ValueError) as e:
+        return f"{path} is not valid JSON ({e})"
+    stored = rec.get("stored", rec["dtype"])
+    if not isinstance(meta, dict) or (meta.get("shape"), meta.get("data_type")) != (
+        rec["shape"],
+        stored,
+    ):
+        found = (meta.get("shape"), meta.get("data_type")) if isinstance(meta, dict) else meta
+        return f"{path} describes {found}, not the saved {(rec['shape'], stored)}"
+    return None
 
 
 @dataclasses.dataclass

@@ -297,6 +297,27 @@ def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):
     assert err.endswith("100.0%  256.1 KiB of 256.1 KiB\n")
 
 
+def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys):
+    ckpt = jc.save(tmp_path / "ckpt", seed_tree())
+    os.remove(os.path.join(ckpt, "params/l1/bias/zarr.json"))
+    meta_path = os.path.join(ckpt, "params/l1/kernel/zarr.json")
+    meta = json.load(open(meta_path))
+    json.dump({**meta, "shape": [5, 1]}, open(meta_path, "w"))
+    with open(os.path.join(ckpt, "opt_state/0/count/zarr.json"), "w") as f:
+        f.write("{")
+    code, out, _ = run(capsys, "verify", ckpt)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(
+        f"DAMAGED opt_state/0/count: {ckpt}/opt_state/0/count/zarr.json is not valid JSON ("
+    )
+    assert lines[1:3] == [
+        f"DAMAGED params/l1/bias: {ckpt}/params/l1/bias/zarr.json is missing, so zarr-python cannot open the array",
+        f"DAMAGED params/l1/kernel: {meta_path} describes ([5, 1], 'float32'), not the saved ([1, 5], 'float32')",
+    ]
+    assert lines[3].startswith(f"3 of 7 arrays in {ckpt} are damaged.")
+
+
 def test_verify_damaged_metadata_and_missing_path(tmp_path, capsys):
     ckpt = jc.save(tmp_path / "ckpt", seed_tree())
     with open(os.path.join(ckpt, "zarr.json"), "w") as f:
