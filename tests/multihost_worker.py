@@ -1,0 +1,220 @@
+"""One process of a real multi-process jaxckpt job, started by tests/test_multihost.py.
+
+Usage: ``python multihost_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIRECTORY``.
+Every process has 4 CPU devices and joins the others through ``jax.distributed.initialize``.
+It prints one ``RESULT {json}`` line per check for the test to assert on, and exits non-zero
+with a traceback when one of its own checks fails.
+
+Failures are injected by wrapping ``jaxckpt._checkpoint._write_arrays`` in this process only
+(the real function runs first): ``raise`` an OSError, ``sleep`` past the barrier timeout, or
+``kill`` this process with SIGKILL between writing its shards and the ``written`` barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+SCENARIO, PID, NPROC, PORT, DIRECTORY = sys.argv[1:6]
+PID_, NPROC_ = int(PID), int(NPROC)
+HEARTBEAT_S = 5 if SCENARIO == "kill" else 100
+
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{PORT}",
+    num_processes=NPROC_,
+    process_id=PID_,
+    initialization_timeout=60,
+    heartbeat_timeout_seconds=HEARTBEAT_S,
+)
+
+import jaxckpt as jc  # noqa: E402
+from jaxckpt import _checkpoint, _multihost  # noqa: E402
+
+SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,)}
+
+
+def expected(name: str, dtype=np.float32) -> np.ndarray:
+    """The value every array of the saved tree holds, known to every process and to the test."""
+    shape = SHAPES[name]
+    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0}[name]
+    return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
+
+
+def save_mesh() -> jax.sharding.Mesh:
+    """Rows of 2 devices; each row lies in one process (``jax.devices()`` is process-major)."""
+    return jax.sharding.Mesh(np.array(jax.devices()).reshape(-1, 2), ("x", "y"))
+
+
+def other_mesh() -> jax.sharding.Mesh:
+    """Another shape over the devices in reverse order: every process gets other slices."""
+    return jax.sharding.Mesh(np.array(jax.devices()[::-1]).reshape(2, -1), ("a", "b"))
+
+
+def global_array(name: str, sharding: jax.sharding.Sharding, dtype=np.float32) -> jax.Array:
+    value = expected(name, dtype)
+    return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def make_tree(step: int) -> dict:
+    m = save_mesh()
+    return {
+        "params": {
+            "w": global_array("w", NamedSharding(m, P("x", "y"))),  # every device its shard
+            "b": global_array("b", NamedSharding(m, P())),  # replicated on all devices
+        },
+        "opt": {
+            "m": global_array("m", NamedSharding(m, P("x")), jnp.bfloat16),  # replicas in a process
+            "c": global_array("c", NamedSharding(m, P(None, "y"))),  # replicas across processes
+        },
+        "step": step,
+    }
+
+
+def restore_target(step: int) -> dict:
+    o = other_mesh()
+    return {
+        "params": {
+            "w": jax.ShapeDtypeStruct(
+                SHAPES["w"], jnp.float32, sharding=NamedSharding(o, P("b", "a"))
+            ),
+            "b": jax.ShapeDtypeStruct(SHAPES["b"], jnp.float32, sharding=NamedSharding(o, P("b"))),
+        },
+        "opt": {
+            # saved as bfloat16, restored as float32 (an exact cast)
+            "m": jax.ShapeDtypeStruct(
+                SHAPES["m"], jnp.float32, sharding=NamedSharding(o, P(None, "a"))
+            ),
+            "c": np.zeros(SHAPES["c"], np.float32),  # NumPy: the whole array in every process
+        },
+        "step": 0,
+    }
+
+
+def check_restored(out: dict, target: dict, step: int) -> int:
+    """Compares ``out`` with the saved values bit for bit; returns the bytes it checked."""
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
+    assert out["step"] == step, out["step"]
+    checked = 0
+    for name, got, want in [
+        ("w", out["params"]["w"], target["params"]["w"]),
+        ("b", out["params"]["b"], target["params"]["b"]),
+        ("m", out["opt"]["m"], target["opt"]["m"]),
+    ]:
+        ref = expected(name, jnp.bfloat16 if name == "m" else np.float32).astype(np.float32)
+        assert got.dtype == want.dtype and got.shape == ref.shape
+        assert got.sharding.is_equivalent_to(want.sharding, got.ndim), (name, got.sharding)
+        assert {s.device for s in got.addressable_shards} == set(jax.local_devices())
+        for s in got.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data), ref[s.index])
+            checked += s.data.nbytes
+    assert type(out["opt"]["c"]) is np.ndarray
+    np.testing.assert_array_equal(out["opt"]["c"], expected("c"))
+    return checked
+
+
+def report(check: str, **fields) -> None:
+    print("RESULT " + json.dumps({"check": check, "process": PID_, **fields}), flush=True)
+
+
+def inject(kind: str, path_part: str) -> None:
+    """Makes this process fail in the way ``kind`` while saving a path containing ``path_part``."""
+    real = _checkpoint._write_arrays
+
+    def write_then_fail(root, arrays, budget):
+        real(root, arrays, budget)
+        if path_part not in root:
+            return
+        if kind == "raise":
+            raise OSError("No space left on device (injected by the test)")
+        if kind == "sleep":
+            time.sleep(_multihost.timeout_s() + 1.5)
+        if kind == "kill":
+            report("about-to-die")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _checkpoint._write_arrays = write_then_fail
+
+
+def expect_error(check: str, fn) -> None:
+    t0 = time.monotonic()
+    try:
+        fn()
+    except Exception as e:
+        report(check, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
+    else:
+        report(check, error=None, seconds=time.monotonic() - t0)
+
+
+def written_pieces(tree: dict) -> dict[str, int]:
+    """How many pieces (distinct shards) this process writes for each array."""
+    return {a.loc: len(a.pieces) for a in _checkpoint._plan(tree)[1]}
+
+
+def scenario_main() -> None:
+    """Save (sync and async), restore onto another mesh and into NumPy; then three failures."""
+    tree = make_tree(1)
+    report("pieces", pieces=written_pieces(tree))
+    path = jc.save(os.path.join(DIRECTORY, "ckpt-1"), tree, step=1)
+    h = jc.save_async(os.path.join(DIRECTORY, "ckpt-2"), make_tree(2), step=2)
+    assert h.wait(60) == os.path.join(DIRECTORY, "ckpt-2")
+    for step, p in [(1, path), (2, h.path)]:
+        target = restore_target(step)
+        checked = check_restored(jc.restore(p, target), target, step)
+        full = jc.restore(p)  # no target: NumPy, whatever wrote it
+        np.testing.assert_array_equal(full["params"]["w"], expected("w"))
+        report("restored", step=step, bytes=checked)
+
+    # A peer fails with an ordinary error: every process stops at the next barrier, at once.
+    if PID_ == 1:
+        inject("raise", "ckpt-fail")
+    expect_error("peer-error", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-fail"), make_tree(3)))
+
+    # Processes disagree on the path: the mistake is caught before anything is written.
+    name = "ckpt-4" if PID_ == 0 else "ckpt-4b"
+    expect_error("path-mismatch", lambda: jc.save(os.path.join(DIRECTORY, name), make_tree(4)))
+
+    # A peer hangs past the barrier timeout: the others raise a timeout naming it.
+    os.environ[_multihost.TIMEOUT_ENV] = "3"
+    if PID_ == 1:
+        inject("sleep", "ckpt-slow")
+    expect_error("peer-hangs", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-slow"), make_tree(5)))
+
+
+def scenario_kill() -> None:
+    """Commit ckpt-1; then the last process is SIGKILLed mid-save of ckpt-2."""
+    jc.save(os.path.join(DIRECTORY, "ckpt-1"), make_tree(1), step=1)
+    report("saved", step=1)
+    if PID_ == NPROC_ - 1:
+        inject("kill", "ckpt-2")
+    os.environ[_multihost.TIMEOUT_ENV] = "60"
+    expect_error("peer-killed", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-2"), make_tree(2)))
+
+
+def scenario_restart() -> None:
+    """A restarted job, with another process count, restores ckpt-1, then saves ckpt-3."""
+    assert not os.path.exists(os.path.join(DIRECTORY, "ckpt-2"))
+    target = restore_target(1)
+    checked = check_restored(jc.restore(os.path.join(DIRECTORY, "ckpt-1"), target), target, 1)
+    report("restored", step=1, bytes=checked)
+    tree = make_tree(3)
+    report("pieces", pieces=written_pieces(tree))
+    path = jc.save(os.path.join(DIRECTORY, "ckpt-3"), tree, step=3)
+    checked = check_restored(jc.restore(path, restore_target(3)), restore_target(3), 3)
+    report("restored", step=3, bytes=checked)
+
+
+{"main": scenario_main, "kill": scenario_kill, "restart": scenario_restart}[SCENARIO]()
+_multihost.barrier("worker-done", timeout=60)
+report("done")
