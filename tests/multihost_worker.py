@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 SCENARIO, PID, NPROC, PORT, DIRECTORY = sys.argv[1:6]
 PID_, NPROC_ = int(PID), int(NPROC)
-HEARTBEAT_S = 5 if SCENARIO == "kill" else 100
+HEARTBEAT_S = 10 if SCENARIO.startswith("kill") else 100
 
 jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{PORT}",
@@ -42,13 +42,13 @@ jax.distributed.initialize(
 import jaxckpt as jc  # noqa: E402
 from jaxckpt import _checkpoint, _multihost  # noqa: E402
 
-SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,)}
+SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
 
 def expected(name: str, dtype=np.float32) -> np.ndarray:
     """The value every array of the saved tree holds, known to every process and to the test."""
     shape = SHAPES[name]
-    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0}[name]
+    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0, "n": 42.0}[name]
     return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
 
 
@@ -77,6 +77,7 @@ def make_tree(step: int) -> dict:
         "opt": {
             "m": global_array("m", NamedSharding(m, P("x")), jnp.bfloat16),  # replicas in a process
             "c": global_array("c", NamedSharding(m, P(None, "y"))),  # replicas across processes
+            "n": global_array("n", NamedSharding(m, P())),  # a 0-d array
         },
         "step": step,
     }
@@ -97,15 +98,21 @@ def restore_target(step: int) -> dict:
                 SHAPES["m"], jnp.float32, sharding=NamedSharding(o, P(None, "a"))
             ),
             "c": np.zeros(SHAPES["c"], np.float32),  # NumPy: the whole array in every process
+            "n": jax.ShapeDtypeStruct((), jnp.float32),  # no sharding: this process's device 0
         },
-        "step": 0,
+        # a Python int saved, restored as a global array replicated over the other mesh
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(o, P())),
     }
 
 
 def check_restored(out: dict, target: dict, step: int) -> int:
     """Compares ``out`` with the saved values bit for bit; returns the bytes it checked."""
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
-    assert out["step"] == step, out["step"]
+    assert out["step"].sharding.is_equivalent_to(target["step"].sharding, 0)
+    for s in out["step"].addressable_shards:
+        assert s.data.dtype == jnp.int32 and int(s.data) == step, s.data
+    assert out["opt"]["n"].sharding.device_set == {jax.local_devices()[0]}
+    np.testing.assert_array_equal(np.asarray(out["opt"]["n"]), expected("n"))
     checked = 0
     for name, got, want in [
         ("w", out["params"]["w"], target["params"]["w"]),
@@ -193,10 +200,14 @@ def scenario_main() -> None:
 
 
 def scenario_kill() -> None:
-    """Commit ckpt-1; then the last process is SIGKILLed mid-save of ckpt-2."""
+    """Commit ckpt-1; then one process is SIGKILLed mid-save of ckpt-2.
+
+    ``kill-last``: the last process dies (the others see it through missed heartbeats);
+    ``kill-first``: process 0, which runs the coordination service, dies.
+    """
     jc.save(os.path.join(DIRECTORY, "ckpt-1"), make_tree(1), step=1)
     report("saved", step=1)
-    if PID_ == NPROC_ - 1:
+    if PID_ == (0 if SCENARIO == "kill-first" else NPROC_ - 1):
         inject("kill", "ckpt-2")
     os.environ[_multihost.TIMEOUT_ENV] = "60"
     expect_error("peer-killed", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-2"), make_tree(2)))
@@ -215,6 +226,8 @@ def scenario_restart() -> None:
     report("restored", step=3, bytes=checked)
 
 
-{"main": scenario_main, "kill": scenario_kill, "restart": scenario_restart}[SCENARIO]()
+SCENARIOS = {"main": scenario_main, "restart": scenario_restart}
+SCENARIOS.update({"kill-last": scenario_kill, "kill-first": scenario_kill})
+SCENARIOS[SCENARIO]()
 _multihost.barrier("worker-done", timeout=60)
 report("done")

@@ -28,7 +28,7 @@ import jaxckpt as jc
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,)}
+SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
 
 @dataclasses.dataclass
@@ -101,7 +101,7 @@ def assert_all_done(procs: list[Proc]) -> None:
 def expected(name: str, dtype=np.float32) -> np.ndarray:
     """The worker's values (tests/multihost_worker.py ``expected``)."""
     shape = SHAPES[name]
-    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0}[name]
+    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0, "n": 42.0}[name]
     return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
 
 
@@ -121,6 +121,7 @@ def restore_on_two_devices(ckpt: str, step: int) -> None:
         "opt": {
             "m": jax.ShapeDtypeStruct(SHAPES["m"], jnp.bfloat16, sharding=rows),
             "c": jax.ShapeDtypeStruct(SHAPES["c"], jnp.float32, sharding=rows),
+            "n": np.float32(0),
         },
         "step": 0,
     }
@@ -137,6 +138,7 @@ def restore_on_two_devices(ckpt: str, step: int) -> None:
         for s in got.addressable_shards:
             np.testing.assert_array_equal(np.asarray(s.data), expected(name, dtype)[s.index])
     assert out["params"]["w"].sharding.is_equivalent_to(rows, 2)
+    assert type(out["opt"]["n"]) is np.float32 and out["opt"]["n"] == expected("n")
     numpy = jc.restore(ckpt)
     np.testing.assert_array_equal(numpy["opt"]["m"], expected("m", jnp.bfloat16))
 
@@ -148,8 +150,20 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
 
     # Each distinct shard is written once, by the process holding its replica 0. The save mesh
     # is 4x2; process 0 holds its rows 0-1, process 1 rows 2-3.
-    assert p0["pieces"]["pieces"] == {"params/w": 4, "params/b": 1, "opt/m": 2, "opt/c": 2}
-    assert p1["pieces"]["pieces"] == {"params/w": 4, "params/b": 0, "opt/m": 2, "opt/c": 0}
+    assert p0["pieces"]["pieces"] == {
+        "params/w": 4,
+        "params/b": 1,
+        "opt/m": 2,
+        "opt/c": 2,
+        "opt/n": 1,
+    }
+    assert p1["pieces"]["pieces"] == {
+        "params/w": 4,
+        "params/b": 0,
+        "opt/m": 2,
+        "opt/c": 0,
+        "opt/n": 0,
+    }
     ckpt = str(tmp_path / "ckpt-1")
     assert {leaf: chunk_files(ckpt, leaf) for leaf in ("params/w", "params/b", "opt/m", "opt/c")} == {
         "params/w": 8, "params/b": 1, "opt/m": 4, "opt/c": 2
@@ -200,12 +214,12 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
 
 def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
     t0 = time.monotonic()
-    procs = launch("kill", 2, str(tmp_path))
+    procs = launch("kill-last", 2, str(tmp_path))
     elapsed = time.monotonic() - t0
     survivor, victim = procs
     assert "about-to-die" in victim.results and victim.returncode == -signal.SIGKILL
     assert survivor.results["saved"]["step"] == 1
-    # The survivor ends within a bounded time (heartbeat timeout 5 s, barrier timeout 60 s)
+    # The survivor ends within a bounded time (heartbeat timeout 10 s, barrier timeout 60 s)
     # with an error saying a peer died: ours when Python gets there first, else JAX's own.
     assert survivor.returncode != 0 and "done" not in survivor.results
     assert elapsed < 60
@@ -236,3 +250,29 @@ def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
     assert [w["params/b"] for w in written] == [1, 0, 0, 0]  # replicated: written by process 0
     assert sum(w["opt/m"] for w in written) == 8 and sum(w["opt/c"] for w in written) == 2
     restore_on_two_devices(str(tmp_path / "ckpt-3"), 3)
+
+
+def test_coordinator_killed_mid_save(tmp_path):
+    t0 = time.monotonic()
+    victim, survivor = launch("kill-first", 2, str(tmp_path))
+    elapsed = time.monotonic() - t0
+    assert "about-to-die" in victim.results and victim.returncode == -signal.SIGKILL
+    # Process 0 ran the coordination service: the survivor learns at once and ends.
+    assert survivor.returncode != 0 and "done" not in survivor.results
+    assert elapsed < 60
+    ours = survivor.results.get("peer-killed", {}).get("message", "")
+    if ours:
+        assert re.search(
+            r"the save to .*ckpt-2 stopped at its barrier 'written' .* on process 1 of 2: JAX's "
+            r"coordination service \(run by process 0\) is unreachable: process 0 died, or the "
+            r"network failed\. Nothing was committed; earlier checkpoints are intact\. Fix: "
+            r"restart the job",
+            ours,
+        ), ours
+    else:
+        assert "another task died" in survivor.output, _tail(survivor.output)
+    # Process 0's temporary directory may stay behind as debris; nothing was committed.
+    assert not os.path.exists(tmp_path / "ckpt-2")
+    leftovers = [n for n in os.listdir(tmp_path) if n != "ckpt-1"]
+    assert all(n.startswith("ckpt-2.jaxckpt-tmp-") for n in leftovers), leftovers
+    restore_on_two_devices(str(tmp_path / "ckpt-1"), 1)
