@@ -170,18 +170,25 @@ def written_pieces(tree: dict) -> dict[str, int]:
 
 
 def scenario_main() -> None:
-    """Save (sync and async), restore onto another mesh and into NumPy; then three failures."""
-    tree = make_tree(1)
-    report("pieces", pieces=written_pieces(tree))
-    path = jc.save(os.path.join(DIRECTORY, "ckpt-1"), tree, step=1)
-    h = jc.save_async(os.path.join(DIRECTORY, "ckpt-2"), make_tree(2), step=2)
-    assert h.wait(60) == os.path.join(DIRECTORY, "ckpt-2")
-    for step, p in [(1, path), (2, h.path)]:
-        target = restore_target(step)
-        checked = check_restored(jc.restore(p, target), target, step)
-        full = jc.restore(p)  # no target: NumPy, whatever wrote it
-        np.testing.assert_array_equal(full["params"]["w"], expected("w"))
-        report("restored", step=step, bytes=checked)
+    """A manager saves and restores across both processes; preemption; then three failures."""
+    report("pieces", pieces=written_pieces(make_tree(1)))
+    run = os.path.join(DIRECTORY, "run")
+    with jc.CheckpointManager(run, max_to_keep=2, save_interval_steps=1000) as mngr:
+        for step in (1, 2, 3):  # asynchronous saves; process 0 alone deletes step 1
+            assert mngr.save(step, make_tree(step), force=True)
+        mngr.wait_until_finished()
+        report("manager", steps=mngr.steps, latest=mngr.latest_step)
+        for step in mngr.steps:
+            target = restore_target(step)
+            checked = check_restored(mngr.restore(step, target), target, step)
+            np.testing.assert_array_equal(mngr.restore(step)["params"]["w"], expected("w"))
+            report("restored", step=step, bytes=checked)
+        preempted_save(mngr)
+
+    # jc.save_async and jc.save directly, without a manager
+    h = jc.save_async(os.path.join(DIRECTORY, "ckpt-a"), make_tree(7), step=7)
+    assert h.wait(60) == os.path.join(DIRECTORY, "ckpt-a")
+    check_restored(jc.restore(h.path, restore_target(7)), restore_target(7), 7)
 
     # A peer fails with an ordinary error: every process stops at the next barrier, at once.
     if PID_ == 1:
@@ -199,31 +206,56 @@ def scenario_main() -> None:
     expect_error("peer-hangs", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-slow"), make_tree(5)))
 
 
+def preempted_save(mngr: jc.CheckpointManager) -> None:
+    """A training loop in lockstep; process 1 gets SIGTERM; all save at the same step."""
+    for step in range(10, 300):
+        if PID_ == 1 and step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier catches it
+        if mngr.reached_preemption(step):
+            assert mngr.save(step, make_tree(step), force=True)
+            mngr.wait_until_finished()
+            report("preempted", step=step, steps=mngr.steps, latest=mngr.latest_step)
+            return
+        _multihost.barrier(f"train-step-{step}", timeout=30)  # training keeps them in step
+        time.sleep(0.02)
+    raise AssertionError("no preemption sync point was reached")
+
+
 def scenario_kill() -> None:
-    """Commit ckpt-1; then one process is SIGKILLed mid-save of ckpt-2.
+    """Commit step 1; then one process is SIGKILLed mid-save of step 2.
 
     ``kill-last``: the last process dies (the others see it through missed heartbeats);
     ``kill-first``: process 0, which runs the coordination service, dies.
     """
-    jc.save(os.path.join(DIRECTORY, "ckpt-1"), make_tree(1), step=1)
+    mngr = jc.CheckpointManager(DIRECTORY)
+    mngr.save(1, make_tree(1))
+    mngr.wait_until_finished()
     report("saved", step=1)
     if PID_ == (0 if SCENARIO == "kill-first" else NPROC_ - 1):
         inject("kill", "ckpt-2")
     os.environ[_multihost.TIMEOUT_ENV] = "60"
-    expect_error("peer-killed", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-2"), make_tree(2)))
+
+    def save_2() -> None:
+        mngr.save(2, make_tree(2))
+        mngr.wait_until_finished()
+
+    expect_error("peer-killed", save_2)
 
 
 def scenario_restart() -> None:
-    """A restarted job, with another process count, restores ckpt-1, then saves ckpt-3."""
-    assert not os.path.exists(os.path.join(DIRECTORY, "ckpt-2"))
+    """A restarted job, with another process count, restores step 1, then saves step 3."""
+    mngr = jc.CheckpointManager(DIRECTORY, max_to_keep=5)  # removes the killed save's debris
+    report("manager", steps=mngr.steps, latest=mngr.latest_step)
     target = restore_target(1)
-    checked = check_restored(jc.restore(os.path.join(DIRECTORY, "ckpt-1"), target), target, 1)
+    checked = check_restored(mngr.restore(target=target), target, 1)
     report("restored", step=1, bytes=checked)
     tree = make_tree(3)
     report("pieces", pieces=written_pieces(tree))
-    path = jc.save(os.path.join(DIRECTORY, "ckpt-3"), tree, step=3)
-    checked = check_restored(jc.restore(path, restore_target(3)), restore_target(3), 3)
+    mngr.save(3, tree)
+    checked = check_restored(mngr.restore(3, restore_target(3)), restore_target(3), 3)
     report("restored", step=3, bytes=checked)
+    mngr.close()
+    report("manager-after", steps=mngr.steps, latest=mngr.latest_step)
 
 
 SCENARIOS = {"main": scenario_main, "restart": scenario_restart}

@@ -164,12 +164,20 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
         "opt/c": 0,
         "opt/n": 0,
     }
-    ckpt = str(tmp_path / "ckpt-1")
+    ckpt = str(tmp_path / "run" / "ckpt-3")
     assert {leaf: chunk_files(ckpt, leaf) for leaf in ("params/w", "params/b", "opt/m", "opt/c")} == {
         "params/w": 8, "params/b": 1, "opt/m": 4, "opt/c": 2
     }  # fmt: skip
-    for r in (p0, p1):  # both steps, sync and async, restored onto the other mesh
-        assert r["restored@1"]["bytes"] == r["restored@2"]["bytes"] > 0
+    # The manager: asynchronous saves, process 0 deleted step 1, all processes agree.
+    for r in (p0, p1):
+        assert {k: r["manager"][k] for k in ("steps", "latest")} == {"steps": [2, 3], "latest": 3}
+        assert r["restored@2"]["bytes"] == r["restored@3"]["bytes"] > 0  # onto the other mesh
+    # Preemption: process 1 got SIGTERM at step 12; both saved at the same later step.
+    step = p0["preempted"]["step"]
+    assert step >= 12 and p1["preempted"]["step"] == step
+    assert p0["preempted"]["steps"] == p1["preempted"]["steps"] == [3, step]
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(["checkpoint", "ckpt-3", f"ckpt-{step}"])
+    assert jc.latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / f"ckpt-{step}")
 
     # A peer's ordinary error stops every process at the next barrier, without a timeout.
     assert p1["peer-error"]["error"] == "OSError"
@@ -208,8 +216,9 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     assert "arrived after the others had given up waiting (3 s)" in p1["peer-hangs"]["message"]
 
     # Only the committed checkpoints remain: failed saves left no directory behind.
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-1", "ckpt-2"]
-    restore_on_two_devices(ckpt, 1)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-a", "run"]
+    restore_on_two_devices(ckpt, 3)
+    restore_on_two_devices(str(tmp_path / "ckpt-a"), 7)
 
 
 def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
@@ -244,7 +253,10 @@ def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
     procs = launch("restart", 4, str(tmp_path))
     assert_all_done(procs)
     for p in procs:
+        assert p.results["manager"]["steps"] == [1] and p.results["manager"]["latest"] == 1
         assert p.results["restored@1"]["bytes"] == p.results["restored@3"]["bytes"] > 0
+        assert p.results["manager-after"]["steps"] == [1, 3]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "ckpt-3"]
     written = [p.results["pieces"]["pieces"] for p in procs]
     assert [w["params/w"] for w in written] == [4, 4, 4, 4]  # an 8x2 mesh: 16 shards, once each
     assert [w["params/b"] for w in written] == [1, 0, 0, 0]  # replicated: written by process 0
@@ -271,8 +283,11 @@ def test_coordinator_killed_mid_save(tmp_path):
         ), ours
     else:
         assert "another task died" in survivor.output, _tail(survivor.output)
-    # Process 0's temporary directory may stay behind as debris; nothing was committed.
+    # Process 0's temporary directory stays behind as debris; nothing was committed.
     assert not os.path.exists(tmp_path / "ckpt-2")
-    leftovers = [n for n in os.listdir(tmp_path) if n != "ckpt-1"]
+    leftovers = set(os.listdir(tmp_path)) - {"checkpoint", "ckpt-1"}
     assert all(n.startswith("ckpt-2.jaxckpt-tmp-") for n in leftovers), leftovers
-    restore_on_two_devices(str(tmp_path / "ckpt-1"), 1)
+    # A manager started on the directory (here in one process) removes it and restores step 1.
+    mngr = jc.CheckpointManager(tmp_path)
+    assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
+    restore_on_two_devices(mngr.latest_checkpoint, 1)
