@@ -119,7 +119,9 @@ def _snapshot(arrays: list[_Array]) -> None:
 def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
     """Opens every array, then streams its pieces, keeping at most ``budget`` bytes in flight."""
     peer = not _multihost.is_primary()  # process 0 writes each array's zarr.json
-    opened = [_storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays]
+    opened = [
+        _storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays
+    ]
     inflight: deque[tuple[Any, int]] = deque()
     held = 0
     for a, fut in zip(arrays, opened, strict=True):
@@ -172,7 +174,11 @@ def _check_free(final: str) -> None:
 
 def _agree_on_tmp(s: _Save) -> str:
     """The temporary directory process 0 picked; every process must be saving to ``s.final``."""
-    final, tmp = json.loads(s.sync.share("tmp", lambda: json.dumps([s.final, _storage.tmp_sibling(s.final)])))
+
+    def pick() -> str:  # process 0 only
+        return json.dumps([s.final, _storage.tmp_sibling(s.final)])
+
+    final, tmp = json.loads(s.sync.share("tmp", pick))
     if final != s.final:
         raise CheckpointError(  # not a CoordinationError: it is reported to the other processes
             f"jaxckpt: process {_multihost.process_index()} saves to {s.final} while process 0 "
@@ -180,6 +186,19 @@ def _agree_on_tmp(s: _Save) -> str:
             "order. Fix: derive the path from a value all processes share, such as the step."
         )
     return tmp
+
+
+def _check_shared(tmp: str, final: str) -> None:
+    """The directory process 0 made must be visible to every process: the storage is shared."""
+    if "://" in tmp or _storage.is_dir(tmp):
+        return
+    raise CheckpointError(
+        f"jaxckpt: process {_multihost.process_index()} does not see the directory {tmp} that "
+        f"process 0 created for the save to {final}: that path is not on storage every process "
+        "shares (a disk local to each host?), so no process could read the whole checkpoint. "
+        "Fix: save to a filesystem mounted on every host (NFS, Lustre, a GCS/S3 FUSE mount) or "
+        "to an object store URL (gs://bucket/run, s3://bucket/run)."
+    )
 
 
 def _execute(s: _Save, budget: int) -> str:
@@ -196,6 +215,8 @@ def _execute(s: _Save, budget: int) -> str:
             os.makedirs(os.path.dirname(s.final) or ".", exist_ok=True)
             os.makedirs(tmp)
         s.sync.barrier("start")
+        if not primary:
+            _check_shared(tmp, s.final)
         _write_arrays(tmp, s.arrays, budget)
         if primary:
             attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})

@@ -199,6 +199,13 @@ def scenario_main() -> None:
     name = "ckpt-4" if PID_ == 0 else "ckpt-4b"
     expect_error("path-mismatch", lambda: jc.save(os.path.join(DIRECTORY, name), make_tree(4)))
 
+    # A path that is not shared: /proc/self/cwd is each process's own working directory.
+    local = os.path.join(DIRECTORY, f"local-{PID_}")
+    os.makedirs(local)
+    os.chdir(local)
+    expect_error("not-shared", lambda: jc.save("/proc/self/cwd/ckpt-1", make_tree(6)))
+    os.chdir(DIRECTORY)
+
     # A peer hangs past the barrier timeout: the others raise a timeout naming it.
     os.environ[_multihost.TIMEOUT_ENV] = "3"
     if PID_ == 1:

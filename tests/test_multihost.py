@@ -202,6 +202,18 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
         "process 1: CheckpointError: jaxckpt: process 1 saves to" in p0["path-mismatch"]["message"]
     )
 
+    # A path each process resolves to its own disk: refused, nothing left behind.
+    assert re.search(
+        r"process 1 does not see the directory /proc/self/cwd/ckpt-1\.jaxckpt-tmp-\w+ that "
+        r"process 0 created for the save to /proc/self/cwd/ckpt-1: that path is not on storage "
+        r"every process shares .* Fix: save to a filesystem mounted on every host",
+        p1["not-shared"]["message"],
+    ), p1["not-shared"]["message"]
+    assert (
+        "process 1: CheckpointError: jaxckpt: process 1 does not see" in p0["not-shared"]["message"]
+    )
+    assert os.listdir(tmp_path / "local-0") == [] and os.listdir(tmp_path / "local-1") == []
+
     # A peer that hangs past the barrier timeout (3 s here): a timeout naming it, and the fix.
     e = p0["peer-hangs"]
     assert e["error"] == "CoordinationError"
@@ -216,7 +228,7 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     assert "arrived after the others had given up waiting (3 s)" in p1["peer-hangs"]["message"]
 
     # Only the committed checkpoints remain: failed saves left no directory behind.
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-a", "run"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-a", "local-0", "local-1", "run"]
     restore_on_two_devices(ckpt, 3)
     restore_on_two_devices(str(tmp_path / "ckpt-a"), 7)
 
