@@ -353,7 +353,7 @@ def _sharding(x: Any) -> jax.sharding.Sharding | None:
         return x.sharding
     if isinstance(x, jax.ShapeDtypeStruct):
         s = getattr(x, "sharding", None)
-        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return None
 
 
