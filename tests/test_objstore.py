@@ -86,10 +86,13 @@ def base(request, tmp_path):
 
 
 def model_state(seed: int = 0) -> dict:
-    k = jax.random.split(jax.random.key(seed), 3)
+    rng = np.random.default_rng(seed)  # NumPy: no jit compile before the first test
     params = {
-        "l1": {"kernel": jax.random.normal(k[0], (4, 5)), "bias": jnp.arange(5, dtype=jnp.float32)},
-        "emb": jax.random.normal(k[1], (7, 3)).astype(jnp.bfloat16),
+        "l1": {
+            "kernel": jnp.asarray(rng.standard_normal((4, 5), np.float32)),
+            "bias": jnp.arange(5, dtype=jnp.float32) + seed,
+        },
+        "emb": jnp.asarray(rng.standard_normal((7, 3), np.float32)).astype(jnp.bfloat16),
         "ids": jnp.arange(-4, 4, dtype=jnp.int8),
     }
     opt = optax.adam(0.1).init(params)
