@@ -6,6 +6,7 @@ by the fixtures below; every test writes under its own fresh prefix.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _storage
+from jaxckpt import _locations, _storage, cli
 
 BUCKET = "jaxckpt-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,23 @@ class TestStorage:
         assert_trees_equal(again.restore(target=model_state()), trees[5])
         assert_trees_equal(again.restore(2, target=model_state()), trees[2])
         again.close()
+
+    def test_command_line(self, base):
+        """``jaxckpt ls / inspect / verify / diff`` on the location."""
+        with jc.CheckpointManager(base, async_save=False) as mngr:
+            mngr.save(1, {"w": np.ones(3, np.float32)}, metrics={"loss": 0.5})
+            mngr.save(2, {"w": np.zeros(3, np.float32)})
+        one, two = (_locations.join(base, f"ckpt-{s}") for s in (1, 2))
+        out = io.StringIO()
+        assert cli.main(["ls", base], out) == 0
+        assert re.search(r"1\s+ckpt-1\s+\d+ B .*loss=0.5", out.getvalue())
+        assert "2 checkpoints" in out.getvalue()
+        assert cli.main(["inspect", one], out) == 0
+        assert re.search(r"w\s+\(3,\)\s+float32", out.getvalue())
+        assert cli.main(["verify", one], out) == 0
+        assert f"OK: {_storage.normalize(one)}" in out.getvalue()
+        assert cli.main(["diff", one, two], out) == 1
+        assert "differ" in out.getvalue()
 
     def test_interrupted_save(self, base):
         """A save process killed mid-write commits nothing and spoils no earlier checkpoint."""
