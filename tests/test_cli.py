@@ -99,6 +99,12 @@ def test_ls_errors_name_the_fix(tmp_path, capsys):
     assert (
         f"{ckpt} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect {ckpt}`" in err
     )
+    (tmp_path / "checkpoint").write_text("{not json")  # a damaged index is ignored
+    code, out, _ = run(capsys, "ls", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[:2] == [
+        "1",
+        "ckpt-1",
+    ]  # the step from the name
     os.makedirs(tmp_path / "empty")
     code, out, _ = run(capsys, "ls", str(tmp_path / "empty"))
     assert code == 0 and out == f"No committed checkpoints in {tmp_path / 'empty'}.\n"
