@@ -292,10 +292,10 @@ def cmd_graph(args: argparse.Namespace, out: TextIO) -> int:
                 f"Cannot write {target}: the directory {parent} does not exist. Fix: create it first."
             )
     reader = _open(args.ckpt)
-    svg, n = _graph.render(reader, prefix=args.prefix, max_depth=args.max_depth)
-    if n > 2000:
+    svg, boxes, n = _graph.render(reader, prefix=args.prefix, max_depth=args.max_depth)
+    if boxes > 4000:
         print(
-            f"note: drawing {n} leaves; --max-depth or --prefix draws a smaller picture.",
+            f"note: drawing {boxes} boxes; --max-depth or --prefix draws a smaller picture.",
             file=sys.stderr,
         )
     if target == "-":
