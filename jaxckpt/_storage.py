@@ -181,11 +181,17 @@ def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool) -> ts.Future:
+def open_array(
+    root: str, rel: str, meta: dict[str, Any], *, create: bool, peer_creates: bool = False
+) -> ts.Future:
+    """Opens an array to read, or with ``create`` to write; ``peer_creates``: another process
+    writes its ``zarr.json`` (a multi-process save), this one only writes chunks."""
     spec = _array_spec(root, rel, meta)
     if create:
         # Every chunk is written, zeros included: a missing chunk then always means damage.
         spec["store_data_equal_to_fill_value"] = True
+        if peer_creates:
+            return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
         return ts.open(spec, create=True, context=context())
     spec["fill_missing_data_reads"] = False
     return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
