@@ -80,6 +80,10 @@ def make_tree(step: int) -> dict:
             "n": global_array("n", NamedSharding(m, P())),  # a 0-d array
         },
         "step": step,
+        "host": {  # values local to each process, different in each: process 0's are saved
+            "np": np.full(3, PID_, np.int32),
+            "dev": jax.device_put(jnp.full(2, PID_ + 10, jnp.int32), jax.local_devices()[0]),
+        },
     }
 
 
@@ -102,6 +106,7 @@ def restore_target(step: int) -> dict:
         },
         # a Python int saved, restored as a global array replicated over the other mesh
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(o, P())),
+        "host": {"np": np.zeros(3, np.int32), "dev": jax.ShapeDtypeStruct((2,), jnp.int32)},
     }
 
 
@@ -126,6 +131,8 @@ def check_restored(out: dict, target: dict, step: int) -> int:
         for s in got.addressable_shards:
             np.testing.assert_array_equal(np.asarray(s.data), ref[s.index])
             checked += s.data.nbytes
+    np.testing.assert_array_equal(out["host"]["np"], np.zeros(3, np.int32))
+    np.testing.assert_array_equal(np.asarray(out["host"]["dev"]), np.full(2, 10, np.int32))
     assert type(out["opt"]["c"]) is np.ndarray
     np.testing.assert_array_equal(out["opt"]["c"], expected("c"))
     return checked

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt as jc
+from jaxckpt import _multihost
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +125,7 @@ def restore_on_two_devices(ckpt: str, step: int) -> None:
             "n": np.float32(0),
         },
         "step": 0,
+        "host": {"np": np.zeros(3, np.int32), "dev": np.zeros(2, np.int32)},
     }
     out = jc.restore(ckpt, target)
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
@@ -139,6 +141,8 @@ def restore_on_two_devices(ckpt: str, step: int) -> None:
             np.testing.assert_array_equal(np.asarray(s.data), expected(name, dtype)[s.index])
     assert out["params"]["w"].sharding.is_equivalent_to(rows, 2)
     assert type(out["opt"]["n"]) is np.float32 and out["opt"]["n"] == expected("n")
+    np.testing.assert_array_equal(out["host"]["np"], [0, 0, 0])  # process 0's local values
+    np.testing.assert_array_equal(out["host"]["dev"], [10, 10])
     numpy = jc.restore(ckpt)
     np.testing.assert_array_equal(numpy["opt"]["m"], expected("m", jnp.bfloat16))
 
@@ -150,19 +154,14 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
 
     # Each distinct shard is written once, by the process holding its replica 0. The save mesh
     # is 4x2; process 0 holds its rows 0-1, process 1 rows 2-3.
+    host = {"host/np": 1, "host/dev": 1}  # process-local values: process 0's are saved
     assert p0["pieces"]["pieces"] == {
-        "params/w": 4,
-        "params/b": 1,
-        "opt/m": 2,
-        "opt/c": 2,
-        "opt/n": 1,
+        **{"params/w": 4, "params/b": 1, "opt/m": 2, "opt/c": 2, "opt/n": 1},
+        **host,
     }
     assert p1["pieces"]["pieces"] == {
-        "params/w": 4,
-        "params/b": 0,
-        "opt/m": 2,
-        "opt/c": 0,
-        "opt/n": 0,
+        **{"params/w": 4, "params/b": 0, "opt/m": 2, "opt/c": 0, "opt/n": 0},
+        **dict.fromkeys(host, 0),
     }
     ckpt = str(tmp_path / "run" / "ckpt-3")
     assert {leaf: chunk_files(ckpt, leaf) for leaf in ("params/w", "params/b", "opt/m", "opt/c")} == {
@@ -303,3 +302,32 @@ def test_coordinator_killed_mid_save(tmp_path):
     mngr = jc.CheckpointManager(tmp_path)
     assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
     restore_on_two_devices(mngr.latest_checkpoint, 1)
+
+
+def test_barrier_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(_multihost.TIMEOUT_ENV, raising=False)
+    assert _multihost.timeout_s() == 600
+    monkeypatch.setenv(_multihost.TIMEOUT_ENV, "90.5")
+    assert _multihost.timeout_s() == 90.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv(_multihost.TIMEOUT_ENV, bad)
+        with pytest.raises(
+            ValueError,
+            match=(
+                rf"JAXCKPT_BARRIER_TIMEOUT_S='{bad}' is not a positive number of seconds\. Fix: set "
+                r"it to e\.g\. JAXCKPT_BARRIER_TIMEOUT_S=1800, or unset it for the default of 600 s\."
+            ),
+        ):
+            _multihost.timeout_s()
+
+
+def test_one_process_coordinates_nothing(tmp_path, monkeypatch):
+    # No distributed runtime here: every multi-process step must be a no-op, even a bad timeout.
+    monkeypatch.setenv(_multihost.TIMEOUT_ENV, "soon")
+    _multihost.barrier("never-waits")
+    sync = _multihost.SaveSync("a save", ("start",))
+    assert sync.share("tmp", lambda: "mine") == "mine"
+    sync.barrier("start")
+    sync.abandon(OSError("ignored"))
+    path = jc.save(tmp_path / "ckpt", {"x": np.arange(3)})
+    np.testing.assert_array_equal(jc.restore(path)["x"], np.arange(3))
