@@ -32,4 +32,4 @@ bench-gpu: install
 	$(BIN)/python benchmarks/bench.py --workloads W3
 
 clean:
-	rm -rf $(VENV) tf_ckpts bench_out
+	rm -rf $(VENV) tf_ckpts tf_list_example bench_out

@@ -163,7 +163,9 @@ class CheckpointManager:
                 for c in doc["checkpoints"]
             }
         except (ValueError, KeyError, TypeError) as e:
-            log.warning("jaxckpt: rebuilding the unreadable index %s/%s (%s)", self.directory, INDEX, e)
+            log.warning(
+                "jaxckpt: rebuilding the unreadable index %s/%s (%s)", self.directory, INDEX, e
+            )
             return {}
 
     def _entry_from_metadata(self, step: int) -> _Entry:
@@ -228,7 +230,9 @@ class CheckpointManager:
         """Whether ``save(step, ...)`` saves: ``step`` is a multiple of ``save_interval_steps``."""
         return operator.index(step) % self.save_interval_steps == 0
 
-    def save(self, step: int, tree: PyTree, metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
+    def save(
+        self, step: int, tree: PyTree, metrics: dict[str, Any] | None = None, force: bool = False
+    ) -> bool:
         """Saves ``tree`` as ``step`` unless ``should_save(step)`` says no and not ``force``.
 
         Returns whether it saved. With ``async_save`` it returns once the arrays are snapshotted
@@ -236,7 +240,11 @@ class CheckpointManager:
         is raised here.
         """
         step = operator.index(step)
-        if self._pending is not None and self._pending.handle.done() and _multihost.process_count() == 1:
+        if (
+            self._pending is not None
+            and self._pending.handle.done()
+            and _multihost.process_count() == 1
+        ):
             self._finish_pending()  # on several processes only at points every process shares
         if not force and not self.should_save(step):
             return False
@@ -333,7 +341,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------ restoring
 
-    def restore(self, step: int | None = None, target: PyTree = None, **restore_kwargs: Any) -> PyTree:
+    def restore(
+        self, step: int | None = None, target: PyTree = None, **restore_kwargs: Any
+    ) -> PyTree:
         """Restores ``step`` (None: the latest) like ``jc.restore(path, target, **kwargs)``."""
         self.wait_until_finished()
         if step is None:

@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import msgpack
@@ -52,6 +52,7 @@ def _flatten_one(node: Any) -> tuple[list[tuple[Any, Any]], Any] | None:
     if _is_array(node) or is_stateful(node) or isinstance(node, (str, bytes, int, float, complex)):
         return None
     items, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    treedef = cast(Any, treedef)  # PyTreeDef's stubs lack num_leaves / num_nodes
     if treedef.num_leaves == 1 and treedef.num_nodes == 1 and items and items[0][1] is node:
         return None
     return [(kp[0], child) for kp, child in items], treedef
@@ -102,6 +103,25 @@ def value_record(x: Any, where: str) -> dict[str, Any]:
     )
 
 
+def is_key(x: Any) -> bool:
+    """Whether ``x`` (an array or ``ShapeDtypeStruct``) holds typed PRNG keys."""
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def key_record(x: Any) -> dict[str, Any]:
+    """What a typed key array adds to its array record (which describes its key data)."""
+    return {
+        "key": str(jax.random.key_impl(x)),
+        "key_dtype": str(x.dtype),
+        "key_shape": list(x.shape),
+    }
+
+
+def load_key(rec: dict[str, Any], data: np.ndarray) -> jax.Array:
+    """The typed key array saved as ``data`` (its key data)."""
+    return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=rec["key"])
+
+
 def check_array(x: Any, where: str) -> None:
     """Raises ``UnsupportedLeafError`` for an array leaf jaxckpt cannot store bit-exactly."""
     if isinstance(x, jax.core.Tracer):
@@ -110,6 +130,8 @@ def check_array(x: Any, where: str) -> None:
             "holds concrete arrays. Fix: call jc.save outside the traced function, on its "
             "outputs."
         )
+    if is_key(x):
+        return
     dtype = np.dtype(x.dtype)
     odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
     if odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1)):
@@ -179,12 +201,17 @@ def describe(
         flat = _flatten_one(node)
         if flat is None:
             path = "/".join(names)
+            value = node
             if _is_array(node):
                 check_array(node, where)
-                rec = array_record(path, node)
+                if is_key(node):  # typed PRNG keys: stored as their key data
+                    value = jax.random.key_data(node)
+                rec = array_record(path, value)
+                if value is not node:
+                    rec.update(key_record(node))
             else:
                 rec = value_record(node, where)
-            leaves.append(Leaf(keypath, path, node, rec))
+            leaves.append(Leaf(keypath, path, value, rec))
             return rec
         children, _ = flat
         out: dict[str, Any] = {"t": _node_type(node), "c": []}

@@ -73,12 +73,12 @@ class MatchStatus:
     def assert_consumed(self) -> MatchStatus:
         """As above, and every saved leaf was used by the target."""
         if self.missing or self.mismatched or self.unused:
-            raise StructureMismatchError(self._message(unused=True))
+            raise StructureMismatchError(self._message())
         return self
 
-    def _message(self, unused: bool) -> str:
+    def _message(self, *, missing: bool = True, unused: bool = True) -> str:
         lines = [f"The checkpoint at {self.path} does not match the target."]
-        if self.missing:
+        if missing and self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
             lines += _listed(
                 [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing]
@@ -142,7 +142,7 @@ def _kind(x: Any) -> str:
 
 def _describe(rec: dict[str, Any]) -> str:
     if rec["t"] == "array":
-        return f"{rec['dtype']}{list(rec['shape'])}"
+        return f"{rec.get('key_dtype', rec['dtype'])}{list(rec.get('key_shape', rec['shape']))}"
     return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
 
 
@@ -156,6 +156,12 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
         return None if ok else f"a Python {type(x).__name__}"
     if kind == "any":
         return None
+    if "key" in rec or _metadata.is_key(x):  # typed PRNG keys take only the same key type
+        if kind != "array":
+            return f"a Python {type(x).__name__}"
+        expected = f"{x.dtype}{list(np.shape(x))}"
+        same = str(x.dtype) == rec.get("key_dtype") and list(np.shape(x)) == rec.get("key_shape")
+        return None if same else expected
     if kind == "array":
         shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
         expected = f"{dtype.name}{list(shape)}"
@@ -187,15 +193,20 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
     return src == dst or _category(src) <= _category(dst) < 9
 
 
-def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-    to_ckpt = _renamer(prefix, rename)
+def _check_prefix(reader: Reader, prefix: str | None) -> str:
     base = (prefix or "").strip("/")
     if base and _metadata.subtree(reader.structure, base) is None:
         raise StructureMismatchError(
             f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
             "prefix among the leading parts of jc.list_variables(path)."
         )
+    return base
+
+
+def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+    to_ckpt = _renamer(prefix, rename)
+    base = _check_prefix(reader, prefix)
     scope = [p for p in reader.records if not base or p == base or p.startswith(base + "/")]
     entries, missing, mismatched, where, used = [], [], [], {}, set()
     for keypath, x in flat:
@@ -209,7 +220,7 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
             used.add(cpath)
             why = _problem(x, rec)
             if why is not None:
-                mismatched.append(Mismatch(cpath, _paths.keystr(keypath), why, _describe(rec)))
+                mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
         entries.append((keypath, x, cpath, rec))
     unused = [p for p in scope if p not in used]
     if unused:
@@ -226,7 +237,21 @@ def match(
     prefix: str | None = None,
     rename: Rename = None,
 ) -> MatchStatus:
-    """Compares ``target`` with the checkpoint at ``path`` without reading any array."""
+    """Compares ``target`` with the checkpoint at ``path`` without reading any array.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree a restore would fill; only its structure, shapes and dtypes matter.
+        prefix: as in :func:`restore`.
+        rename: as in :func:`restore`.
+
+    Returns:
+        A :class:`MatchStatus` with ``missing``, ``unused`` and ``mismatched`` leaves.
+
+    Example:
+        >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
+        >>> status.assert_existing_objects_matched()  # doctest: +SKIP
+    """
     return _plan(Reader(path), target, prefix, rename)[2]
 
 
@@ -239,19 +264,46 @@ def restore(
     prefix: str | None = None,
     rename: Rename = None,
 ) -> PyTree:
-    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings."""
+    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree to restore into. Its leaves may be ``jax.Array``, ``np.ndarray``,
+            ``jax.ShapeDtypeStruct`` (with or without a sharding), Python scalars, str/bytes,
+            or objects with ``get_state``/``set_state`` (``set_state`` is called). None:
+            rebuild the saved tree as dicts, lists and tuples of NumPy arrays.
+        partial: skip saved leaves the target does not ask for (they are never read).
+        missing: ``"keep"`` keeps the target's own value for leaves the checkpoint lacks.
+        prefix: the checkpoint subtree (``"params/backbone"``) restored as the target's root.
+        rename: maps target paths to checkpoint paths: a dict of regex -> replacement
+            (applied in order) or a callable returning the checkpoint path or None.
+
+    Returns:
+        The restored tree.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``path``.
+        StructureMismatchError: leaves missing, unused or of a shape/dtype the target cannot
+            take; the message lists them with their key paths.
+        CorruptCheckpointError: a chunk fails its checksum.
+
+    Example:
+        >>> state = jc.restore("/tmp/run/ckpt-10", target=state)  # doctest: +SKIP
+    """
     if missing not in ("error", "keep"):
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     reader = Reader(path)
     if target is None:
-        return reader.tree(prefix)
+        return reader.tree(_check_prefix(reader, prefix))
     entries, treedef, status = _plan(reader, target, prefix, rename)
     if (
         status.mismatched
         or (status.missing and missing == "error")
         or (status.unused and not partial)
     ):
-        raise StructureMismatchError(status._message(unused=not partial))
+        raise StructureMismatchError(
+            status._message(missing=missing == "error", unused=not partial)
+        )
     if status.missing:
         log.warning(
             "jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
@@ -267,7 +319,7 @@ def restore(
         if rec is None or rec["t"] != "array":
             plans.append(None)
             continue
-        shards = _target_shards(x, tuple(rec["shape"]))
+        shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))
         slots = {}
         for idx in shards.values():
             key = _index_key(idx)
@@ -334,6 +386,9 @@ def _as_target(x: Any, arr: np.ndarray) -> Any:
 
 def _assemble(x: Any, rec: dict[str, Any], pieces: dict[Any, np.ndarray]) -> Any:
     sharding = _sharding(x)
+    if "key" in rec:  # small: read whole, wrapped, then placed
+        keys = _metadata.load_key(rec, pieces[None])
+        return keys if sharding is None else jax.device_put(keys, sharding)
     if sharding is None:
         return _as_target(x, pieces[None])
     dtype = np.dtype(x.dtype)

@@ -227,6 +227,15 @@ def test_saved_leaves_the_target_lacks(ckpt):
     assert_tree_equal(out, {"params": tree["params"], "step": 3})
 
 
+def test_kept_leaves_are_not_reported_as_errors(ckpt):
+    path, tree = ckpt
+    target = {"params": {**tree["params"], "head": jnp.ones(2)}, "step": 0}
+    with pytest.raises(jc.StructureMismatchError) as e:
+        jc.restore(path, target, missing="keep")
+    assert "Saved leaves the target lacks (1)" in str(e.value)
+    assert "head" not in str(e.value) and "missing=" not in str(e.value)
+
+
 def test_long_mismatch_lists_are_cut(tmp_path):
     path = jc.save(tmp_path / "c", {f"k{i:02d}": np.ones(1) for i in range(25)})
     with pytest.raises(
@@ -242,6 +251,8 @@ def test_bad_prefix_and_missing_argument(ckpt):
         match=r"prefix='params/l9' is not a path in the checkpoint .*Fix: pick a prefix",
     ):
         jc.restore(path, {"kernel": jnp.ones((1, 5))}, prefix="params/l9")
+    with pytest.raises(jc.StructureMismatchError, match=r"prefix='params/l9' is not a path"):
+        jc.restore(path, prefix="params/l9")
     with pytest.raises(ValueError, match=r'missing must be "error" or "keep", not \'drop\''):
         jc.restore(path, tree, missing="drop")
 

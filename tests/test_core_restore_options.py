@@ -83,6 +83,10 @@ def test_full_match_is_consumed(seed_ckpt):
     assert (status.missing, status.unused, status.mismatched) == ([], [], [])
     status.assert_consumed()
     assert_tree_equal(jc.restore(path, seed_state(2)), state)
+    # An abstract target (jax.eval_shape) gives jax.Arrays, the step included.
+    abstract = jax.eval_shape(lambda: seed_state(2))
+    out = jc.restore(path, abstract)
+    assert_tree_equal(out, {**state, "step": jnp.asarray(10, abstract["step"].dtype)})
 
 
 def test_partial_never_reads_unused_leaves(tmp_path):

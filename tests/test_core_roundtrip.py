@@ -27,7 +27,7 @@ DTYPES = [
     "float64", "float32", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16",
     "uint32", "uint64", "bool", "complex64", "complex128",
 ] + [d for d in _ML if hasattr(ml_dtypes, d)]  # fmt: skip
-SHAPES = [(), (0,), (3, 5), (2, 0, 3), (300, 1000)]
+SHAPES = [(), (0,), (3, 5), (2, 0, 3), (200, 700)]
 _SUBBYTE = {"int4": 4, "uint4": 4, "int2": 2, "uint2": 2, "float4_e2m1fn": 4}
 
 
@@ -103,6 +103,18 @@ class _Net(nn.Module):
         return nn.Dense(5, name="l1")(nn.Dense(3, name="l0")(x))
 
 
+class Pytree:
+    """A class registered without keys: its children get FlattenedIndexKey edges."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+jax.tree_util.register_pytree_node(
+    Pytree, lambda p: ((p.a, p.b), None), lambda _, children: Pytree(*children)
+)
+
+
 def _linen_params():
     return _Net().init(jax.random.key(0), jnp.ones((1, 2)))["params"]
 
@@ -123,6 +135,7 @@ def _trees():
         "flax_struct": StructState(jnp.int32(4), {"k": jnp.ones(2)}, "x"),
         "linen_dict": _linen_params(),
         "linen_frozen": flax.core.freeze(_linen_params()),
+        "unkeyed_node": [Pytree(jnp.ones(2), {"c": np.arange(3)})],
     }
 
 
@@ -233,6 +246,7 @@ def test_nnx_state_roundtrip_and_update(tmp_path):
         def __init__(self, rngs):
             self.l1 = nnx.Linear(2, 5, rngs=rngs)
             self.bn = nnx.BatchNorm(5, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)  # its state holds a typed PRNG key
 
     model = Model(nnx.Rngs(0))
     model.bn.mean.value = jnp.arange(5.0)
@@ -241,17 +255,19 @@ def test_nnx_state_roundtrip_and_update(tmp_path):
     names = [p for p, _, _ in jc.list_variables(path)]
     assert "l1/kernel/value" in names and "bn/mean/value" in names
 
+    assert ("drop/rngs/key/value", (), "key<fry>") in jc.list_variables(path)
+
     fresh = Model(nnx.Rngs(1))
     target = nnx.state(fresh)
     out = jc.restore(path, target)
     assert type(out) is type(target)
-    assert_tree_equal(out, state)
+    assert_tree_equal(_key_data(out), _key_data(state))
     nnx.update(fresh, out)
-    assert_tree_equal(nnx.state(fresh), state)
+    assert_tree_equal(_key_data(nnx.state(fresh)), _key_data(state))
     np.testing.assert_array_equal(fresh.bn.mean.value, jnp.arange(5.0))
     # Abstract target: the state of nnx.eval_shape, leaves as ShapeDtypeStruct.
     abstract = nnx.state(nnx.eval_shape(lambda: Model(nnx.Rngs(2))))
-    assert_tree_equal(jc.restore(path, abstract), state)
+    assert_tree_equal(_key_data(jc.restore(path, abstract)), _key_data(state))
 
 
 def test_step_and_metrics_are_recorded(tmp_path):
@@ -259,3 +275,40 @@ def test_step_and_metrics_are_recorded(tmp_path):
     reader = jc.open(jc.save(tmp_path / "c", {"w": np.ones(2)}, step=7, metrics=metrics))
     assert reader.step == 7
     assert reader.metrics == {"loss": 0.5, "acc": [0.25, 1.0], "n": 3}
+
+
+def _key_data(tree):
+    is_key = lambda x: jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)  # noqa: E731
+    return jax.tree_util.tree_map(
+        lambda x: (str(x.dtype), jax.random.key_data(x)) if is_key(x) else x, tree
+    )
+
+
+def test_typed_prng_keys(tmp_path):
+    tree = {
+        "key": jax.random.key(3),
+        "split": jax.random.split(jax.random.key(1), 4),
+        "rbg": jax.random.key(0, impl="rbg"),
+    }
+    path = jc.save(tmp_path / "c", tree)
+    assert jc.list_variables(path) == [
+        ("key", (), "key<fry>"), ("rbg", (), "key<rbg>"), ("split", (4,), "key<fry>")
+    ]  # fmt: skip
+    like = {
+        "key": jax.random.key(0),
+        "split": jax.random.split(jax.random.key(0), 4),
+        "rbg": jax.random.key(9, impl="rbg"),
+    }
+    assert_tree_equal(_key_data(jc.restore(path, like)), _key_data(tree))
+    assert_tree_equal(_key_data(jc.restore(path)), _key_data(tree))
+    mesh = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    abstract = jax.ShapeDtypeStruct((4,), tree["split"].dtype, sharding=sharding)
+    out = jc.restore(path, {"split": abstract}, partial=True)["split"]
+    assert out.sharding == sharding
+    np.testing.assert_array_equal(jax.random.key_data(out), jax.random.key_data(tree["split"]))
+    with pytest.raises(
+        jc.StructureMismatchError,
+        match=r"\['rbg'\]: the target expects key<fry>\[\], the checkpoint has key<rbg>\[\]",
+    ):
+        jc.restore(path, {**like, "rbg": jax.random.key(0)})

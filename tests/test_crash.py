@@ -40,11 +40,17 @@ def fast_dir(tmp_path):
 
 class Worker:
     def __init__(self, directory: str, mode: str):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
         env["JAX_PLATFORMS"] = "cpu"
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "_crash_worker.py"), directory, mode, str(N)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -133,5 +139,7 @@ def test_sigkill_at_random_moments_loses_nothing_committed(fast_dir, mode):
         try:
             check_directory(fast_dir, committed, base)
         except AssertionError as e:
-            raise AssertionError(f"trial {trial} (seed {seed}): the worker said {worker.lines}") from e
+            raise AssertionError(
+                f"trial {trial} (seed {seed}): the worker said {worker.lines}"
+            ) from e
     assert jc.CheckpointManager(fast_dir).latest_step >= TRIALS

@@ -102,8 +102,11 @@ def test_best_metric_keeps_the_best_and_the_newest(tmp_path, mode, best):
 
 def test_best_metric_needs_the_metric(tmp_path):
     m = jc.CheckpointManager(tmp_path, best_metric="loss", async_save=False)
-    with pytest.raises(ValueError, match=r"best_metric='loss' ranks the checkpoints, but the "
-                       r"metrics of step 3 are \{'acc': 1.0\}\. Fix: pass metrics=\{'loss': value\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"best_metric='loss' ranks the checkpoints, but the "
+        r"metrics of step 3 are \{'acc': 1.0\}\. Fix: pass metrics=\{'loss': value\}",
+    ):
         m.save(3, tree_of(3), metrics={"acc": 1.0})
     assert m.best_step is None and m.steps == []
 
@@ -176,7 +179,7 @@ def test_bad_arguments(tmp_path):
         jc.CheckpointManager(tmp_path, save_interval_steps=None)
     with pytest.raises(ValueError, match="keep_every_n_hours must be a positive number of hours"):
         jc.CheckpointManager(tmp_path, keep_every_n_hours=-1)
-    with pytest.raises(ValueError, match="best_mode must be \"min\" or \"max\", not 'lowest'"):
+    with pytest.raises(ValueError, match='best_mode must be "min" or "max", not \'lowest\''):
         jc.CheckpointManager(tmp_path, best_mode="lowest")
     with pytest.raises(TypeError):
         jc.CheckpointManager(tmp_path).save(1.5, tree_of(1))
@@ -185,8 +188,11 @@ def test_bad_arguments(tmp_path):
 def test_restore(tmp_path):
     d = os.fspath(tmp_path)
     m = jc.CheckpointManager(d)
-    with pytest.raises(jc.CheckpointNotFoundError, match=f"{d} holds no committed checkpoint to "
-                       "restore. Fix: check the directory, or start from scratch"):
+    with pytest.raises(
+        jc.CheckpointNotFoundError,
+        match=f"{d} holds no committed checkpoint to "
+        "restore. Fix: check the directory, or start from scratch",
+    ):
         m.restore()
     for step in (1, 2):
         m.save(step, tree_of(step), metrics={"loss": 1.0 / step})
@@ -195,10 +201,14 @@ def test_restore(tmp_path):
     out = m.restore(1, target)
     assert out["w"].dtype == jax.numpy.bfloat16 and out["step"] == 1
     np.testing.assert_array_equal(np.asarray(out["w"], np.float32), tree_of(1)["w"])
-    assert_tree_equal(m.restore(1, {"w": np.zeros((2, 3), np.float32)}, partial=True),
-                      {"w": tree_of(1)["w"]})
-    with pytest.raises(FileNotFoundError, match=r"Step 7 has no committed checkpoint in .*; its "
-                       r"steps are \[1, 2\]\. Fix: pick one of those steps, or step=None"):
+    assert_tree_equal(
+        m.restore(1, {"w": np.zeros((2, 3), np.float32)}, partial=True), {"w": tree_of(1)["w"]}
+    )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"Step 7 has no committed checkpoint in .*; its "
+        r"steps are \[1, 2\]\. Fix: pick one of those steps, or step=None",
+    ):
         m.restore(7)
     assert jc.restore(f"{d}/ckpt-2", None)["step"] == 2
     assert jc.open(f"{d}/ckpt-2").metrics == {"loss": 0.5}
@@ -212,7 +222,10 @@ def test_index_is_rebuilt_when_missing_stale_or_damaged(tmp_path):
     index = index_of(d)
     assert index["latest_step"] == 3
     assert [(c["step"], c["path"], c["metrics"]) for c in index["checkpoints"]] == [
-        (1, "ckpt-1", {"loss": 1.0}), (2, "ckpt-2", {"loss": 2.0}), (3, "ckpt-3", {"loss": 3.0})]
+        (1, "ckpt-1", {"loss": 1.0}),
+        (2, "ckpt-2", {"loss": 2.0}),
+        (3, "ckpt-3", {"loss": 3.0}),
+    ]
 
     os.remove(os.path.join(d, "checkpoint"))
     assert jc.CheckpointManager(d).steps == [1, 2, 3]
@@ -272,7 +285,9 @@ def _repair_directory(d):
     os.makedirs(d)
 
 
-@pytest.mark.parametrize("surfaces_from", ["save", "wait_until_finished", "close", "with", "restore"])
+@pytest.mark.parametrize(
+    "surfaces_from", ["save", "wait_until_finished", "close", "with", "restore"]
+)
 def test_an_async_error_is_never_lost(tmp_path, surfaces_from):
     d = os.fspath(tmp_path / "run")
     m = jc.CheckpointManager(d)
