@@ -111,8 +111,9 @@ def _runtime_error(
         late = late if late is not None else _late_processes(text)
         who = f"process {', '.join(late)}" if late else "some process"
         reason = (
-            f"{who} did not arrive within {seconds:g} s: it crashed, hung, failed before "
-            "reaching this point, or is much slower (a large checkpoint on slow storage)"
+            f"{who} did not arrive within {seconds:g} s: it did not call this save, crashed, "
+            "hung, failed before reaching this point, or is much slower (a large checkpoint on "
+            "slow storage)"
         )
         if str(jax.process_index()) in late:
             reason = (

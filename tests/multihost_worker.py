@@ -214,7 +214,8 @@ def scenario_main() -> None:
     os.chdir(DIRECTORY)
 
     # A peer hangs past the barrier timeout: the others raise a timeout naming it.
-    os.environ[_multihost.TIMEOUT_ENV] = "3"
+    _multihost.barrier("before-slow", timeout=60)  # start together: only the hang is late
+    os.environ[_multihost.TIMEOUT_ENV] = "4"
     if PID_ == 1:
         inject("sleep", "ckpt-slow")
     expect_error("peer-hangs", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-slow"), make_tree(5)))
