@@ -12,6 +12,7 @@ Failures are injected by wrapping ``jaxckpt._checkpoint._write_arrays`` in this 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _checkpoint, _multihost  # noqa: E402
+from jaxckpt import _checkpoint, _multihost, _reader  # noqa: E402
 
 SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
@@ -171,6 +172,26 @@ def expect_error(check: str, fn) -> None:
         report(check, error=None, seconds=time.monotonic() - t0)
 
 
+@contextlib.contextmanager
+def count_reads():
+    """Counts the elements each restore asks TensorStore for, per leaf (one dict, filled in)."""
+    read: dict[str, int] = {}
+    real = _reader.Reader.read_many
+
+    def counting(self, requests):
+        for path, index in requests:
+            shape = self.record(path)["shape"]
+            n = np.empty(shape, np.bool_)[index].size if index is not None else int(np.prod(shape))
+            read[path] = read.get(path, 0) + n
+        return real(self, requests)
+
+    _reader.Reader.read_many = counting
+    try:
+        yield read
+    finally:
+        _reader.Reader.read_many = real
+
+
 def written_pieces(tree: dict) -> dict[str, int]:
     """How many pieces (distinct shards) this process writes for each array."""
     return {a.loc: len(a.pieces) for a in _checkpoint._plan(tree)[1]}
@@ -187,9 +208,10 @@ def scenario_main() -> None:
         report("manager", steps=mngr.steps, latest=mngr.latest_step)
         for step in mngr.steps:
             target = restore_target(step)
-            checked = check_restored(mngr.restore(step, target), target, step)
+            with count_reads() as read:
+                checked = check_restored(mngr.restore(step, target), target, step)
             np.testing.assert_array_equal(mngr.restore(step)["params"]["w"], expected("w"))
-            report("restored", step=step, bytes=checked)
+            report("restored", step=step, bytes=checked, read=read)
         preempted_save(mngr)
 
     # jc.save_async and jc.save directly, without a manager

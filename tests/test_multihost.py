@@ -171,6 +171,12 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     for r in (p0, p1):
         assert {k: r["manager"][k] for k in ("steps", "latest")} == {"steps": [2, 3], "latest": 3}
         assert r["restored@2"]["bytes"] == r["restored@3"]["bytes"] > 0  # onto the other mesh
+        # Each process read only the slices its devices of the other mesh hold: half of w and
+        # m (their columns split over the 2 processes), all of b, c and n (replicated there).
+        assert r["restored@3"]["read"] == {
+            "params/w": 64, "params/b": 8, "opt/m": 64, "opt/c": 32, "opt/n": 1,
+            "host/np": 3, "host/dev": 2,
+        }  # fmt: skip
     # Preemption: process 1 got SIGTERM at step 12; both saved at the same later step.
     step = p0["preempted"]["step"]
     assert step >= 12 and p1["preempted"]["step"] == step
