@@ -156,7 +156,7 @@ def inject(kind: str, path_part: str) -> None:
         if kind == "sleep":
             time.sleep(_multihost.timeout_s() + 1.5)
         if kind == "kill":
-            report("about-to-die")
+            report("about-to-die", time=time.time())
             os.kill(os.getpid(), signal.SIGKILL)
 
     _checkpoint._write_arrays = write_then_fail
