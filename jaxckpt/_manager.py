@@ -8,6 +8,7 @@ them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import operator
 import os
 import re
+import weakref
 from typing import Any
 
 from . import _checkpoint, _multihost, _restore, _storage
@@ -129,6 +131,7 @@ class CheckpointManager:
         self._entries, stale = self._load()
         if stale and self._primary:
             self._write_index()
+        atexit.register(_finish_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------------ reading state
 
@@ -374,6 +377,16 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, steps={self.steps})"
+
+
+def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+    """A script that ends without ``close()`` still commits its last asynchronous save."""
+    mngr = ref()
+    if mngr is not None and mngr._pending is not None:
+        try:
+            mngr.wait_until_finished()
+        except Exception as e:
+            log.error("jaxckpt: %s", e)
 
 
 def _check_count(name: str, value: int | None, none_ok: bool) -> None:

@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -345,3 +347,18 @@ def test_storage_helpers(tmp_path):
     _storage.remove(f"{d}/f")
     assert _storage.list_names(d) == []
     assert _storage.join(tmp_path, "x") == f"{d}/x"
+
+
+def test_a_script_that_forgets_close_still_commits_its_last_save(tmp_path):
+    script = (
+        "import numpy as np, jaxckpt as jc\n"
+        f"m = jc.CheckpointManager({os.fspath(tmp_path)!r}, max_to_keep=1)\n"
+        "m.save(1, {'w': np.zeros(3)})\n"
+        "m.save(2, {'w': np.arange(2**20, dtype=np.float32)})\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    m = jc.CheckpointManager(tmp_path)
+    assert m.steps == [2] and on_disk(tmp_path) == ([2], ["checkpoint"])
+    np.testing.assert_array_equal(m.restore()["w"], np.arange(2**20, dtype=np.float32))
