@@ -6,6 +6,7 @@ from ._checkpoint import save_async as save_async
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointExistsError as CheckpointExistsError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import CoordinationError as CoordinationError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import StructureMismatchError as StructureMismatchError

@@ -8,6 +8,7 @@ is written last and, on a local disk, the temporary sibling directory is renamed
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -56,12 +57,7 @@ def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
 def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array]]:
     arrays: list[_Array] = []
 
-    def array_record(path: str, x: Any) -> dict[str, Any]:
-        if isinstance(x, jax.core.Tracer):
-            raise CheckpointError(
-                f"The leaf at {path or '<root>'} is a traced value inside jit/vmap; "
-                "checkpoints hold concrete arrays. Fix: save outside the traced function."
-            )
+    def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
         dtype = np.dtype(x.dtype)
         shape = tuple(int(d) for d in np.shape(x))
         pieces, shard = _pieces(x)
@@ -117,7 +113,10 @@ def _snapshot(arrays: list[_Array]) -> None:
 
 def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
     """Opens every array, then streams its pieces, keeping at most ``budget`` bytes in flight."""
-    opened = [_storage.open_array(root, a.loc, a.meta, create=True) for a in arrays]
+    peer = not _multihost.is_primary()  # process 0 writes each array's zarr.json
+    opened = [
+        _storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays
+    ]
     inflight: deque[tuple[Any, int]] = deque()
     held = 0
     for a, fut in zip(arrays, opened, strict=True):
@@ -140,14 +139,22 @@ def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
 @dataclasses.dataclass
 class _Save:
     final: str
-    tmp: str
     record: dict[str, Any]
     arrays: list[_Array]
     extra: dict[str, Any]
+    sync: _multihost.SaveSync
 
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
     final = _storage.normalize(path)
+    _check_free(final)
+    record, arrays = _plan(tree)
+    sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
+    return _Save(final, record, arrays, extra, sync)
+
+
+def _check_free(final: str) -> None:
+    """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory."""
     if _storage.is_committed(final):
         raise CheckpointExistsError(
             f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
@@ -155,35 +162,76 @@ def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) 
         )
     if _storage.is_dir(final) and os.listdir(final):
         raise CheckpointExistsError(
-            f"{final} exists and is not an empty directory nor a checkpoint. Fix: choose "
+            f"{final} exists and is neither an empty directory nor a checkpoint. Fix: choose "
             "another path, or remove that directory."
         )
-    record, arrays = _plan(tree)
-    return _Save(final, _storage.tmp_sibling(final), record, arrays, extra)
+
+
+def _agree_on_tmp(s: _Save) -> str:
+    """The temporary directory process 0 picked; every process must be saving to ``s.final``."""
+
+    def pick() -> str:  # process 0 only
+        return json.dumps([s.final, _storage.tmp_sibling(s.final)])
+
+    final, tmp = json.loads(s.sync.share("tmp", pick))
+    if final != s.final:
+        raise CheckpointError(  # not a CoordinationError: it is reported to the other processes
+            f"jaxckpt: process {_multihost.process_index()} saves to {s.final} while process 0 "
+            f"saves to {final}. Every process must call save with the same path, in the same "
+            "order. Fix: derive the path from a value all processes share, such as the step."
+        )
+    return tmp
+
+
+def _check_shared(tmp: str, final: str) -> None:
+    """The directory process 0 made must be visible to every process: the storage is shared."""
+    if "://" in tmp or _storage.is_dir(tmp):
+        return
+    raise CheckpointError(
+        f"jaxckpt: process {_multihost.process_index()} does not see the directory {tmp} that "
+        f"process 0 created for the save to {final}: that path is not on storage every process "
+        "shares (a disk local to each host?), so no process could read the whole checkpoint. "
+        "Fix: save to a filesystem mounted on every host (NFS, Lustre, a GCS/S3 FUSE mount) or "
+        "to an object store URL (gs://bucket/run, s3://bucket/run)."
+    )
 
 
 def _execute(s: _Save, budget: int) -> str:
+    """Writes, then commits; in a multi-process job every process runs this together.
+
+    Each process writes its own shards; process 0 also writes the metadata, and the ``COMMIT``
+    only once every process has passed the ``written`` barrier.
+    """
     primary = _multihost.is_primary()
+    tmp = None
     try:
+        tmp = _agree_on_tmp(s)
         if primary:
             os.makedirs(os.path.dirname(s.final) or ".", exist_ok=True)
-            os.makedirs(s.tmp)
-        _multihost.barrier(f"jaxckpt-start:{s.final}")
-        _write_arrays(s.tmp, s.arrays, budget)
+            os.makedirs(tmp)
+        s.sync.barrier("start")
+        if not primary:
+            _check_shared(tmp, s.final)
+        _write_arrays(tmp, s.arrays, budget)
         if primary:
             attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})
             files = {"zarr.json": _storage.group_json(attrs), **_group_files(s.record)}
-            kv = _storage.open_kv(s.tmp)
+            kv = _storage.open_kv(tmp)
             for f in _storage.write_json_files(kv, files):
                 f.result()
-        _multihost.barrier(f"jaxckpt-written:{s.final}")
+        s.sync.barrier("written")
         if primary:
-            _storage.write_bytes_durable(s.tmp, _storage.COMMIT, b"{}")
-            _storage.commit(s.tmp, s.final)
-        _multihost.barrier(f"jaxckpt-committed:{s.final}")
-    except BaseException:
-        if primary:
-            _storage.remove_tree(s.tmp)
+            _storage.write_bytes_durable(tmp, _storage.COMMIT, b"{}")
+            try:
+                _storage.commit(tmp, s.final)
+            except OSError:
+                _check_free(s.final)  # another save got there first: say so plainly
+                raise
+        s.sync.barrier("committed")
+    except BaseException as e:
+        s.sync.abandon(e)
+        if primary and tmp is not None:
+            _storage.remove_tree(tmp)
         raise
     return s.final
 
@@ -266,5 +314,5 @@ def _extra(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
     if step is not None:
         out["step"] = int(step)
     if metrics:
-        out["metrics"] = {k: float(v) if np.ndim(v) == 0 else v for k, v in metrics.items()}
+        out["metrics"] = {str(k): np.asarray(v).tolist() for k, v in metrics.items()}
     return out

@@ -29,3 +29,10 @@ class UnsupportedLeafError(CheckpointError, TypeError):
 
 class FormatVersionError(CheckpointError):
     """The checkpoint was written by a newer jaxckpt format than this one reads."""
+
+
+class CoordinationError(CheckpointError):
+    """The processes of a multi-process save could not finish it together.
+
+    A process failed, died or did not reach a barrier in time; nothing was committed.
+    """

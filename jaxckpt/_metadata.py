@@ -13,7 +13,7 @@ import base64
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import jax
 import msgpack
@@ -24,6 +24,7 @@ from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeaf
 
 FORMAT_VERSION = 1
 ATTR_KEY = "jaxckpt"
+MAX_NAME_BYTES = 255  # the longest file name common file systems take
 
 PyTree = Any
 
@@ -51,6 +52,7 @@ def _flatten_one(node: Any) -> tuple[list[tuple[Any, Any]], Any] | None:
     if _is_array(node) or is_stateful(node) or isinstance(node, (str, bytes, int, float, complex)):
         return None
     items, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    treedef = cast(Any, treedef)  # PyTreeDef's stubs lack num_leaves / num_nodes
     if treedef.num_leaves == 1 and treedef.num_nodes == 1 and items and items[0][1] is node:
         return None
     return [(kp[0], child) for kp, child in items], treedef
@@ -93,10 +95,52 @@ def value_record(x: Any, where: str) -> dict[str, Any]:
             ) from e
         return {"t": "state", "cls": _cls_name(x), "v": base64.b64encode(packed).decode()}
     raise UnsupportedLeafError(
-        f"The leaf at {where} is a {_cls_name(x)}, which jaxckpt cannot save. Fix: turn it into "
-        "an array or a Python scalar, give it get_state()/set_state() methods, or take it out "
-        "of the tree (e.g. register its class as a pytree node)."
+        f"The leaf at {where} is a {_cls_name(x)}, which jaxckpt cannot save: it expects a "
+        "jax.Array, np.ndarray, NumPy or Python scalar, str, bytes, None, or an object with "
+        "get_state()/set_state(). Fix: turn it into an array or a Python scalar, give it "
+        "get_state()/set_state() methods, or take it out of the tree (e.g. register its class "
+        "with jax.tree_util.register_dataclass so that its fields are saved)."
     )
+
+
+def is_key(x: Any) -> bool:
+    """Whether ``x`` (an array or ``ShapeDtypeStruct``) holds typed PRNG keys."""
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def key_record(x: Any) -> dict[str, Any]:
+    """What a typed key array adds to its array record (which describes its key data)."""
+    return {
+        "key": str(jax.random.key_impl(x)),
+        "key_dtype": str(x.dtype),
+        "key_shape": list(x.shape),
+    }
+
+
+def load_key(rec: dict[str, Any], data: np.ndarray) -> jax.Array:
+    """The typed key array saved as ``data`` (its key data)."""
+    return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=rec["key"])
+
+
+def check_array(x: Any, where: str) -> None:
+    """Raises ``UnsupportedLeafError`` for an array leaf jaxckpt cannot store bit-exactly."""
+    if isinstance(x, jax.core.Tracer):
+        raise UnsupportedLeafError(
+            f"The leaf at {where} is a traced value (inside jit, grad or vmap), but a checkpoint "
+            "holds concrete arrays. Fix: call jc.save outside the traced function, on its "
+            "outputs."
+        )
+    if is_key(x):
+        return
+    dtype = np.dtype(x.dtype)
+    odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
+    if odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1)):
+        raise UnsupportedLeafError(
+            f"The array at {where} has dtype {dtype}, which jaxckpt cannot save: it expects a "
+            "numeric or bool dtype (the dtypes JAX uses, bfloat16/float8/int4 included). Fix: "
+            "convert it (e.g. np.asarray(x, np.float32)), or save str/bytes values as plain "
+            "Python str or bytes leaves."
+        )
 
 
 def load_value(rec: dict[str, Any]) -> Any:
@@ -119,7 +163,9 @@ def load_state(rec: dict[str, Any]) -> Any:
 def _pack_ext(obj: Any) -> Any:
     if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
         arr = np.asarray(obj)
-        head = msgpack.packb([arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, list(arr.shape)])
+        head = msgpack.packb(
+            [arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, list(arr.shape)]
+        )
         return msgpack.ExtType(1, head + np.ascontiguousarray(arr).tobytes())
     if isinstance(obj, tuple):
         return list(obj)
@@ -141,7 +187,9 @@ def _cls_name(x: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], list[Leaf]]:
+def describe(
+    tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]
+) -> tuple[dict[str, Any], list[Leaf]]:
     """Walks ``tree``: returns its structure record and its leaves in flatten order.
 
     ``array_record(path, array)`` makes the record of an array leaf.
@@ -153,8 +201,17 @@ def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -
         flat = _flatten_one(node)
         if flat is None:
             path = "/".join(names)
-            rec = array_record(path, node) if _is_array(node) else value_record(node, where)
-            leaves.append(Leaf(keypath, path, node, rec))
+            value = node
+            if _is_array(node):
+                check_array(node, where)
+                if is_key(node):  # typed PRNG keys: stored as their key data
+                    value = jax.random.key_data(node)
+                rec = array_record(path, value)
+                if value is not node:
+                    rec.update(key_record(node))
+            else:
+                rec = value_record(node, where)
+            leaves.append(Leaf(keypath, path, value, rec))
             return rec
         children, _ = flat
         out: dict[str, Any] = {"t": _node_type(node), "c": []}
@@ -170,19 +227,42 @@ def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -
                     f"{k!r}). Fix: rename one of the keys."
                 )
             seen[name] = k
+            if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+                raise UnsupportedLeafError(
+                    f"The key {str(k)[:40]!r}... at {where} becomes a file name of "
+                    f"{len(name.encode('utf-8'))} bytes, but file systems take at most "
+                    f"{MAX_NAME_BYTES}. Fix: shorten the key."
+                )
             out["c"].append([kind, k, walk(child, (*keypath, key), (*names, name))])
         return out
 
     return walk(tree, (), ()), leaves
 
 
-def iter_leaves(node: dict[str, Any], names: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_leaves(
+    node: dict[str, Any], names: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
     if node["t"] in ("array", "value", "state"):
         yield "/".join(names), node
         return
     for kind, key, child in node["c"]:
         yield from iter_leaves(child, (*names, _paths.name_of(kind, key)))
+
+
+def keystrs(node: dict[str, Any]) -> dict[str, str]:
+    """``{path: keystr}`` of every leaf of a structure record (the key paths users see)."""
+    out: dict[str, str] = {}
+
+    def walk(n: dict[str, Any], names: tuple[str, ...], keys: tuple[Any, ...]) -> None:
+        if n["t"] in ("array", "value", "state"):
+            out["/".join(names)] = _paths.keystr(keys)
+            return
+        for kind, key, child in n["c"]:
+            walk(child, (*names, _paths.name_of(kind, key)), (*keys, _paths.key_of(kind, key)))
+
+    walk(node, (), ())
+    return out
 
 
 def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
@@ -199,7 +279,9 @@ def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
     return node
 
 
-def rebuild(node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()) -> PyTree:
+def rebuild(
+    node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()
+) -> PyTree:
     """Rebuilds plain containers (dict, list, tuple, None) from a structure record."""
     t = node["t"]
     if t in ("array", "value", "state"):

@@ -1,8 +1,34 @@
-"""Process index and barriers; exact no-ops on one process."""
+"""Process index, barriers and agreement between the processes of one job.
+
+Every function here is an exact no-op on one process. In a job of several JAX processes
+(``jax.distributed.initialize``) every process calls ``jc.save`` with the same path, in the same
+order; a :class:`SaveSync` coordinates one save over JAX's distributed runtime:
+
+- ``share``: process 0 computes a value (the temporary directory) and the others read it from
+  the runtime's key-value store;
+- ``barrier(phase)``: waits for every process, then raises if any of them reported a failure;
+- ``abandon``: a process that fails posts its error and still attends the next barrier, so its
+  peers stop at once with that error instead of waiting for the timeout.
+
+A barrier that is not reached in time (``JAXCKPT_BARRIER_TIMEOUT_S`` seconds, default 600)
+raises :class:`~jaxckpt.CoordinationError` naming the processes that did not arrive.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
+
+from ._errors import CoordinationError
+
+TIMEOUT_ENV = "JAXCKPT_BARRIER_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 600.0
+log = logging.getLogger("jaxckpt")
 
 
 def process_index() -> int:
@@ -17,16 +43,193 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str, timeout_s: float = 600.0) -> None:
-    """Waits until every process reaches ``name``; a no-op on one process."""
-    if jax.process_count() == 1:
-        return
+def timeout_s() -> float:
+    """The barrier timeout in seconds: ``$JAXCKPT_BARRIER_TIMEOUT_S``, else 600."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(
+            f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds. Fix: set it to e.g. "
+            f"{TIMEOUT_ENV}=1800, or unset it for the default of {DEFAULT_TIMEOUT_S:g} s."
+        )
+    return value
+
+
+def _client() -> Any:
+    """JAX's distributed runtime client (set by ``jax.distributed.initialize``)."""
     from jax._src import distributed
 
-    client = distributed.global_state.client
-    if client is None:
-        raise RuntimeError(
-            "jaxckpt: several JAX processes but no distributed client. Fix: call "
-            "jax.distributed.initialize() before saving."
+    return distributed.global_state.client
+
+
+NOTHING_COMMITTED = "Nothing was committed; earlier checkpoints are intact."
+
+
+def barrier(
+    name: str,
+    *,
+    what: str = "the job",
+    where: str = "",
+    timeout: float | None = None,
+    outcome: str = "",
+) -> None:
+    """Waits until every process reaches the barrier ``name``; a no-op on one process.
+
+    Raises:
+        CoordinationError: a process did not arrive within the timeout, or one died.
+    """
+    if jax.process_count() == 1:
+        return
+    seconds = timeout_s() if timeout is None else timeout
+    try:
+        _client().wait_at_barrier(name, max(1, int(seconds * 1000)))
+    except CoordinationError:
+        raise
+    except Exception as e:  # jax.errors.JaxRuntimeError from the coordination service
+        raise _runtime_error(f"{what} stopped at {where or repr(name)}", seconds, e, outcome) from e
+
+
+def _runtime_error(
+    where: str, seconds: float, e: Exception, outcome: str = "", late: list[str] | None = None
+) -> CoordinationError:
+    """Turns the distributed runtime's error into one that says what happened and the fix."""
+    text = str(e)
+    if "heartbeat" in text:
+        dead = re.findall(r"Task (\d+) heartbeat timeout", text)
+        who = f"process {', '.join(dead)}" if dead else "a process"
+        reason = (
+            f"{who} stopped sending heartbeats to JAX's distributed runtime: it died, was "
+            "killed or was preempted"
         )
-    client.wait_at_barrier(name, int(timeout_s * 1000))
+        fix = "restart the job; it restores the latest committed checkpoint"
+    elif "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
+        late = late if late is not None else _late_processes(text)
+        who = f"process {', '.join(late)}" if late else "some process"
+        reason = (
+            f"{who} did not arrive within {seconds:g} s: it crashed, hung, failed before "
+            "reaching this point, or is much slower (a large checkpoint on slow storage)"
+        )
+        if str(jax.process_index()) in late:
+            reason = (
+                f"this process arrived after the others had given up waiting ({seconds:g} s): "
+                "it is much slower than they are, or was paused"
+            )
+        fix = (
+            f"look for an earlier error in the log of {who}; if it is merely slow, raise "
+            f"the timeout, e.g. {TIMEOUT_ENV}={max(1800, int(seconds * 4))}"
+        )
+    elif "UNAVAILABLE" in text:
+        reason = (
+            "JAX's coordination service (run by process 0) is unreachable: process 0 "
+            "died, or the network failed"
+        )
+        fix = "restart the job; it restores the latest committed checkpoint"
+    else:
+        reason = "JAX's distributed runtime reported an error"
+        fix = "see the runtime's message below and the logs of the other processes"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return CoordinationError(
+        f"jaxckpt: {where} on process {jax.process_index()} of {jax.process_count()}: {reason}. "
+        f"{outcome + ' ' if outcome else ''}Fix: {fix}.\n"
+        f"  JAX distributed runtime: {first}"
+    )
+
+
+def _late_processes(text: str) -> list[str]:
+    m = re.search(r"timed out task names:\s*\n((?:\s*\S+\s*\n?)+)", text)
+    if not m:
+        return []
+    names = []
+    for line in m.group(1).splitlines():
+        line = line.strip()
+        if not line or not re.fullmatch(r"[\w/:.-]+", line):
+            break
+        names.append(line.rsplit(":", 1)[-1].rsplit("/", 1)[-1])
+    return [n for n in names if n.isdigit()]
+
+
+PHASES = {
+    "start": "every process has begun the save",
+    "written": "every process has written its shards",
+    "committed": "process 0 has committed the checkpoint",
+}
+
+
+class SaveSync:
+    """Coordinates the processes of one save; every method is a no-op on one process.
+
+    Saves are numbered in the order each process starts them, so every process must start
+    the same saves in the same order (``share`` checks the path against process 0's).
+    """
+
+    _started = 0
+
+    def __init__(self, what: str, phases: Sequence[str]):
+        SaveSync._started += 1
+        self.key = f"jaxckpt/save/{SaveSync._started}"
+        self.what = what
+        self.phases = list(phases)
+        self._next = 0
+        self.multi = jax.process_count() > 1
+
+    def share(self, name: str, make: Callable[[], str]) -> str:
+        """Process 0's ``make()``, read by every other process from the key-value store."""
+        if not self.multi:
+            return make()
+        key = f"{self.key}/{name}"
+        if is_primary():
+            value = make()
+            _client().key_value_set(key, value)
+            return value
+        seconds = timeout_s()
+        try:
+            return str(_client().blocking_key_value_get(key, max(1, int(seconds * 1000))))
+        except Exception as e:
+            where = f"{self.what} waited for process 0 to start the same save"
+            raise _runtime_error(where, seconds, e, NOTHING_COMMITTED, late=["0"]) from e
+
+    def barrier(self, phase: str) -> None:
+        """Waits for every process at ``phase``, then raises any failure a process reported."""
+        if phase != self.phases[self._next]:
+            raise RuntimeError(f"jaxckpt: barrier {phase!r} out of order in {self.phases}")
+        self._next += 1
+        if not self.multi:
+            return
+        where = f"its barrier {phase!r} ({PHASES.get(phase, phase)})"
+        barrier(f"{self.key}/{phase}", what=self.what, where=where, outcome=self._outcome(phase))
+        failures = _client().key_value_dir_get(f"{self.key}/error/")
+        if failures:
+            lines = "\n".join(f"  process {k.rsplit('/', 1)[-1]}: {v}" for k, v in sorted(failures))
+            raise CoordinationError(
+                f"jaxckpt: {self.what} failed on another process, so every process stops at the "
+                f"barrier {phase!r}. {self._outcome(phase)} Fix: see that process's log for the "
+                f"cause.\n{lines}"
+            )
+
+    def _outcome(self, phase: str) -> str:
+        if phase != self.phases[-1]:
+            return NOTHING_COMMITTED
+        if is_primary():
+            return "Process 0 had committed the checkpoint before this barrier."
+        return "Process 0 may have committed the checkpoint: check it with jc.restore."
+
+    def abandon(self, error: BaseException) -> None:
+        """Reports this process's ``error`` to its peers and attends their next barrier."""
+        if not self.multi or isinstance(error, CoordinationError) or self._next >= len(self.phases):
+            return
+        phase = self.phases[self._next]
+        self._next = len(self.phases)
+        try:
+            client = _client()
+            message = f"{type(error).__name__}: {error}"[:4000]
+            client.key_value_set(f"{self.key}/error/{jax.process_index()}", message)
+            barrier(f"{self.key}/{phase}", what=self.what)
+        except Exception as e:  # the original error is the one worth raising
+            log.warning(
+                "jaxckpt: could not tell the other processes that %s failed: %s", self.what, e
+            )

@@ -17,7 +17,7 @@ Index = tuple[slice | int, ...]
 
 def _leaf_dtype(rec: dict[str, Any]) -> str:
     if rec["t"] == "array":
-        return rec["dtype"]
+        return rec.get("key_dtype", rec["dtype"])
     if rec["t"] == "state":
         return "state"
     return rec["py"]
@@ -81,7 +81,7 @@ class Reader:
     def variables(self) -> list[tuple[str, tuple[int, ...], str]]:
         out = []
         for p, rec in self.records.items():
-            shape = tuple(rec["shape"]) if rec["t"] == "array" else ()
+            shape = tuple(rec.get("key_shape", rec["shape"])) if rec["t"] == "array" else ()
             out.append((p, shape, _leaf_dtype(rec)))
         return sorted(out)
 
@@ -121,7 +121,10 @@ class Reader:
         return _metadata.load_value(rec) if rec["t"] == "value" else _metadata.load_state(rec)
 
     def tree(self, prefix: str | None = None) -> PyTree:
-        """Every leaf (under ``prefix``), in dicts, lists and tuples of NumPy arrays."""
+        """Every leaf (under ``prefix``), in dicts, lists and tuples of NumPy arrays.
+
+        Typed PRNG key arrays come back as key arrays (``reader[path]`` gives their key data).
+        """
         node = self.structure if not prefix else _metadata.subtree(self.structure, prefix)
         if node is None:
             raise KeyError(f"prefix {prefix!r} is not a path in the checkpoint {self.path}")
@@ -135,6 +138,8 @@ class Reader:
             if rec["t"] != "array":
                 return self._value(rec)
             arr = values[path]
+            if "key" in rec:
+                return _metadata.load_key(rec, arr)
             return arr[()] if rec.get("np_scalar") else arr
 
         return _metadata.rebuild(node, leaf)

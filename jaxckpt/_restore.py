@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _metadata, _paths
@@ -20,10 +21,20 @@ PyTree = Any
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
 log = logging.getLogger("jaxckpt")
 
-_FIX = (
-    "Fix: pass partial=True to skip saved leaves the target does not ask for; "
-    'missing="keep" to keep the target\'s own value where the checkpoint has none; '
-    "prefix=/rename= to map target paths to checkpoint paths (see jc.list_variables)."
+_LIMIT = 20  # paths listed per section of a mismatch message
+_FIX_MISSING = (
+    '  Fix: pass missing="keep" to keep the target\'s own value for these (e.g. a fresh head '
+    "on a pretrained backbone), or map them to saved paths with prefix= or rename= "
+    "(jc.list_variables(path) lists the saved paths)."
+)
+_FIX_MISMATCHED = (
+    "  Fix: build the target with the saved shapes (the same model config), and dtypes the "
+    "saved ones cast to safely (bool -> int -> float -> complex; float32 -> bfloat16 is fine, "
+    "float -> int is not); or leave these leaves out of the target and pass partial=True."
+)
+_FIX_UNUSED = (
+    "  Fix: pass partial=True to restore only the leaves the target asks for (the others "
+    "are not read), or add these leaves to the target."
 )
 
 
@@ -62,22 +73,36 @@ class MatchStatus:
     def assert_consumed(self) -> MatchStatus:
         """As above, and every saved leaf was used by the target."""
         if self.missing or self.mismatched or self.unused:
-            raise StructureMismatchError(self._message(unused=True))
+            raise StructureMismatchError(self._message())
         return self
 
-    def _message(self, unused: bool) -> str:
+    def _message(self, *, missing: bool = True, unused: bool = True) -> str:
         lines = [f"The checkpoint at {self.path} does not match the target."]
-        if self.missing:
+        if missing and self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
-            lines += [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing[:20]]
+            lines += _listed(
+                [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing]
+            )
+            lines.append(_FIX_MISSING)
         if self.mismatched:
-            lines.append(f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):")
-            lines += [f"    {m}" for m in self.mismatched[:20]]
+            lines.append(
+                f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):"
+            )
+            lines += _listed([f"    {m}" for m in self.mismatched])
+            lines.append(_FIX_MISMATCHED)
         if unused and self.unused:
             lines.append(f"  Saved leaves the target lacks ({len(self.unused)}):")
-            lines += [f"    {p}" for p in self.unused[:20]]
-        lines.append(_FIX)
+            lines += _listed(
+                [f"    {self._where.get(p, p)}  (saved as {p!r})" for p in self.unused]
+            )
+            lines.append(_FIX_UNUSED)
         return "\n".join(lines)
+
+
+def _listed(lines: list[str]) -> list[str]:
+    if len(lines) <= _LIMIT:
+        return lines
+    return [*lines[:_LIMIT], f"    ... and {len(lines) - _LIMIT} more"]
 
 
 def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
@@ -117,23 +142,32 @@ def _kind(x: Any) -> str:
 
 def _describe(rec: dict[str, Any]) -> str:
     if rec["t"] == "array":
-        return f"{rec['dtype']}{list(rec['shape'])}"
+        return f"{rec.get('key_dtype', rec['dtype'])}{list(rec.get('key_shape', rec['shape']))}"
     return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
 
 
 def _problem(x: Any, rec: dict[str, Any]) -> str | None:
-    """Why the target leaf ``x`` cannot take the saved leaf ``rec``, or None."""
+    """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
     kind = _kind(x)
     if kind == "state":
-        return None if rec["t"] == "state" else "an object state"
+        return None if rec["t"] == "state" else "an object with get_state()/set_state()"
     if kind == "text":
         ok = rec["t"] == "value" and rec["py"] == type(x).__name__
         return None if ok else f"a Python {type(x).__name__}"
     if kind == "any":
         return None
-    shape = tuple(np.shape(x)) if kind == "array" else ()
-    dtype = np.dtype(x.dtype) if kind == "array" else np.dtype(type(x))
-    expected = f"{dtype.name}{list(shape)}"
+    if "key" in rec or _metadata.is_key(x):  # typed PRNG keys take only the same key type
+        if kind != "array":
+            return f"a Python {type(x).__name__}"
+        expected = f"{x.dtype}{list(np.shape(x))}"
+        same = str(x.dtype) == rec.get("key_dtype") and list(np.shape(x)) == rec.get("key_shape")
+        return None if same else expected
+    if kind == "array":
+        shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
+        expected = f"{dtype.name}{list(shape)}"
+    else:
+        shape, dtype = (), np.dtype(type(x))
+        expected = f"a Python {type(x).__name__}"
     if rec["t"] == "value" and rec["py"] in ("bool", "int", "float", "complex") and shape == ():
         src = np.dtype(rec["py"] if rec["py"] != "float" else "float64")
     elif rec["t"] == "array":
@@ -147,22 +181,32 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
     return None
 
 
+def _category(dtype: np.dtype) -> int:
+    for i, cat in enumerate((np.bool_, jnp.integer, jnp.floating, jnp.complexfloating)):
+        if jnp.issubdtype(dtype, cat):
+            return i
+    return 9
+
+
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
-    if src == dst:
-        return True
-    kinds = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3, "V": 2}  # ml_dtypes floats are kind "V"
-    return kinds.get(src.kind, 9) <= kinds.get(dst.kind, -1)
+    """Same dtype, or a cast within or up the order bool -> int -> float -> complex."""
+    return src == dst or _category(src) <= _category(dst) < 9
 
 
-def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-    to_ckpt = _renamer(prefix, rename)
+def _check_prefix(reader: Reader, prefix: str | None) -> str:
     base = (prefix or "").strip("/")
     if base and _metadata.subtree(reader.structure, base) is None:
         raise StructureMismatchError(
             f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
             "prefix among the leading parts of jc.list_variables(path)."
         )
+    return base
+
+
+def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+    to_ckpt = _renamer(prefix, rename)
+    base = _check_prefix(reader, prefix)
     scope = [p for p in reader.records if not base or p == base or p.startswith(base + "/")]
     entries, missing, mismatched, where, used = [], [], [], {}, set()
     for keypath, x in flat:
@@ -176,15 +220,38 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
             used.add(cpath)
             why = _problem(x, rec)
             if why is not None:
-                mismatched.append(Mismatch(cpath, _paths.keystr(keypath), why, _describe(rec)))
+                mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
         entries.append((keypath, x, cpath, rec))
     unused = [p for p in scope if p not in used]
+    if unused:
+        saved = _metadata.keystrs(reader.structure)
+        where.update({p: saved[p] for p in unused})
     status = MatchStatus(reader.path, missing, unused, mismatched, where)
     return entries, treedef, status
 
 
-def match(path: str | os.PathLike[str], target: PyTree, *, prefix: str | None = None, rename: Rename = None) -> MatchStatus:
-    """Compares ``target`` with the checkpoint at ``path`` without reading any array."""
+def match(
+    path: str | os.PathLike[str],
+    target: PyTree,
+    *,
+    prefix: str | None = None,
+    rename: Rename = None,
+) -> MatchStatus:
+    """Compares ``target`` with the checkpoint at ``path`` without reading any array.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree a restore would fill; only its structure, shapes and dtypes matter.
+        prefix: as in :func:`restore`.
+        rename: as in :func:`restore`.
+
+    Returns:
+        A :class:`MatchStatus` with ``missing``, ``unused`` and ``mismatched`` leaves.
+
+    Example:
+        >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
+        >>> status.assert_existing_objects_matched()  # doctest: +SKIP
+    """
     return _plan(Reader(path), target, prefix, rename)[2]
 
 
@@ -197,18 +264,53 @@ def restore(
     prefix: str | None = None,
     rename: Rename = None,
 ) -> PyTree:
-    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings."""
+    """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree to restore into. Its leaves may be ``jax.Array``, ``np.ndarray``,
+            ``jax.ShapeDtypeStruct`` (with or without a sharding), Python scalars, str/bytes,
+            or objects with ``get_state``/``set_state`` (``set_state`` is called). None:
+            rebuild the saved tree as dicts, lists and tuples of NumPy arrays.
+        partial: skip saved leaves the target does not ask for (they are never read).
+        missing: ``"keep"`` keeps the target's own value for leaves the checkpoint lacks.
+        prefix: the checkpoint subtree (``"params/backbone"``) restored as the target's root.
+        rename: maps target paths to checkpoint paths: a dict of regex -> replacement
+            (applied in order) or a callable returning the checkpoint path or None.
+
+    Returns:
+        The restored tree.
+
+    Raises:
+        CheckpointNotFoundError: no committed checkpoint at ``path``.
+        StructureMismatchError: leaves missing, unused or of a shape/dtype the target cannot
+            take; the message lists them with their key paths.
+        CorruptCheckpointError: a chunk fails its checksum.
+
+    Example:
+        >>> state = jc.restore("/tmp/run/ckpt-10", target=state)  # doctest: +SKIP
+    """
     if missing not in ("error", "keep"):
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     reader = Reader(path)
     if target is None:
-        return reader.tree(prefix)
+        return reader.tree(_check_prefix(reader, prefix))
     entries, treedef, status = _plan(reader, target, prefix, rename)
-    if status.mismatched or (status.missing and missing == "error") or (status.unused and not partial):
-        raise StructureMismatchError(status._message(unused=not partial))
+    if (
+        status.mismatched
+        or (status.missing and missing == "error")
+        or (status.unused and not partial)
+    ):
+        raise StructureMismatchError(
+            status._message(missing=missing == "error", unused=not partial)
+        )
     if status.missing:
-        log.warning("jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
-                    len(status.missing), reader.path, ", ".join(status.missing))
+        log.warning(
+            "jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
+            len(status.missing),
+            reader.path,
+            ", ".join(status.missing),
+        )
 
     # One read per distinct slice any addressable device needs, all issued together.
     requests: list[tuple[str, Any]] = []
@@ -217,9 +319,9 @@ def restore(
         if rec is None or rec["t"] != "array":
             plans.append(None)
             continue
-        shards = _target_shards(x, tuple(rec["shape"]))
+        shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))
         slots = {}
-        for dev, idx in shards.items():
+        for idx in shards.values():
             key = _index_key(idx)
             if key not in slots:
                 slots[key] = len(requests)
@@ -251,7 +353,7 @@ def _sharding(x: Any) -> jax.sharding.Sharding | None:
         return x.sharding
     if isinstance(x, jax.ShapeDtypeStruct):
         s = getattr(x, "sharding", None)
-        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return None
 
 
@@ -284,6 +386,9 @@ def _as_target(x: Any, arr: np.ndarray) -> Any:
 
 def _assemble(x: Any, rec: dict[str, Any], pieces: dict[Any, np.ndarray]) -> Any:
     sharding = _sharding(x)
+    if "key" in rec:  # small: read whole, wrapped, then placed
+        keys = _metadata.load_key(rec, pieces[None])
+        return keys if sharding is None else jax.device_put(keys, sharding)
     if sharding is None:
         return _as_target(x, pieces[None])
     dtype = np.dtype(x.dtype)

@@ -161,10 +161,16 @@ def array_metadata(shape: Sequence[int], data_type: str, chunks: Sequence[int]) 
         "data_type": data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if data_type == "bool" else 0,
+        "fill_value": _fill_value(data_type),
         "codecs": [*codecs, {"name": "crc32c"}],
         "attributes": {},
     }
+
+
+def _fill_value(data_type: str) -> Any:
+    if data_type == "bool":
+        return False
+    return [0.0, 0.0] if data_type.startswith("complex") else 0
 
 
 def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -175,11 +181,17 @@ def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool) -> ts.Future:
+def open_array(
+    root: str, rel: str, meta: dict[str, Any], *, create: bool, peer_creates: bool = False
+) -> ts.Future:
+    """Opens an array to read, or with ``create`` to write; ``peer_creates``: another process
+    writes its ``zarr.json`` (a multi-process save), this one only writes chunks."""
     spec = _array_spec(root, rel, meta)
     if create:
         # Every chunk is written, zeros included: a missing chunk then always means damage.
         spec["store_data_equal_to_fill_value"] = True
+        if peer_creates:
+            return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
         return ts.open(spec, create=True, context=context())
     spec["fill_missing_data_reads"] = False
     return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())

@@ -1,0 +1,394 @@
+"""The command line: ``jaxckpt ls | inspect | diff | verify | graph | convert``.
+
+Exit status: 0 when all is well (``diff``: no differences), 1 when ``diff`` finds differences
+or ``verify`` finds damage, 2 for a usage error (a bad argument or path), with the fix on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from . import _convert, _graph, _scan, _storage
+from ._errors import CheckpointError, CorruptCheckpointError
+from ._reader import Reader
+from ._reader import open as open_checkpoint
+from ._scan import human_bytes
+
+
+class UsageError(Exception):
+    """A bad argument or path; the message says what to do instead."""
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        cells = [
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def _metrics(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _describe(reader: Reader) -> str:
+    meta = reader.metadata
+    parts = [reader.path]
+    if meta.get("step") is not None:
+        parts.append(f"step {meta['step']}")
+    if meta.get("time"):
+        parts.append(f"saved {_when(meta['time'])}")
+    if meta.get("metrics"):
+        parts.append(_metrics(meta["metrics"]))
+    return "  ".join(parts)
+
+
+def _open(path: str) -> Reader:
+    """``jc.open``, with a hint when ``path`` is a manager's directory rather than one checkpoint."""
+    try:
+        return open_checkpoint(path)
+    except FileNotFoundError:
+        found = (
+            _committed(path)
+            if os.path.isdir(path) and not os.path.exists(os.path.join(path, "zarr.json"))
+            else []
+        )
+        if not found:
+            raise
+        newest = os.path.join(path, found[-1][1])
+        raise UsageError(
+            f"{os.path.abspath(path)} is a directory of {len(found)} checkpoints, not one checkpoint. "
+            f"Fix: name one of them, e.g. {newest} (the newest); `jaxckpt ls {path}` lists them."
+        ) from None
+
+
+# ---------------------------------------------------------------------------- ls
+
+_STEP_NAME = re.compile(r"ckpt-(\d+)$")
+
+
+def _disk_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _index(directory: str) -> dict[int, dict[str, Any]]:
+    """The manager's ``checkpoint`` index, by step ({} when absent or unreadable)."""
+    try:
+        with open(os.path.join(directory, "checkpoint")) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("checkpoints", data.get("steps", [])) if isinstance(data, dict) else data
+    if isinstance(entries, dict):
+        entries = [{"step": k, **(v if isinstance(v, dict) else {})} for k, v in entries.items()]
+    out: dict[int, dict[str, Any]] = {}
+    for e in entries if isinstance(entries, list) else []:
+        if isinstance(e, dict) and str(e.get("step", "")).isdigit():
+            out[int(e["step"])] = e
+        elif isinstance(e, int):
+            out[e] = {}
+    return out
+
+
+def _committed(directory: str) -> list[tuple[int, str]]:
+    """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step."""
+    out = []
+    for name in os.listdir(directory):
+        if os.path.isfile(os.path.join(directory, name, "COMMIT")):
+            m = _STEP_NAME.match(name)
+            out.append((int(m.group(1)) if m else -1, name))
+    return sorted(out)
+
+
+def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
+    directory = os.path.abspath(args.dir)
+    if not os.path.isdir(directory):
+        raise UsageError(
+            f"No directory {directory}. Fix: give the directory a CheckpointManager writes to."
+        )
+    if os.path.isfile(os.path.join(directory, "COMMIT")):
+        raise UsageError(
+            f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
+            f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
+        )
+    index = _index(directory)
+    rows = []
+    for step, name in _committed(directory):
+        path = os.path.join(directory, name)
+        try:
+            meta = open_checkpoint(path).metadata
+        except CheckpointError as e:
+            meta = {"error": f"unreadable: {str(e).split('. ')[0]}"}
+        step = meta.get("step", step)
+        extra = index.get(step, {})
+        when = meta.get("time") or extra.get("time")
+        metrics = meta.get("metrics") or extra.get("metrics")
+        rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
+    unfinished = [
+        n
+        for n in sorted(os.listdir(directory))
+        if _storage.is_debris(n)
+        or (_STEP_NAME.match(n) and not os.path.isfile(os.path.join(directory, n, "COMMIT")))
+    ]
+    if not rows:
+        print(f"No committed checkpoints in {directory}.", file=out)
+    else:
+        rows.sort(key=lambda r: (r[0], r[1]))
+        table = [
+            (str(s) if s >= 0 else "-", n, human_bytes(size), _when(t), err or _metrics(mt))
+            for s, n, size, t, mt, err in rows
+        ]
+        print(_table(("STEP", "NAME", "SIZE", "SAVED", "METRICS"), table, right=(0, 2)), file=out)
+        total = sum(r[2] for r in rows)
+        print(f"{len(rows)} checkpoints, {human_bytes(total)} on disk", file=out)
+    if unfinished:
+        print(f"{len(unfinished)} unfinished save(s) ignored: {', '.join(unfinished)}", file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    reader = _open(args.ckpt)
+    prefix = (args.prefix or "").strip("/")
+    variables = [
+        v
+        for v in reader.variables()
+        if not prefix or v[0] == prefix or v[0].startswith(prefix + "/")
+    ]
+    if prefix and not variables:
+        raise UsageError(
+            f"No leaf of {reader.path} is under {prefix!r}. Fix: run `jaxckpt inspect {args.ckpt}` to see every path."
+        )
+    rows, total = [], 0
+    for path, shape, dtype in variables:
+        nbytes = _scan.nbytes(reader.records[path])
+        total += nbytes or 0
+        rows.append(
+            (
+                path or "<root>",
+                _shape(shape),
+                dtype,
+                human_bytes(nbytes) if nbytes is not None else "-",
+            )
+        )
+    print(_describe(reader), file=out)
+    print(_table(("PATH", "SHAPE", "DTYPE", "SIZE"), rows, right=(3,)), file=out)
+    print(f"{len(rows)} leaves, {human_bytes(total)} of array data", file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- diff
+
+
+def cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
+    a, b = _open(args.a), _open(args.b)
+    print(f"--- A: {_describe(a)}\n+++ B: {_describe(b)}", file=out)
+    d = _scan.diff(a, b, atol=args.atol)
+    for p in d.only_a:
+        print(f"- {p}  {_leaf(a, p)}  only in A", file=out)
+    for p in d.only_b:
+        print(f"+ {p}  {_leaf(b, p)}  only in B", file=out)
+    for p in d.changed:
+        print(f"~ {p}  {_leaf(a, p)} -> {_leaf(b, p)}", file=out)
+    for p, (n, size, maxdiff) in d.values.items():
+        if maxdiff is None:
+            print(f"! {p}  {_leaf(a, p)} -> {_leaf(b, p)}", file=out)
+        else:
+            print(
+                f"! {p}  {_leaf(a, p)}  {n} of {size} values differ, max abs diff {maxdiff:.6g}",
+                file=out,
+            )
+    n_diff = len(d.only_a) + len(d.only_b) + len(d.changed) + len(d.values)
+    if not n_diff:
+        print(f"A and B hold the same {d.equal} leaves with equal values.", file=out)
+        return 0
+    print(
+        f"A and B differ: {len(d.only_a)} only in A, {len(d.only_b)} only in B, "
+        f"{len(d.changed)} changed shape/dtype, {len(d.values)} differ in value; "
+        f"{d.equal} leaves equal.",
+        file=out,
+    )
+    return 1
+
+
+def _leaf(reader: Reader, path: str) -> str:
+    rec = reader.records[path]
+    if rec["t"] == "array":
+        return f"{_shape(rec['shape'])} {rec['dtype']}"
+    if rec["t"] == "state":
+        return "state"
+    value = repr(reader.read(path))
+    return f"{rec['py']} {value if len(value) <= 40 else value[:37] + '...'}"
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        reader = _open(args.ckpt)
+    except CorruptCheckpointError as e:
+        print(f"DAMAGED {os.path.abspath(args.ckpt)}: {e}", file=out)
+        return 1
+    progress = _scan.Progress(sys.stderr, quiet=args.quiet)
+    report = _scan.verify(reader, progress)
+    for path, err in sorted(report.damaged.items()):
+        print(f"DAMAGED {path or '<root>'}: {err}", file=out)
+    if report.damaged:
+        print(
+            f"{len(report.damaged)} of {report.arrays} arrays in {reader.path} are damaged. Fix: "
+            "restore an earlier checkpoint (`jaxckpt ls` lists them), or restore with "
+            'partial=True / missing="keep" to skip the damaged leaves.',
+            file=out,
+        )
+        return 1
+    print(
+        f"OK: {reader.path}: {report.arrays} arrays, {human_bytes(report.nbytes)}, every chunk's checksum verified.",
+        file=out,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- graph, convert
+
+
+def cmd_graph(args: argparse.Namespace, out: TextIO) -> int:
+    target = args.output
+    if target != "-":
+        if not target.endswith(".svg"):
+            raise UsageError(
+                f"graph writes SVG, but {target!r} does not end in .svg. Fix: `-o {os.path.splitext(target)[0]}.svg` "
+                "(for a PNG, convert it afterwards, e.g. `rsvg-convert out.svg -o out.png`)."
+            )
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            raise UsageError(
+                f"Cannot write {target}: the directory {parent} does not exist. Fix: create it first."
+            )
+    reader = _open(args.ckpt)
+    svg, n = _graph.render(reader, prefix=args.prefix, max_depth=args.max_depth)
+    if n > 2000:
+        print(
+            f"note: drawing {n} leaves; --max-depth or --prefix draws a smaller picture.",
+            file=sys.stderr,
+        )
+    if target == "-":
+        out.write(svg)
+    else:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(svg)
+        print(f"Wrote {target}: {n} leaves of {reader.path}", file=out)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
+    print(_convert.convert(args.src, args.dst), file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxckpt",
+        description="Inspect, compare, verify, draw and convert jaxckpt checkpoints.",
+        epilog="Exit status: 0 when all is well, 1 when diff finds differences or verify finds "
+        "damage, 2 for a bad argument or path. `jaxckpt COMMAND -h` describes a command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("ls", help="list a manager's checkpoints: steps, sizes, times, metrics")
+    s.add_argument("dir", metavar="DIR")
+    s.set_defaults(fn=cmd_ls)
+    s = sub.add_parser("inspect", help="list a checkpoint's variables: path, shape, dtype, size")
+    s.add_argument("ckpt", metavar="CKPT")
+    s.add_argument("prefix", metavar="PREFIX", nargs="?", help="only the leaves under this path")
+    s.set_defaults(fn=cmd_inspect)
+    s = sub.add_parser(
+        "diff", help="compare two checkpoints leaf by leaf (exit 1 when they differ)"
+    )
+    s.add_argument("a", metavar="A")
+    s.add_argument("b", metavar="B")
+    s.add_argument(
+        "--atol", type=float, default=0.0, help="ignore value differences up to this (default 0)"
+    )
+    s.set_defaults(fn=cmd_diff)
+    s = sub.add_parser("verify", help="read every chunk, checking its crc32c (exit 1 on damage)")
+    s.add_argument("ckpt", metavar="CKPT")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("graph", help="draw the tree of named edges as an SVG picture")
+    s.add_argument("ckpt", metavar="CKPT")
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.svg",
+        help="where to write the SVG ('-': stdout)",
+    )
+    s.add_argument("--prefix", help="draw only the subtree at this path (e.g. params)")
+    s.add_argument("--max-depth", type=int, help="fold subtrees deeper than this into one box")
+    s.set_defaults(fn=cmd_graph)
+    s = sub.add_parser(
+        "convert",
+        help="Flax msgpack or Orbax -> jaxckpt; jaxckpt -> Flax msgpack (DST ending in .msgpack)",
+    )
+    s.add_argument("src", metavar="SRC")
+    s.add_argument("dst", metavar="DST")
+    s.set_defaults(fn=cmd_convert)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Runs the command line; returns the exit status.
+
+    Example:
+        >>> main(["inspect", "/tmp/run/ckpt-10"])  # doctest: +SKIP
+    """
+    out = out or sys.stdout
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    try:
+        return int(args.fn(args, out))
+    except (UsageError, CheckpointError, OSError, ValueError) as e:
+        print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

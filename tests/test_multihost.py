@@ -1,0 +1,305 @@
+"""Real multi-process jobs: 2 and 4 JAX processes of 4 CPU devices each on 127.0.0.1.
+
+Each launch runs tests/multihost_worker.py in every process, several checks per launch (they
+are slow to start); the worker prints ``RESULT`` lines asserted on here. Every launch has a
+timeout, after which only the processes it started are killed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt as jc
+
+WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
+
+
+@dataclasses.dataclass
+class Proc:
+    returncode: int
+    output: str
+    results: dict[str, dict]  # check name -> the worker's RESULT fields
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list[Proc]:
+    """Runs ``scenario`` in ``n`` joined processes; kills only them if they outlive ``timeout``."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXCKPT_"))}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, scenario, str(i), str(n), str(port), directory],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: killing it reaches nothing else
+        )
+        for i in range(n)
+    ]
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        logs = "\n".join(
+            f"--- process {i}\n{_tail(p.communicate()[0])}" for i, p in enumerate(procs)
+        )
+        pytest.fail(f"{scenario}: the {n} processes did not finish within {timeout} s\n{logs}")
+    return [Proc(p.returncode, out, _results(out)) for p, out in zip(procs, outputs, strict=True)]
+
+
+def _results(output: str) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT ") :])
+            found.setdefault(r["check"], r)
+            found[r["check"] + "@" + str(r.get("step", ""))] = r
+    return found
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    keep = [ln for ln in text.splitlines() if not ln.startswith(("W0000", "I0000"))]
+    return "\n".join(keep[-lines:])
+
+
+def assert_all_done(procs: list[Proc]) -> None:
+    for i, p in enumerate(procs):
+        assert p.returncode == 0 and "done" in p.results, f"process {i}:\n{_tail(p.output)}"
+
+
+def expected(name: str, dtype=np.float32) -> np.ndarray:
+    """The worker's values (tests/multihost_worker.py ``expected``)."""
+    shape = SHAPES[name]
+    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0, "n": 42.0}[name]
+    return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
+
+
+def chunk_files(ckpt: str, leaf: str) -> int:
+    return sum(len(fs) for _, _, fs in os.walk(os.path.join(ckpt, leaf, "c")))
+
+
+def restore_on_two_devices(ckpt: str, step: int) -> None:
+    """This single pytest process restores what many processes wrote onto 2 of its devices."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+    rows = NamedSharding(mesh, P("x"))
+    target = {
+        "params": {
+            "w": jax.ShapeDtypeStruct(SHAPES["w"], jnp.float32, sharding=rows),
+            "b": jax.ShapeDtypeStruct(SHAPES["b"], jnp.float32, sharding=NamedSharding(mesh, P())),
+        },
+        "opt": {
+            "m": jax.ShapeDtypeStruct(SHAPES["m"], jnp.bfloat16, sharding=rows),
+            "c": jax.ShapeDtypeStruct(SHAPES["c"], jnp.float32, sharding=rows),
+            "n": np.float32(0),
+        },
+        "step": 0,
+    }
+    out = jc.restore(ckpt, target)
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
+    assert out["step"] == step
+    for got, name, dtype in [
+        (out["params"]["w"], "w", np.float32),
+        (out["params"]["b"], "b", np.float32),
+        (out["opt"]["m"], "m", jnp.bfloat16),
+        (out["opt"]["c"], "c", np.float32),
+    ]:
+        assert got.dtype == dtype and len(got.addressable_shards) == 2
+        for s in got.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data), expected(name, dtype)[s.index])
+    assert out["params"]["w"].sharding.is_equivalent_to(rows, 2)
+    assert type(out["opt"]["n"]) is np.float32 and out["opt"]["n"] == expected("n")
+    numpy = jc.restore(ckpt)
+    np.testing.assert_array_equal(numpy["opt"]["m"], expected("m", jnp.bfloat16))
+
+
+def test_two_processes_save_restore_and_fail_together(tmp_path):
+    procs = launch("main", 2, str(tmp_path))
+    assert_all_done(procs)
+    p0, p1 = (p.results for p in procs)
+
+    # Each distinct shard is written once, by the process holding its replica 0. The save mesh
+    # is 4x2; process 0 holds its rows 0-1, process 1 rows 2-3.
+    assert p0["pieces"]["pieces"] == {
+        "params/w": 4,
+        "params/b": 1,
+        "opt/m": 2,
+        "opt/c": 2,
+        "opt/n": 1,
+    }
+    assert p1["pieces"]["pieces"] == {
+        "params/w": 4,
+        "params/b": 0,
+        "opt/m": 2,
+        "opt/c": 0,
+        "opt/n": 0,
+    }
+    ckpt = str(tmp_path / "run" / "ckpt-3")
+    assert {leaf: chunk_files(ckpt, leaf) for leaf in ("params/w", "params/b", "opt/m", "opt/c")} == {
+        "params/w": 8, "params/b": 1, "opt/m": 4, "opt/c": 2
+    }  # fmt: skip
+    # The manager: asynchronous saves, process 0 deleted step 1, all processes agree.
+    for r in (p0, p1):
+        assert {k: r["manager"][k] for k in ("steps", "latest")} == {"steps": [2, 3], "latest": 3}
+        assert r["restored@2"]["bytes"] == r["restored@3"]["bytes"] > 0  # onto the other mesh
+    # Preemption: process 1 got SIGTERM at step 12; both saved at the same later step.
+    step = p0["preempted"]["step"]
+    assert step >= 12 and p1["preempted"]["step"] == step
+    assert p0["preempted"]["steps"] == p1["preempted"]["steps"] == [3, step]
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(["checkpoint", "ckpt-3", f"ckpt-{step}"])
+    assert jc.latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / f"ckpt-{step}")
+
+    # A peer's ordinary error stops every process at the next barrier, without a timeout.
+    assert p1["peer-error"]["error"] == "OSError"
+    e = p0["peer-error"]
+    assert e["error"] == "CoordinationError" and e["seconds"] < 30
+    assert re.search(
+        r"the save to .*ckpt-fail failed on another process, so every process stops at the "
+        r"barrier 'written'\. Nothing was committed; earlier checkpoints are intact\. Fix: see "
+        r"that process's log.*\n  process 1: OSError: No space left on device",
+        e["message"],
+    ), e["message"]
+
+    # Processes saving to different paths: refused before anything is written.
+    assert p1["path-mismatch"]["error"] == "CheckpointError"
+    assert re.search(
+        r"process 1 saves to .*ckpt-4b while process 0 saves to .*ckpt-4\. Every process must "
+        r"call save with the same path, in the same order\. Fix: derive the path",
+        p1["path-mismatch"]["message"],
+    )
+    assert p0["path-mismatch"]["error"] == "CoordinationError"
+    assert (
+        "process 1: CheckpointError: jaxckpt: process 1 saves to" in p0["path-mismatch"]["message"]
+    )
+
+    # A path each process resolves to its own disk: refused, nothing left behind.
+    assert re.search(
+        r"process 1 does not see the directory /proc/self/cwd/ckpt-1\.jaxckpt-tmp-\w+ that "
+        r"process 0 created for the save to /proc/self/cwd/ckpt-1: that path is not on storage "
+        r"every process shares .* Fix: save to a filesystem mounted on every host",
+        p1["not-shared"]["message"],
+    ), p1["not-shared"]["message"]
+    assert (
+        "process 1: CheckpointError: jaxckpt: process 1 does not see" in p0["not-shared"]["message"]
+    )
+    assert os.listdir(tmp_path / "local-0") == [] and os.listdir(tmp_path / "local-1") == []
+
+    # A peer that hangs past the barrier timeout (3 s here): a timeout naming it, and the fix.
+    e = p0["peer-hangs"]
+    assert e["error"] == "CoordinationError"
+    assert re.search(
+        r"the save to .*ckpt-slow stopped at its barrier 'written' \(every process has written "
+        r"its shards\) on process 0 of 2: process 1 did not arrive within 3 s: it crashed, hung,"
+        r".* Nothing was committed; earlier checkpoints are intact\. Fix: look for an earlier "
+        r"error in the log of process 1; if it is merely slow, raise the timeout, e\.g\. "
+        r"JAXCKPT_BARRIER_TIMEOUT_S=1800",
+        e["message"],
+    ), e["message"]
+    assert "arrived after the others had given up waiting (3 s)" in p1["peer-hangs"]["message"]
+
+    # Only the committed checkpoints remain: failed saves left no directory behind.
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-a", "local-0", "local-1", "run"]
+    restore_on_two_devices(ckpt, 3)
+    restore_on_two_devices(str(tmp_path / "ckpt-a"), 7)
+
+
+def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
+    t0 = time.monotonic()
+    procs = launch("kill-last", 2, str(tmp_path))
+    elapsed = time.monotonic() - t0
+    survivor, victim = procs
+    assert "about-to-die" in victim.results and victim.returncode == -signal.SIGKILL
+    assert survivor.results["saved"]["step"] == 1
+    # The survivor ends within a bounded time (heartbeat timeout 10 s, barrier timeout 60 s)
+    # with an error saying a peer died: ours when Python gets there first, else JAX's own.
+    assert survivor.returncode != 0 and "done" not in survivor.results
+    assert elapsed < 60
+    ours = survivor.results.get("peer-killed", {}).get("message", "")
+    if ours:
+        assert re.search(
+            r"the save to .*ckpt-2 stopped at its barrier 'written' .* process 1 stopped sending "
+            r"heartbeats to JAX's distributed runtime: it died, was killed or was preempted\. "
+            r"Nothing was committed; earlier checkpoints are intact\. Fix: restart the job",
+            ours,
+        ), ours
+    else:
+        assert "another task died" in survivor.output, _tail(survivor.output)
+
+    # Nothing committed; the earlier checkpoint intact.
+    assert not os.path.exists(tmp_path / "ckpt-2")
+    with pytest.raises(jc.CheckpointNotFoundError):
+        jc.restore(tmp_path / "ckpt-2")
+    np.testing.assert_array_equal(jc.restore(tmp_path / "ckpt-1")["params"]["w"], expected("w"))
+
+    # A restarted job of 4 processes restores it onto its own mesh, then saves and restores.
+    procs = launch("restart", 4, str(tmp_path))
+    assert_all_done(procs)
+    for p in procs:
+        assert p.results["manager"]["steps"] == [1] and p.results["manager"]["latest"] == 1
+        assert p.results["restored@1"]["bytes"] == p.results["restored@3"]["bytes"] > 0
+        assert p.results["manager-after"]["steps"] == [1, 3]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "ckpt-3"]
+    written = [p.results["pieces"]["pieces"] for p in procs]
+    assert [w["params/w"] for w in written] == [4, 4, 4, 4]  # an 8x2 mesh: 16 shards, once each
+    assert [w["params/b"] for w in written] == [1, 0, 0, 0]  # replicated: written by process 0
+    assert sum(w["opt/m"] for w in written) == 8 and sum(w["opt/c"] for w in written) == 2
+    restore_on_two_devices(str(tmp_path / "ckpt-3"), 3)
+
+
+def test_coordinator_killed_mid_save(tmp_path):
+    t0 = time.monotonic()
+    victim, survivor = launch("kill-first", 2, str(tmp_path))
+    elapsed = time.monotonic() - t0
+    assert "about-to-die" in victim.results and victim.returncode == -signal.SIGKILL
+    # Process 0 ran the coordination service: the survivor learns at once and ends.
+    assert survivor.returncode != 0 and "done" not in survivor.results
+    assert elapsed < 60
+    ours = survivor.results.get("peer-killed", {}).get("message", "")
+    if ours:
+        assert re.search(
+            r"the save to .*ckpt-2 stopped at its barrier 'written' .* on process 1 of 2: JAX's "
+            r"coordination service \(run by process 0\) is unreachable: process 0 died, or the "
+            r"network failed\. Nothing was committed; earlier checkpoints are intact\. Fix: "
+            r"restart the job",
+            ours,
+        ), ours
+    else:
+        assert "another task died" in survivor.output, _tail(survivor.output)
+    # Process 0's temporary directory stays behind as debris; nothing was committed.
+    assert not os.path.exists(tmp_path / "ckpt-2")
+    leftovers = set(os.listdir(tmp_path)) - {"checkpoint", "ckpt-1"}
+    assert all(n.startswith("ckpt-2.jaxckpt-tmp-") for n in leftovers), leftovers
+    # A manager started on the directory (here in one process) removes it and restores step 1.
+    mngr = jc.CheckpointManager(tmp_path)
+    assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
+    restore_on_two_devices(mngr.latest_checkpoint, 1)
