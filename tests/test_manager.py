@@ -362,3 +362,17 @@ def test_a_script_that_forgets_close_still_commits_its_last_save(tmp_path):
     m = jc.CheckpointManager(tmp_path)
     assert m.steps == [2] and on_disk(tmp_path) == ([2], ["checkpoint"])
     np.testing.assert_array_equal(m.restore()["w"], np.arange(2**20, dtype=np.float32))
+
+
+def test_the_docs_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manager.md")).read()
+    example = docs.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run resumes at step 100 and has nothing left to do
+        exec(compile(example, "docs/manager.md", "exec"), {})
+        assert capsys.readouterr().out == "[80, 90, 100]\n"
+    assert index_of(tmp_path / "run")["latest_step"] == 100
+    w = np.zeros(3, np.float32)
+    for _ in range(100):
+        w = w - 0.1 * np.ones(3, np.float32)
+    np.testing.assert_array_equal(jc.restore("run/ckpt-100")["w"], w)
