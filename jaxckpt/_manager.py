@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ INDEX = "checkpoint"
 INDEX_VERSION = 1
 _STEP_NAME = re.compile(r"ckpt-(0|[1-9][0-9]*)", re.ASCII)
 log = logging.getLogger("jaxckpt")
+_serial = itertools.count()  # every process creates its managers in the same order
 
 
 def _step_of(name: str) -> int | None:
@@ -127,7 +129,9 @@ class CheckpointManager:
         if self._primary:
             _storage.make_dirs(self.directory)
             self._remove_debris()
-        _multihost.barrier(f"jaxckpt-manager-start:{self.directory}")
+        self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
+        self._commits = itertools.count()
+        _multihost.barrier(f"{self._barrier}-start", what="the manager", where=self.directory)
         self._entries, stale = self._load()
         if stale and self._primary:
             self._write_index()
@@ -294,7 +298,10 @@ class CheckpointManager:
             del self._entries[doomed]
         if self._primary:
             self._write_index()
-        _multihost.barrier(f"jaxckpt-manager-committed:{self.directory}:{step}")
+        where = f"the retention after step {step} in {self.directory}"
+        _multihost.barrier(
+            f"{self._barrier}-{next(self._commits)}", what="the manager", where=where
+        )
 
     def _ranked(self) -> list[int]:
         """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""
