@@ -41,9 +41,16 @@ class _Array:
 
 
 def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
-    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape."""
+    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape.
+
+    In a multi-process job a value local to each process (a NumPy array, or a ``jax.Array``
+    on this process's devices only) is saved from process 0, like the tree's Python values.
+    """
+    from_peer = _multihost.process_count() > 1 and not _multihost.is_primary()
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
         shard_shape = tuple(x.sharding.shard_shape(x.shape))
+        if from_peer and x.is_fully_addressable:
+            return [], shard_shape
         pieces = [
             _Piece(tuple(s.index), s.data, s.data.nbytes)
             for s in x.addressable_shards
@@ -51,6 +58,8 @@ def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
         ]
         return pieces, shard_shape
     arr = np.asarray(x)
+    if from_peer:
+        return [], None
     return [_Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
 
 

@@ -8,13 +8,16 @@ them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import operator
 import os
 import re
+import weakref
 from typing import Any
 
 from . import _checkpoint, _multihost, _restore, _storage
@@ -27,6 +30,7 @@ INDEX = "checkpoint"
 INDEX_VERSION = 1
 _STEP_NAME = re.compile(r"ckpt-(0|[1-9][0-9]*)", re.ASCII)
 log = logging.getLogger("jaxckpt")
+_serial = itertools.count()  # every process creates its managers in the same order
 
 
 def _step_of(name: str) -> int | None:
@@ -125,10 +129,13 @@ class CheckpointManager:
         if self._primary:
             _storage.make_dirs(self.directory)
             self._remove_debris()
-        _multihost.barrier(f"jaxckpt-manager-start:{self.directory}")
+        self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
+        self._commits = itertools.count()
+        _multihost.barrier(f"{self._barrier}-start", what="the manager", where=self.directory)
         self._entries, stale = self._load()
         if stale and self._primary:
             self._write_index()
+        atexit.register(_finish_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------------ reading state
 
@@ -291,7 +298,10 @@ class CheckpointManager:
             del self._entries[doomed]
         if self._primary:
             self._write_index()
-        _multihost.barrier(f"jaxckpt-manager-committed:{self.directory}:{step}")
+        where = f"the retention after step {step} in {self.directory}"
+        _multihost.barrier(
+            f"{self._barrier}-{next(self._commits)}", what="the manager", where=where
+        )
 
     def _ranked(self) -> list[int]:
         """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""
@@ -374,6 +384,16 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, steps={self.steps})"
+
+
+def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
+    """A script that ends without ``close()`` still commits its last asynchronous save."""
+    mngr = ref()
+    if mngr is not None and mngr._pending is not None:
+        try:
+            mngr.wait_until_finished()
+        except Exception as e:
+            log.error("jaxckpt: %s", e)
 
 
 def _check_count(name: str, value: int | None, none_ok: bool) -> None:

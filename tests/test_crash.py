@@ -31,8 +31,10 @@ TRIALS = 3  # per mode: 6 kills in all
 
 @pytest.fixture
 def fast_dir(tmp_path):
-    """A directory in memory (/dev/shm) where there is one, else on disk."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    """A directory in memory (/dev/shm) where there is room, else on disk."""
+    shm = "/dev/shm"
+    roomy = os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * 2**30
+    base = shm if roomy else None
     d = tempfile.mkdtemp(prefix="jaxckpt-crash-", dir=base) if base else str(tmp_path / "run")
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -92,6 +92,12 @@ def test_make_demo_prints_the_guide(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("== Train and checkpoint\nInitializing from scratch.\n")
     check_guide_output(proc.stdout, tmp_path)
+    # The README shows this output (numbers aside, which depend on the JAX version).
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("It prints")[1].split("```\n")[1]
+    mask = re.compile(r"-?\d+\.\d*(e[+-]?\d+)?")
+    got = proc.stdout.replace(str(tmp_path.resolve()), "/home/you/jaxckpt")
+    assert mask.sub("#", shown) == mask.sub("#", got)
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

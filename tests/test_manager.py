@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import jax
@@ -345,3 +347,32 @@ def test_storage_helpers(tmp_path):
     _storage.remove(f"{d}/f")
     assert _storage.list_names(d) == []
     assert _storage.join(tmp_path, "x") == f"{d}/x"
+
+
+def test_a_script_that_forgets_close_still_commits_its_last_save(tmp_path):
+    script = (
+        "import numpy as np, jaxckpt as jc\n"
+        f"m = jc.CheckpointManager({os.fspath(tmp_path)!r}, max_to_keep=1)\n"
+        "m.save(1, {'w': np.zeros(3)})\n"
+        "m.save(2, {'w': np.arange(2**20, dtype=np.float32)})\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120)
+    m = jc.CheckpointManager(tmp_path)
+    assert m.steps == [2] and on_disk(tmp_path) == ([2], ["checkpoint"])
+    np.testing.assert_array_equal(m.restore()["w"], np.arange(2**20, dtype=np.float32))
+
+
+def test_the_docs_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "manager.md")).read()
+    example = docs.split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # the second run resumes at step 100 and has nothing left to do
+        exec(compile(example, "docs/manager.md", "exec"), {})
+        assert capsys.readouterr().out == "[80, 90, 100]\n"
+    assert index_of(tmp_path / "run")["latest_step"] == 100
+    w = np.zeros(3, np.float32)
+    for _ in range(100):
+        w = w - 0.1 * np.ones(3, np.float32)
+    np.testing.assert_array_equal(jc.restore("run/ckpt-100")["w"], w)
