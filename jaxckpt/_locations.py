@@ -85,6 +85,11 @@ def is_url(root: str) -> bool:
     return scheme_of(root) is not None
 
 
+def is_local(root: str) -> bool:
+    """Whether ``root`` is a local directory (not an object-store URL)."""
+    return scheme_of(root) is None
+
+
 def _split(root: str) -> tuple[str, str, str]:
     scheme = scheme_of(root)
     assert scheme is not None
