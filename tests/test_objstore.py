@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -415,5 +416,29 @@ def test_permanent_error_names_url_and_array(proxied):
 def test_missing_bucket(s3_env):
     with pytest.raises(jc.CheckpointNotFoundError, match="Accessing s3://no-such-bucket/c failed"):
         jc.restore("s3://no-such-bucket/c")
-    with pytest.raises(jc.CheckpointError, match="check the bucket name, the endpoint"):
+    with pytest.raises(jc.CheckpointError, match=r"check the bucket name, the endpoint \(AWS_"):
         jc.save("s3://no-such-bucket/c", {"w": np.ones(2)})
+
+
+def test_missing_gcs_bucket(gcs_env):
+    with pytest.raises(jc.CheckpointError, match="application default credentials"):
+        jc.save("gs://no-such-bucket/c", {"w": np.ones(2)})
+
+
+def test_local_write_error_names_path_and_array(tmp_path):
+    """A write the disk refuses (here: past RLIMIT_FSIZE, EFBIG) names the path and the array."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(jc.CheckpointError) as e:
+            jc.save(tmp_path / "c", {"w": np.ones(10000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert re.search(
+        r"Accessing .*/c\S* \(the array 'w'\) failed: .*File too large.*"
+        r"Fix: check the free space and the permissions of that directory",
+        str(e.value),
+    )
+    assert list(tmp_path.iterdir()) == []  # the failed save removed what it wrote
