@@ -11,6 +11,7 @@ from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import StructureMismatchError as StructureMismatchError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._locations import set_storage_options as set_storage_options
 from ._manager import CheckpointManager as CheckpointManager
 from ._manager import latest_checkpoint as latest_checkpoint
 from ._reader import Reader as Reader

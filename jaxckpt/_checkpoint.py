@@ -41,9 +41,16 @@ class _Array:
 
 
 def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
-    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape."""
+    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape.
+
+    In a multi-process job a value local to each process (a NumPy array, or a ``jax.Array``
+    on this process's devices only) is saved from process 0, like the tree's Python values.
+    """
+    from_peer = _multihost.process_count() > 1 and not _multihost.is_primary()
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
         shard_shape = tuple(x.sharding.shard_shape(x.shape))
+        if from_peer and x.is_fully_addressable:
+            return [], shard_shape
         pieces = [
             _Piece(tuple(s.index), s.data, s.data.nbytes)
             for s in x.addressable_shards
@@ -51,6 +58,8 @@ def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
         ]
         return pieces, shard_shape
     arr = np.asarray(x)
+    if from_peer:
+        return [], None
     return [_Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
 
 
@@ -117,23 +126,37 @@ def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
     opened = [
         _storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays
     ]
-    inflight: deque[tuple[Any, int]] = deque()
+    inflight: deque[tuple[Any, int, str]] = deque()
     held = 0
-    for a, fut in zip(arrays, opened, strict=True):
-        store = fut.result()
-        for p in a.pieces:
-            host = _to_host(p.data, copy=False)
-            if host.dtype.name != a.meta["data_type"]:
-                host = host.view(a.meta["data_type"])
-            w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
-            inflight.append((w, p.nbytes))
-            held += p.nbytes
-            while held > budget and inflight:
-                done, n = inflight.popleft()
-                done.result()
-                held -= n
-    for w, _ in inflight:
-        w.result()
+    try:
+        for a, fut in zip(arrays, opened, strict=True):
+            store = _result(root, a.loc, fut)
+            for p in a.pieces:
+                host = _to_host(p.data, copy=False)
+                if host.dtype.name != a.meta["data_type"]:
+                    host = host.view(a.meta["data_type"])
+                w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
+                inflight.append((w, p.nbytes, a.loc))
+                held += p.nbytes
+                while held > budget and inflight:
+                    done, n, loc = inflight.popleft()
+                    _result(root, loc, done)
+                    held -= n
+        for w, _, loc in inflight:
+            _result(root, loc, w)
+    except BaseException:
+        # Let every write still in flight land before the caller removes what was written.
+        for f in [*opened, *(w for w, _, _ in inflight)]:
+            f.exception()
+        raise
+
+
+def _result(root: str, loc: str, fut: Any) -> Any:
+    """A write's result; its storage error (after TensorStore's retries) names URL and array."""
+    try:
+        return fut.result()
+    except ValueError as e:
+        raise _storage.storage_error(root, e, loc) from e
 
 
 @dataclasses.dataclass
@@ -160,7 +183,7 @@ def _check_free(final: str) -> None:
             f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
             "to a new path (e.g. one per step), or delete the old checkpoint first."
         )
-    if _storage.is_dir(final) and os.listdir(final):
+    if _storage.occupied(final):
         raise CheckpointExistsError(
             f"{final} exists and is neither an empty directory nor a checkpoint. Fix: choose "
             "another path, or remove that directory."
@@ -207,8 +230,7 @@ def _execute(s: _Save, budget: int) -> str:
     try:
         tmp = _agree_on_tmp(s)
         if primary:
-            os.makedirs(os.path.dirname(s.final) or ".", exist_ok=True)
-            os.makedirs(tmp)
+            _storage.begin(tmp)
         s.sync.barrier("start")
         if not primary:
             _check_shared(tmp, s.final)

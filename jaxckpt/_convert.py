@@ -12,6 +12,7 @@ with the original training state as target works on a converted checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -77,34 +78,43 @@ def _orbax_item(path: str) -> PyTree:
             f"The Orbax item {path} is neither a PyTree nor a JSON item. Fix: convert a directory "
             "written by StandardSave / PyTreeSave / JsonSave."
         )
-    import orbax.checkpoint as ocp
+    return _orbax_pytree(path)
 
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    tree = getattr(meta, "tree", meta)
-    is_meta = lambda x: isinstance(x, (ocp.metadata.ArrayMetadata, ocp.metadata.ScalarMetadata))  # noqa: E731
-    args = jax.tree_util.tree_map(
-        lambda m: (
-            ocp.RestoreArgs(restore_type=np.ndarray)
-            if isinstance(m, ocp.metadata.ArrayMetadata)
-            else ocp.RestoreArgs()
-        ),
-        tree,
-        is_leaf=is_meta,
-    )
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+def _orbax_pytree(path: str) -> PyTree:
+    """An Orbax PyTree item, read as NumPy arrays and Python scalars on any machine."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:
+        raise ValueError(
+            f"{path} is an Orbax checkpoint; reading it needs orbax-checkpoint. Fix: pip install "
+            "orbax-checkpoint"
+        ) from e
+    array, scalar = ocp.metadata.ArrayMetadata, ocp.metadata.ScalarMetadata
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax logs a warning for each metadata file it does not find
+    try:
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(path)
+        tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+        args = jax.tree_util.tree_map(
+            lambda m: ocp.RestoreArgs(restore_type=np.ndarray if isinstance(m, array) else None),
+            tree,
+            is_leaf=lambda x: isinstance(x, (array, scalar)),
+        )
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    finally:
+        absl.setLevel(level)
 
     def plain(m: Any, x: Any) -> Any:
-        if (
-            isinstance(m, ocp.metadata.ScalarMetadata)
-            and isinstance(x, (np.ndarray, np.generic))
-            and x.ndim == 0
-        ):
+        if isinstance(m, scalar) and isinstance(x, (np.ndarray, np.generic)) and x.ndim == 0:
             return x.item()  # orbax saved a Python scalar
         return np.asarray(x) if isinstance(x, jax.Array) else x
 
-    return jax.tree_util.tree_map(plain, tree, restored, is_leaf=is_meta)
+    return jax.tree_util.tree_map(
+        plain, tree, restored, is_leaf=lambda x: isinstance(x, (array, scalar))
+    )
 
 
 def read_orbax(path: str) -> tuple[PyTree, int | None, dict[str, Any]]:

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _paths
 from ._reader import Reader
+from ._scan import human_bytes
 
 FONT = 12  # px, monospace: every character is CHAR px wide
 CHAR = 7.4
@@ -93,12 +94,17 @@ def _build(
     if t in ("array", "value", "state"):
         label, k = _leaf(rec)
         return _Node(label, k, name, kind, path, depth=depth)
+    label = _short(rec["cls"]) if t == "obj" else ("None" if t == "none" else t)
     if max_depth is not None and depth >= max_depth and rec["c"]:
         n, size = _count(rec)
         return _Node(
-            f"... {n} leaves, {size / (1 << 20):.2f} MiB", "fold", name, kind, path, depth=depth
+            f"{label}: {n} {'leaf' if n == 1 else 'leaves'}, {human_bytes(size)}",
+            "fold",
+            name,
+            kind,
+            path,
+            depth=depth,
         )
-    label = _short(rec["cls"]) if t == "obj" else ("None" if t == "none" else t)
     node = _Node(label, "obj" if t == "obj" else "node", name, kind, path, depth=depth)
     for ekind, key, child in rec["c"]:
         cname = _paths.name_of(ekind, key)
@@ -238,8 +244,8 @@ _KIND = {
 
 def render(
     reader: Reader, *, prefix: str | None = None, max_depth: int | None = None
-) -> tuple[str, int]:
-    """The SVG text of the checkpoint's tree of named edges, and how many leaves it draws.
+) -> tuple[str, int, int]:
+    """The SVG text of the checkpoint's tree of named edges, the boxes it draws, its leaves.
 
     Args:
         reader: the opened checkpoint (``jc.open(path)``).
@@ -263,6 +269,4 @@ def render(
     step = reader.metadata.get("step")
     title = f"{reader.path}" + (f"  (step {step})" if step is not None else "")
     size = _layout(root, HEADER)
-    return _svg(root, title, size), sum(
-        1 for n in nodes if n.kind in ("array", "value", "state", "fold")
-    )
+    return _svg(root, title, size), len(nodes), _count(rec)[0]

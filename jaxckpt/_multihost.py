@@ -111,8 +111,9 @@ def _runtime_error(
         late = late if late is not None else _late_processes(text)
         who = f"process {', '.join(late)}" if late else "some process"
         reason = (
-            f"{who} did not arrive within {seconds:g} s: it crashed, hung, failed before "
-            "reaching this point, or is much slower (a large checkpoint on slow storage)"
+            f"{who} did not arrive within {seconds:g} s: it did not call this save, crashed, "
+            "hung, failed before reaching this point, or is much slower (a large checkpoint on "
+            "slow storage)"
         )
         if str(jax.process_index()) in late:
             reason = (
@@ -202,7 +203,9 @@ class SaveSync:
             return
         where = f"its barrier {phase!r} ({PHASES.get(phase, phase)})"
         barrier(f"{self.key}/{phase}", what=self.what, where=where, outcome=self._outcome(phase))
-        failures = _client().key_value_dir_get(f"{self.key}/error/")
+        # Only failures posted for this barrier: a peer that fails after passing it posts for
+        # the next one, which it attends, and must not stop us before we get there too.
+        failures = _client().key_value_dir_get(f"{self.key}/error/{phase}/")
         if failures:
             lines = "\n".join(f"  process {k.rsplit('/', 1)[-1]}: {v}" for k, v in sorted(failures))
             raise CoordinationError(
@@ -227,7 +230,7 @@ class SaveSync:
         try:
             client = _client()
             message = f"{type(error).__name__}: {error}"[:4000]
-            client.key_value_set(f"{self.key}/error/{jax.process_index()}", message)
+            client.key_value_set(f"{self.key}/error/{phase}/{jax.process_index()}", message)
             barrier(f"{self.key}/{phase}", what=self.what)
         except Exception as e:  # the original error is the one worth raising
             log.warning(

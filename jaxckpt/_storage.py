@@ -1,117 +1,56 @@
 """The one module that speaks to TensorStore: zarr v3 array specs, key-value stores, commit.
 
-Paths are local directories for now; every byte goes through a TensorStore kvstore so that
-object stores can be added behind the same functions.
+Locations (local directories, ``s3://`` and ``gs://`` prefixes) and the commit protocol live in
+:mod:`jaxckpt._locations`, re-exported here so that callers speak to this module only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
+from ._locations import COMMIT as COMMIT
+from ._locations import PENDING as PENDING
+from ._locations import TMP_MARK as TMP_MARK
+from ._locations import begin as begin
+from ._locations import commit as commit
+from ._locations import context as context
+from ._locations import delete_checkpoint as delete_checkpoint
+from ._locations import exists as exists
+from ._locations import is_committed as is_committed
+from ._locations import is_debris as is_debris
+from ._locations import is_dir as is_dir
+from ._locations import is_url as is_url
+from ._locations import join as join
+from ._locations import kvstore as kvstore
+from ._locations import list_names as list_names
+from ._locations import make_dirs as make_dirs
+from ._locations import normalize as normalize
+from ._locations import occupied as occupied
+from ._locations import open_kv as open_kv
+from ._locations import read_bytes as read_bytes
+from ._locations import read_json as read_json
+from ._locations import remove as remove
+from ._locations import remove_tree as remove_tree
+from ._locations import storage_error as storage_error
+from ._locations import tmp_sibling as tmp_sibling
+from ._locations import write_bytes_atomic as write_bytes_atomic
+from ._locations import write_bytes_durable as write_bytes_durable
 
-COMMIT = "COMMIT"
-TMP_MARK = ".jaxckpt-tmp-"
 CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its shards say otherwise
-
-_context: ts.Context | None = None
-
-
-def context() -> ts.Context:
-    """One shared TensorStore context: one cache pool and one I/O concurrency limit."""
-    global _context
-    if _context is None:
-        _context = ts.Context(
-            {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": "shared"}}
-        )
-    return _context
-
-
-# ---------------------------------------------------------------------------- locations
-
-
-def normalize(path: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(path))
-
-
-def kvstore(root: str) -> dict[str, Any]:
-    return {"driver": "file", "path": root.rstrip("/") + "/"}
-
-
-def tmp_sibling(final: str) -> str:
-    parent, name = os.path.split(final)
-    return os.path.join(parent, f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def exists(root: str, key: str = "") -> bool:
-    return os.path.exists(os.path.join(root, key))
-
-
-def is_committed(root: str) -> bool:
-    return os.path.isfile(os.path.join(root, COMMIT))
-
-
-def is_dir(root: str) -> bool:
-    return os.path.isdir(root)
-
-
-def remove_tree(root: str) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def commit(tmp: str, final: str) -> None:
-    """Makes ``tmp`` appear as ``final`` atomically; ``COMMIT`` inside it is already durable."""
-    _fsync_dir(tmp)
-    os.rename(tmp, final)  # fails on a non-empty ``final``: never clobbers a checkpoint
-    _fsync_dir(os.path.dirname(final))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------- small files
 
 
-def open_kv(root: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore(root), context=context()).result()
-
-
 def write_json_files(kv: ts.KvStore, files: dict[str, Any]) -> list[ts.Future]:
     return [kv.write(key, json.dumps(obj, separators=(",", ":")).encode()) for key, obj in files.items()]
-
-
-def read_json(root: str, key: str) -> Any:
-    path = os.path.join(root, key)
-    try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise CorruptCheckpointError(
-            f"{path} is not valid JSON ({e}); the checkpoint's metadata is damaged. Fix: restore "
-            "an earlier checkpoint."
-        ) from e
-
-
-def write_bytes_durable(root: str, key: str, data: bytes) -> None:
-    path = os.path.join(root, key)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -192,12 +131,37 @@ def open_array(
         spec["store_data_equal_to_fill_value"] = True
         if peer_creates:
             return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
+        if is_url(root):
+            return _create_remote(root, rel, meta, spec)
         return ts.open(spec, create=True, context=context())
     spec["fill_missing_data_reads"] = False
     return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
 
 
-def read_error(root: str, path: str, e: Exception) -> CorruptCheckpointError:
+def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, Any]) -> ts.Future:
+    """One PUT of ``zarr.json``, then the array opened on it with no request at all.
+
+    ``create=True`` would first GET the metadata and, on S3, HEAD it before a conditional PUT
+    (3 requests per array); the prefix is this save's own, so nothing there can be lost.
+    """
+    put = open_kv(root).write(f"{rel}/zarr.json", json.dumps(meta, separators=(",", ":")).encode())
+    opened = ts.open(spec, open=True, assume_metadata=True, context=context())
+    promise, future = ts.Promise.new()  # type: ignore[var-annotated]
+
+    def settle(_: Any) -> None:
+        for f in (put, opened):
+            if f.exception() is not None:
+                promise.set_exception(f.exception())
+                return
+        promise.set_result(opened.result())
+
+    put.add_done_callback(lambda _: opened.add_done_callback(settle))
+    return future
+
+
+def read_error(root: str, path: str, e: Exception) -> CheckpointError:
+    if _unreachable(e):  # the store refused or failed after its retries: not the bytes' fault
+        return storage_error(root, e, path)
     return CorruptCheckpointError(
         f"Reading the array {path!r} of {root} failed: {e}. The checkpoint is damaged (a chunk "
         "fails its crc32c checksum or is missing). Fix: restore an earlier checkpoint, or run "
@@ -205,78 +169,7 @@ def read_error(root: str, path: str, e: Exception) -> CorruptCheckpointError:
     )
 
 
-# ---------------------------------------------------------------------------- directories
-# What CheckpointManager needs of a directory of checkpoints. The manager calls only these, so a
-# directory can become an object-store prefix behind the same functions.
-
-
-def join(root: str | os.PathLike[str], name: str) -> str:
-    """``root/name``, keeping ``root`` as the caller spelled it (relative paths stay relative)."""
-    return os.fspath(root).rstrip("/") + "/" + name
-
-
-def list_names(root: str) -> list[str]:
-    """The names directly inside ``root``, sorted; empty when ``root`` does not exist."""
-    try:
-        return sorted(os.listdir(root))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def make_dirs(root: str) -> None:
-    os.makedirs(root, exist_ok=True)
-
-
-def is_debris(name: str) -> bool:
-    """Whether ``name`` is left over by a jaxckpt write that never committed."""
-    return TMP_MARK in name
-
-
-def remove(path: str) -> None:
-    """Removes a file or a directory tree; a missing ``path`` is not an error."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def delete_checkpoint(path: str) -> None:
-    """Deletes a committed checkpoint so that no crash leaves it half-deleted but listed.
-
-    It is first renamed to a debris name (one atomic step: it stops being a checkpoint), then
-    removed; a crash in between leaves debris that the next manager cleans up.
-    """
-    doomed = tmp_sibling(path)
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    remove(doomed)
-
-
-def read_bytes(root: str, key: str) -> bytes | None:
-    """The bytes of ``root/key``, or None when it does not exist."""
-    try:
-        with open(os.path.join(root, key), "rb") as f:
-            return f.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-        return None
-
-
-def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
-    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes."""
-    final = os.path.join(root, key)
-    tmp = tmp_sibling(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        remove(tmp)
-        raise
-    _fsync_dir(root)
+def _unreachable(e: Exception) -> bool:
+    """Whether a TensorStore error comes from the storage service rather than the bytes read."""
+    msg = str(e)
+    return "http_response_code" in msg or msg.startswith(("UNAVAILABLE", "PERMISSION_DENIED"))

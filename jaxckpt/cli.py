@@ -104,22 +104,14 @@ def _disk_size(path: str) -> int:
 
 
 def _index(directory: str) -> dict[int, dict[str, Any]]:
-    """The manager's ``checkpoint`` index, by step ({} when absent or unreadable)."""
+    """The manager's ``checkpoint`` index (``{"checkpoints": [{"step", "time", "metrics"}]}``)
+    by step; {} when absent or unreadable (the step directories are the truth)."""
     try:
         with open(os.path.join(directory, "checkpoint")) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+            entries = json.load(f)["checkpoints"]
+        return {int(e["step"]): e for e in entries}
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
-    entries = data.get("checkpoints", data.get("steps", [])) if isinstance(data, dict) else data
-    if isinstance(entries, dict):
-        entries = [{"step": k, **(v if isinstance(v, dict) else {})} for k, v in entries.items()]
-    out: dict[int, dict[str, Any]] = {}
-    for e in entries if isinstance(entries, list) else []:
-        if isinstance(e, dict) and str(e.get("step", "")).isdigit():
-            out[int(e["step"])] = e
-        elif isinstance(e, int):
-            out[e] = {}
-    return out
 
 
 def _committed(directory: str) -> list[tuple[int, str]]:
@@ -300,10 +292,10 @@ def cmd_graph(args: argparse.Namespace, out: TextIO) -> int:
                 f"Cannot write {target}: the directory {parent} does not exist. Fix: create it first."
             )
     reader = _open(args.ckpt)
-    svg, n = _graph.render(reader, prefix=args.prefix, max_depth=args.max_depth)
-    if n > 2000:
+    svg, boxes, n = _graph.render(reader, prefix=args.prefix, max_depth=args.max_depth)
+    if boxes > 4000:
         print(
-            f"note: drawing {n} leaves; --max-depth or --prefix draws a smaller picture.",
+            f"note: drawing {boxes} boxes; --max-depth or --prefix draws a smaller picture.",
             file=sys.stderr,
         )
     if target == "-":

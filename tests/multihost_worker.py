@@ -12,6 +12,7 @@ Failures are injected by wrapping ``jaxckpt._checkpoint._write_arrays`` in this 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _checkpoint, _multihost  # noqa: E402
+from jaxckpt import _checkpoint, _multihost, _reader  # noqa: E402
 
 SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
@@ -80,6 +81,10 @@ def make_tree(step: int) -> dict:
             "n": global_array("n", NamedSharding(m, P())),  # a 0-d array
         },
         "step": step,
+        "host": {  # values local to each process, different in each: process 0's are saved
+            "np": np.full(3, PID_, np.int32),
+            "dev": jax.device_put(jnp.full(2, PID_ + 10, jnp.int32), jax.local_devices()[0]),
+        },
     }
 
 
@@ -102,6 +107,7 @@ def restore_target(step: int) -> dict:
         },
         # a Python int saved, restored as a global array replicated over the other mesh
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(o, P())),
+        "host": {"np": np.zeros(3, np.int32), "dev": jax.ShapeDtypeStruct((2,), jnp.int32)},
     }
 
 
@@ -126,6 +132,8 @@ def check_restored(out: dict, target: dict, step: int) -> int:
         for s in got.addressable_shards:
             np.testing.assert_array_equal(np.asarray(s.data), ref[s.index])
             checked += s.data.nbytes
+    np.testing.assert_array_equal(out["host"]["np"], np.zeros(3, np.int32))
+    np.testing.assert_array_equal(np.asarray(out["host"]["dev"]), np.full(2, 10, np.int32))
     assert type(out["opt"]["c"]) is np.ndarray
     np.testing.assert_array_equal(out["opt"]["c"], expected("c"))
     return checked
@@ -148,7 +156,7 @@ def inject(kind: str, path_part: str) -> None:
         if kind == "sleep":
             time.sleep(_multihost.timeout_s() + 1.5)
         if kind == "kill":
-            report("about-to-die")
+            report("about-to-die", time=time.time())
             os.kill(os.getpid(), signal.SIGKILL)
 
     _checkpoint._write_arrays = write_then_fail
@@ -162,6 +170,26 @@ def expect_error(check: str, fn) -> None:
         report(check, error=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
     else:
         report(check, error=None, seconds=time.monotonic() - t0)
+
+
+@contextlib.contextmanager
+def count_reads():
+    """Counts the elements each restore asks TensorStore for, per leaf (one dict, filled in)."""
+    read: dict[str, int] = {}
+    real = _reader.Reader.read_many
+
+    def counting(self, requests):
+        for path, index in requests:
+            shape = self.record(path)["shape"]
+            n = np.empty(shape, np.bool_)[index].size if index is not None else int(np.prod(shape))
+            read[path] = read.get(path, 0) + n
+        return real(self, requests)
+
+    _reader.Reader.read_many = counting
+    try:
+        yield read
+    finally:
+        _reader.Reader.read_many = real
 
 
 def written_pieces(tree: dict) -> dict[str, int]:
@@ -180,9 +208,10 @@ def scenario_main() -> None:
         report("manager", steps=mngr.steps, latest=mngr.latest_step)
         for step in mngr.steps:
             target = restore_target(step)
-            checked = check_restored(mngr.restore(step, target), target, step)
+            with count_reads() as read:
+                checked = check_restored(mngr.restore(step, target), target, step)
             np.testing.assert_array_equal(mngr.restore(step)["params"]["w"], expected("w"))
-            report("restored", step=step, bytes=checked)
+            report("restored", step=step, bytes=checked, read=read)
         preempted_save(mngr)
 
     # jc.save_async and jc.save directly, without a manager
@@ -207,7 +236,8 @@ def scenario_main() -> None:
     os.chdir(DIRECTORY)
 
     # A peer hangs past the barrier timeout: the others raise a timeout naming it.
-    os.environ[_multihost.TIMEOUT_ENV] = "3"
+    _multihost.barrier("before-slow", timeout=60)  # start together: only the hang is late
+    os.environ[_multihost.TIMEOUT_ENV] = "4"
     if PID_ == 1:
         inject("sleep", "ckpt-slow")
     expect_error("peer-hangs", lambda: jc.save(os.path.join(DIRECTORY, "ckpt-slow"), make_tree(5)))

@@ -76,13 +76,15 @@ def test_ls_lists_steps_sizes_times_metrics_and_debris(tmp_path, capsys):
         ["50", "ckpt-50"],
     ]
     assert [r[-1] for r in rows] == ["loss=0.05", "loss=0.0333333", "loss=0.025", "loss=0.25"]
-    assert rows[0][2:4] == [f"{_disk(run_dir / 'ckpt-20') / 1024:.1f}", "KiB"]
+    assert [" ".join(r[2:4]) for r in rows] == [
+        _scan.human_bytes(_disk(run_dir / f"ckpt-{s}")) for s in (20, 30, 40, 50)
+    ]
     assert all(
         re.fullmatch(r"\d{4}-\d\d-\d\d", r[4]) and re.fullmatch(r"\d\d:\d\d:\d\d", r[5])
         for r in rows
     )
     total = sum(_disk(run_dir / f"ckpt-{s}") for s in (20, 30, 40, 50))
-    assert lines[5] == f"4 checkpoints, {total / 1024:.1f} KiB on disk"
+    assert lines[5] == f"4 checkpoints, {_scan.human_bytes(total)} on disk"
     assert lines[6] == "2 unfinished save(s) ignored: ckpt-60.jaxckpt-tmp-0123abcd, ckpt-70"
 
 
@@ -99,6 +101,12 @@ def test_ls_errors_name_the_fix(tmp_path, capsys):
     assert (
         f"{ckpt} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect {ckpt}`" in err
     )
+    (tmp_path / "checkpoint").write_text("{not json")  # a damaged index is ignored
+    code, out, _ = run(capsys, "ls", str(tmp_path))
+    assert code == 0 and out.splitlines()[1].split()[:2] == [
+        "1",
+        "ckpt-1",
+    ]  # the step from the name
     os.makedirs(tmp_path / "empty")
     code, out, _ = run(capsys, "ls", str(tmp_path / "empty"))
     assert code == 0 and out == f"No committed checkpoints in {tmp_path / 'empty'}.\n"
@@ -268,7 +276,13 @@ def _flip_a_bit(path):
     open(path, "wb").write(bytes(data))
 
 
+def _own_paths(monkeypatch):
+    """Every array leaf at its own zarr path (small leaves are otherwise packed together)."""
+    monkeypatch.setattr(jc._checkpoint, "PACK_BELOW", 0, raising=False)
+
+
 def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):
+    _own_paths(monkeypatch)
     tree = seed_tree()
     rows = NamedSharding(Mesh(jax.devices()[:8], ("x",)), PartitionSpec("x"))
     tree["big"] = jax.device_put(np.arange(64 * 1024, dtype=np.float32).reshape(256, 256), rows)
@@ -282,14 +296,16 @@ def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):
     code, out, err = run(capsys, "verify", ckpt)
     assert code == 1
     lines = out.splitlines()
-    assert lines[0].startswith("DAMAGED big: DATA_LOSS: ") and "Digest mismatch" in lines[0]
-    assert lines[1] == (
-        f'DAMAGED opt_state/0/nu/l1/bias: NOT_FOUND: chunk {{0}} stored at local file "{ckpt}/opt_state/0/nu/l1/bias/c/0" is missing'
-    )
+    # Each line names the array and the damaged chunk file, whatever the storage layer's words.
+    assert lines[0].startswith("DAMAGED big: ") and f"{ckpt}/big/c/5/0" in lines[0]
+    assert re.search("Digest mismatch|crc32c", lines[0])
+    assert lines[1].startswith("DAMAGED opt_state/0/nu/l1/bias: ")
+    assert f"{ckpt}/opt_state/0/nu/l1/bias/c/0" in lines[1] and "is missing" in lines[1]
     assert (
-        lines[2].startswith("DAMAGED params/l1/kernel: DATA_LOSS: ")
-        and "Digest mismatch" in lines[2]
+        lines[2].startswith("DAMAGED params/l1/kernel: ")
+        and f"{ckpt}/params/l1/kernel/c/0/0" in lines[2]
     )
+    assert re.search("Digest mismatch|crc32c", lines[2])
     assert lines[3:] == [
         f"3 of 8 arrays in {ckpt} are damaged. Fix: restore an earlier checkpoint (`jaxckpt ls` "
         'lists them), or restore with partial=True / missing="keep" to skip the damaged leaves.'
@@ -297,7 +313,8 @@ def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):
     assert err.endswith("100.0%  256.1 KiB of 256.1 KiB\n")
 
 
-def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys):
+def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys, monkeypatch):
+    _own_paths(monkeypatch)
     ckpt = jc.save(tmp_path / "ckpt", seed_tree())
     os.remove(os.path.join(ckpt, "params/l1/bias/zarr.json"))
     meta_path = os.path.join(ckpt, "params/l1/kernel/zarr.json")
@@ -316,6 +333,26 @@ def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys):
         f"DAMAGED params/l1/kernel: {meta_path} describes ([5, 1], 'float32'), not the saved ([1, 5], 'float32')",
     ]
     assert lines[3].startswith(f"3 of 7 arrays in {ckpt} are damaged.")
+
+
+def test_verify_finds_damage_wherever_the_leaves_are_stored(tmp_path, capsys):
+    ckpt = jc.save(tmp_path / "ckpt", seed_tree())  # small leaves may be packed: any layout
+    files = glob.glob(f"{ckpt}/**", recursive=True)
+    chunks = [
+        f for f in files if os.path.isfile(f) and os.path.basename(f) not in ("zarr.json", "COMMIT")
+    ]
+    assert chunks
+    for chunk in chunks:
+        _flip_a_bit(chunk)
+    code, out, _ = run(capsys, "verify", "-q", ckpt)
+    assert code == 1
+    arrays = sorted(
+        p for p, shape, dtype in jc.list_variables(ckpt) if dtype not in ("int", "state")
+    )
+    assert [line.split(":")[0] for line in out.splitlines()[:-1]] == [
+        f"DAMAGED {p}" for p in arrays
+    ]
+    assert out.splitlines()[-1].startswith(f"7 of 7 arrays in {ckpt} are damaged.")
 
 
 def test_verify_damaged_metadata_and_missing_path(tmp_path, capsys):
@@ -416,7 +453,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
 def _normal(text, tmp_path):
     text = text.replace(str(tmp_path), "/work")
     text = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<time>", text)
-    return re.sub(r"\d+\.\d KiB", "<size>", text).strip()
+    return re.sub(r"\d+\.\d [KMG]iB", "<size>", text).strip()
 
 
 def test_docs_cli_examples_print_what_the_page_shows(tmp_path, capsys, monkeypatch):

@@ -98,14 +98,15 @@ def test_graph_escapes_names_and_folds_deep_subtrees(tmp_path, capsys):
         "ints": {0: "zero"},
     }
     ckpt = jc.save(tmp_path / "ckpt", tree)
-    svg, n = _graph.render(jc.open(ckpt))
+    svg, boxes, n = _graph.render(jc.open(ckpt))
     root = ET.fromstring(svg)
     words = texts(root)
-    assert n == 4
+    assert (boxes, n) == (8, 4)
     assert "a%2Fb" in words and "<x & y>" in words and "~i0" in words and "str = 'text'" in words
-    svg, n = _graph.render(jc.open(ckpt), max_depth=1)
+    svg, boxes, n = _graph.render(jc.open(ckpt), max_depth=1)
     words = texts(ET.fromstring(svg))
-    assert n == 3 and "... 2 leaves, 0.00 MiB" in words and "deep" not in words
+    assert (boxes, n) == (4, 4) and "deep" not in words
+    assert "dict: 2 leaves, 12 B" in words and "dict: 1 leaf, 0 B" in words
     assert main(["graph", ckpt, "-o", "-", "--prefix", "<x & y>/deep"]) == 0
     words = texts(ET.fromstring(capsys.readouterr().out))
     assert "ckpt/<x & y>/deep: dict" in words and "w" in words and "a%2Fb" not in words

@@ -1,0 +1,399 @@
+"""Where checkpoints live: local directories and object-store prefixes (``s3://``, ``gs://``).
+
+Every function takes a location string: an absolute local path, or a URL such as
+``s3://bucket/run/ckpt-10`` or ``gs://bucket/run/ckpt-10``. Bytes travel through TensorStore's
+``file``, ``s3`` and ``gcs`` key-value stores.
+
+Commit protocol. A local save writes into a temporary sibling directory and renames it into
+place. An object store has no rename, so a save writes at the final prefix: first a ``PENDING``
+object (it marks the prefix as an unfinished save), then every array and metadata object, then
+``COMMIT`` once all of those writes are acknowledged (an acknowledged PUT is durable), and last
+deletes ``PENDING``. Readers ignore a prefix without ``COMMIT``; a prefix with ``PENDING`` and
+no ``COMMIT`` is debris that the next save to it, or a manager, deletes by prefix.
+
+Endpoints and credentials follow the conventions of the AWS and Google clients (see
+``docs/object_stores.md``); :func:`set_storage_options` adds or overrides TensorStore spec
+members for every ``s3://`` or ``gs://`` location.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from typing import Any
+
+import tensorstore as ts
+
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+
+COMMIT = "COMMIT"
+PENDING = "PENDING"
+TMP_MARK = ".jaxckpt-tmp-"
+_DRIVERS = {"s3": "s3", "gs": "gcs"}
+log = logging.getLogger("jaxckpt")
+
+_context: ts.Context | None = None
+_options: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
+
+
+def context() -> ts.Context:
+    """One shared TensorStore context: one cache pool and one I/O concurrency limit."""
+    global _context
+    if _context is None:
+        _context = ts.Context(
+            {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": "shared"}}
+        )
+    return _context
+
+
+def set_storage_options(scheme: str, **spec: Any) -> None:
+    """Sets TensorStore kvstore spec members used for every ``s3://`` or ``gs://`` location.
+
+    They override what jaxckpt derives from the environment (``AWS_ENDPOINT_URL_S3``,
+    ``AWS_REGION``, ...). Called with no members, it restores the defaults.
+
+    Args:
+        scheme: ``"s3"`` or ``"gs"``.
+        **spec: members of TensorStore's ``s3`` or ``gcs`` kvstore spec, e.g. ``endpoint``,
+            ``aws_region``, ``host_header``, ``aws_credentials``, ``requester_pays``, or the
+            context resources ``s3_request_retries`` / ``gcs_request_retries`` and
+            ``s3_request_concurrency`` / ``gcs_request_concurrency``.
+
+    Example:
+        >>> jc.set_storage_options("s3", endpoint="http://127.0.0.1:9000",
+        ...                        s3_request_retries={"max_retries": 8})  # doctest: +SKIP
+    """
+    if scheme not in _options:
+        raise ValueError(f"scheme must be one of {sorted(_options)}, got {scheme!r}")
+    _options[scheme] = dict(spec)
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def scheme_of(root: str) -> str | None:
+    """``"s3"`` or ``"gs"`` for an object-store URL, None for a local path."""
+    head, sep, _ = root.partition("://")
+    return head if sep and head in _DRIVERS else None
+
+
+def is_url(root: str) -> bool:
+    return scheme_of(root) is not None
+
+
+def _split(root: str) -> tuple[str, str, str]:
+    scheme = scheme_of(root)
+    assert scheme is not None
+    bucket, _, prefix = root[len(scheme) + 3 :].partition("/")
+    return scheme, bucket, prefix
+
+
+def normalize(path: str | os.PathLike[str]) -> str:
+    """An absolute local path, or a URL without empty segments nor a trailing ``/``."""
+    p = os.fspath(path)
+    head, sep, rest = p.partition("://")
+    if not sep:
+        return os.path.abspath(p)
+    if head not in _DRIVERS:
+        raise ValueError(
+            f"{p!r} uses the scheme {head!r}; jaxckpt reads and writes local paths, s3:// and "
+            "gs:// URLs. Fix: use one of those."
+        )
+    parts = [s for s in rest.split("/") if s]
+    if not parts:
+        raise ValueError(f"{p!r} names no bucket. Fix: write {head}://BUCKET/PREFIX.")
+    return f"{head}://" + "/".join(parts)
+
+
+def join(root: str | os.PathLike[str], name: str) -> str:
+    """``root/name``, keeping ``root`` as the caller spelled it (relative paths stay relative)."""
+    return os.fspath(root).rstrip("/") + "/" + name
+
+
+def kvstore(root: str) -> dict[str, Any]:
+    """The TensorStore kvstore spec of the directory or prefix ``root`` (path ends in ``/``)."""
+    scheme = scheme_of(root)
+    if scheme is None:
+        return {"driver": "file", "path": root.rstrip("/") + "/"}
+    _, bucket, prefix = _split(root)
+    spec: dict[str, Any] = {"driver": _DRIVERS[scheme], "bucket": bucket}
+    spec.update(_s3_env() if scheme == "s3" else _gcs_env())
+    spec.update(_options[scheme])
+    spec["path"] = prefix + "/" if prefix else ""
+    return spec
+
+
+def _s3_env() -> dict[str, Any]:
+    """What boto3 would read from the environment that TensorStore's s3 driver does not."""
+    env = os.environ
+    out: dict[str, Any] = {}
+    ignore = env.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"
+    endpoint = None if ignore else env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if endpoint:
+        out["endpoint"] = endpoint
+        region = region or "us-east-1"  # S3-compatible stores accept it; signatures need one
+    if region:
+        out["aws_region"] = region
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        out["aws_credentials"] = {"type": "environment"}  # as boto3: the environment first
+    return out
+
+
+def _gcs_env() -> dict[str, Any]:
+    """``STORAGE_EMULATOR_HOST`` (google-cloud-storage's emulator variable) for TensorStore."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+        # The client library sends no credentials to an emulator; TensorStore needs a token.
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    return {}
+
+
+def open_kv(root: str) -> ts.KvStore:
+    return ts.KvStore.open(kvstore(root), context=context()).result()
+
+
+def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
+    """A permanent storage error (retries are TensorStore's), naming the URL and the array."""
+    of = f" (the array {what!r})" if what else ""
+    detail = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(e))  # the JSON spec buries the cause
+    msg = f"Accessing {where}{of} failed: {detail}."
+    if is_url(where):
+        msg += (
+            " Fix: check the bucket name, the endpoint (AWS_ENDPOINT_URL_S3, "
+            "STORAGE_EMULATOR_HOST, or jc.set_storage_options) and the credentials."
+        )
+    if str(e).startswith("NOT_FOUND") and "http_response_code='404'" in str(e):  # no bucket
+        return CheckpointNotFoundError(msg)
+    return CheckpointError(msg)
+
+
+def _remote(root: str, fn: Any) -> Any:
+    try:
+        return fn(open_kv(root))
+    except ValueError as e:
+        raise storage_error(root, e) from e
+
+
+def _read(root: str, key: str) -> bytes | None:
+    r = _remote(root, lambda kv: kv.read(key).result())
+    return r.value if r.state == "value" else None
+
+
+def _keys(root: str) -> list[str]:
+    return [k.decode() for k in _remote(root, lambda kv: kv.list().result())]
+
+
+# ---------------------------------------------------------------------------- one location
+
+
+def tmp_sibling(final: str) -> str:
+    """Where a save writes before its commit: a sibling directory, or ``final`` itself remotely."""
+    if is_url(final):
+        return final
+    parent, name = os.path.split(final)
+    return os.path.join(parent, f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def exists(root: str, key: str = "") -> bool:
+    if is_url(root):
+        return _read(root, key) is not None if key else is_dir(root)
+    return os.path.exists(os.path.join(root, key))
+
+
+def is_committed(root: str) -> bool:
+    if is_url(root):
+        return _read(root, COMMIT) is not None
+    return os.path.isfile(os.path.join(root, COMMIT))
+
+
+def is_dir(root: str) -> bool:
+    """A local directory, or a prefix holding at least one object."""
+    if is_url(root):
+        return bool(_keys(root))
+    return os.path.isdir(root)
+
+
+def occupied(final: str) -> bool:
+    """Whether ``final`` holds something a save must not overwrite nor delete.
+
+    An empty or absent location is free, and so is an object-store prefix holding only the
+    debris of an interrupted save (``PENDING`` without ``COMMIT``).
+    """
+    if is_url(final):
+        keys = _keys(final)
+        return bool(keys) and (PENDING not in keys or COMMIT in keys)
+    return os.path.isdir(final) and bool(os.listdir(final))
+
+
+def remove_tree(root: str) -> None:
+    """Deletes a directory tree, or every object under the prefix ``root/``."""
+    if is_url(root):
+        if not _split(root)[2]:
+            raise ValueError(f"refusing to delete every object of the bucket {root}")
+        _remote(root, lambda kv: kv.delete_range(ts.KvStore.KeyRange()).result())
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def begin(tmp: str) -> None:
+    """Makes the place a save writes into: a fresh directory, or a prefix marked ``PENDING``."""
+    if is_url(tmp):
+        remove_tree(tmp)  # debris of an interrupted save, if any (``occupied`` was checked)
+        write_bytes_durable(tmp, PENDING, b"")
+        return
+    os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
+    os.makedirs(tmp)
+
+
+def commit(tmp: str, final: str) -> None:
+    """Makes ``tmp`` appear as ``final`` atomically; ``COMMIT`` inside it is already durable."""
+    if is_url(final):  # the commit was COMMIT's PUT; a PENDING left beside it is harmless
+        try:
+            _remote(final, lambda kv: kv.write(PENDING, None).result())
+        except CheckpointError as e:
+            log.warning("jaxckpt: %s (the checkpoint is committed)", e)
+        return
+    _fsync_dir(tmp)
+    os.rename(tmp, final)  # fails on a non-empty ``final``: never clobbers a checkpoint
+    _fsync_dir(os.path.dirname(final))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- small objects
+
+
+def read_json(root: str, key: str) -> Any:
+    where = join(root, key)
+    if is_url(root):
+        data = _read(root, key)
+        if data is None:
+            raise FileNotFoundError(f"{where} does not exist")
+    else:
+        with open(where, "rb") as f:
+            data = f.read()
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(
+            f"{where} is not valid JSON ({e}); the checkpoint's metadata is damaged. Fix: restore "
+            "an earlier checkpoint."
+        ) from e
+
+
+def write_bytes_durable(root: str, key: str, data: bytes) -> None:
+    """Writes ``root/key`` and returns once it is durable (fsync, or an acknowledged PUT)."""
+    if is_url(root):
+        _remote(root, lambda kv: kv.write(key, data).result())
+        return
+    with open(os.path.join(root, key), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------- directories
+# What CheckpointManager needs of a directory of checkpoints (a local directory or a prefix).
+
+
+def list_names(root: str) -> list[str]:
+    """The names directly inside ``root``, sorted; empty when ``root`` does not exist.
+
+    On an object store this lists every key under the prefix (TensorStore lists without a
+    delimiter) and keeps their first segments.
+    """
+    if is_url(root):
+        return sorted({k.partition("/")[0] for k in _keys(root)})
+    try:
+        return sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def make_dirs(root: str) -> None:
+    if not is_url(root):  # a prefix exists once something is written under it
+        os.makedirs(root, exist_ok=True)
+
+
+def is_debris(name: str) -> bool:
+    """Whether ``name`` is left over by a local jaxckpt write that never committed."""
+    return TMP_MARK in name
+
+
+def remove(path: str) -> None:
+    """Removes a file or a directory tree (an object and a prefix); a missing one is no error."""
+    if is_url(path):
+        parent, _, name = path.rpartition("/")
+        remove_tree(path)
+        _remote(parent, lambda kv: kv.write(name, None).result())
+    elif os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def delete_checkpoint(path: str) -> None:
+    """Deletes a committed checkpoint so that no crash leaves it half-deleted but listed.
+
+    Locally it is first renamed to a debris name (one atomic step: it stops being a
+    checkpoint), then removed. On an object store it is marked ``PENDING`` and loses its
+    ``COMMIT`` before its other objects are deleted. A crash in between leaves debris that the
+    next manager removes.
+    """
+    if is_url(path):
+        if is_committed(path):
+            write_bytes_durable(path, PENDING, b"")
+            _remote(path, lambda kv: kv.write(COMMIT, None).result())
+        remove_tree(path)
+        return
+    doomed = tmp_sibling(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    remove(doomed)
+
+
+def read_bytes(root: str, key: str) -> bytes | None:
+    """The bytes of ``root/key``, or None when it does not exist."""
+    if is_url(root):
+        return _read(root, key)
+    try:
+        with open(os.path.join(root, key), "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
+    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes."""
+    if is_url(root):  # a PUT replaces an object atomically
+        write_bytes_durable(root, key, data)
+        return
+    final = os.path.join(root, key)
+    tmp = tmp_sibling(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove(tmp)
+        raise
+    _fsync_dir(root)

@@ -1,0 +1,401 @@
+"""One storage conformance suite over a local directory, S3 (moto) and GCS (fake-gcs-server).
+
+The servers are real processes on 127.0.0.1, started once per test session (per xdist worker)
+by the fixtures below; every test writes under its own fresh prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import servers
+
+import jaxckpt as jc
+from jaxckpt import _locations, _storage
+
+BUCKET = "jaxckpt-test"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    srv = servers.start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    servers.create_s3_bucket(srv.url, BUCKET)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    srv = servers.start_fake_gcs()
+    servers.create_gcs_bucket(srv.url, BUCKET)
+    yield srv
+    srv.stop()
+
+
+_AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION",
+             "AWS_DEFAULT_REGION", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")  # fmt: skip
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """S3 as a user configures it: dummy credentials and ``AWS_ENDPOINT_URL_S3``."""
+    for k in _AWS_VARS:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in servers.DUMMY_AWS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.url)
+    yield s3_server
+    jc.set_storage_options("s3")
+
+
+@pytest.fixture
+def gcs_env(gcs_server, monkeypatch):
+    """GCS through TensorStore's own test variables (``STORAGE_EMULATOR_HOST`` is tested apart)."""
+    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gcs_server.url)
+    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    yield gcs_server
+    jc.set_storage_options("gs")
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
+def base(request, tmp_path):
+    """A fresh, empty location of each kind: the directory a run's checkpoints go in."""
+    run = uuid.uuid4().hex[:10]
+    if request.param == "local":
+        return str(tmp_path / run)
+    if request.param == "s3":
+        request.getfixturevalue("s3_env")
+        return f"s3://{BUCKET}/{run}"
+    request.getfixturevalue("gcs_env")
+    return f"gs://{BUCKET}/{run}"
+
+
+def model_state(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)  # NumPy: no jit compile before the first test
+    params = {
+        "l1": {
+            "kernel": jnp.asarray(rng.standard_normal((4, 5), np.float32)),
+            "bias": jnp.arange(5, dtype=jnp.float32) + seed,
+        },
+        "emb": jnp.asarray(rng.standard_normal((7, 3), np.float32)).astype(jnp.bfloat16),
+        "ids": jnp.arange(-4, 4, dtype=jnp.int8),
+    }
+    opt = optax.adam(0.1).init(params)
+    return {"params": params, "opt_state": opt, "step": 7, "mask": np.array([True, False])}
+
+
+def assert_trees_equal(got, want) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.asarray(g).dtype == np.asarray(w).dtype
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+def keys_of(root: str) -> list[str]:
+    return sorted(k.decode() for k in _storage.open_kv(root).list().result())
+
+
+class TestStorage:
+    """The same behaviour on every kind of location."""
+
+    def test_round_trip(self, base):
+        tree = model_state()
+        path = jc.save(_locations.join(base, "ckpt-7"), tree, step=7)
+        assert path == _storage.normalize(_locations.join(base, "ckpt-7"))
+        assert_trees_equal(jc.restore(path, tree), tree)
+        raw = jc.restore(path)  # no target: dicts of NumPy arrays
+        np.testing.assert_array_equal(raw["params"]["emb"], np.asarray(tree["params"]["emb"]))
+        assert ("params/l1/kernel", (4, 5), "float32") in jc.list_variables(path)
+        keys = keys_of(path)
+        assert "COMMIT" in keys and "zarr.json" in keys and "params/l1/kernel/zarr.json" in keys
+        assert _storage.PENDING not in keys
+
+    def test_partial_restore_and_match(self, base):
+        tree = model_state()
+        path = jc.save(_locations.join(base, "ckpt"), tree)
+        small = {"params": {"l1": {"bias": jnp.zeros(5, jnp.float32)}}}
+        got = jc.restore(path, small, partial=True)
+        assert_trees_equal(got, {"params": {"l1": {"bias": tree["params"]["l1"]["bias"]}}})
+        status = jc.match(path, small)
+        status.assert_existing_objects_matched()
+        with pytest.raises(jc.StructureMismatchError, match="params/l1/kernel"):
+            status.assert_consumed()
+
+    def test_lazy_reads(self, base):
+        tree = model_state()
+        path = jc.save(_locations.join(base, "ckpt"), tree)
+        reader = jc.open(path)
+        assert "params/l1/kernel" in reader.paths
+        kernel = np.asarray(tree["params"]["l1"]["kernel"])
+        np.testing.assert_array_equal(reader["params/l1/kernel"], kernel)
+        np.testing.assert_array_equal(
+            reader.read("params/l1/kernel", (slice(1, 3), 2)), kernel[1:3, 2]
+        )
+        assert reader["step"] == 7
+
+    def test_never_overwrites_a_checkpoint(self, base):
+        tree = model_state()
+        path = jc.save(_locations.join(base, "ckpt"), tree)
+        with pytest.raises(jc.CheckpointExistsError, match="never overwrites"):
+            jc.save(path, model_state(seed=1))
+        assert_trees_equal(jc.restore(path, tree), tree)
+
+    def test_uncommitted_location_is_no_checkpoint(self, base):
+        path = _storage.normalize(_locations.join(base, "half"))
+        _storage.begin(path) if _storage.is_url(path) else os.makedirs(path)
+        _storage.write_bytes_durable(path, "zarr.json", b"{}")
+        with pytest.raises(jc.CheckpointNotFoundError, match="holds no committed checkpoint"):
+            jc.restore(path)
+        with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
+            jc.open(_locations.join(base, "absent"))
+
+    def test_foreign_content_is_left_alone(self, base):
+        path = _storage.normalize(_locations.join(base, "data"))
+        if not _storage.is_url(path):
+            os.makedirs(path)
+        _storage.write_bytes_durable(path, "mine.txt", b"user data")
+        with pytest.raises(
+            jc.CheckpointExistsError, match="is neither an empty directory nor a checkpoint"
+        ):
+            jc.save(path, {"w": np.ones(2)})
+        assert keys_of(path) == ["mine.txt"]
+
+    def test_corruption_is_detected(self, base):
+        tree = {"w": np.arange(64, dtype=np.float32), "v": np.ones(3, np.int32)}
+        path = jc.save(_locations.join(base, "ckpt"), tree)
+        kv = _storage.open_kv(path)
+        good = kv.read("w/c/0").result().value
+        bad = bytearray(good)
+        bad[5] ^= 0xFF  # same length, one flipped byte: only the checksum can tell
+        kv.write("w/c/0", bytes(bad)).result()
+        with pytest.raises(jc.CorruptCheckpointError, match="Reading the array 'w' of .* failed"):
+            jc.restore(path, tree)
+        np.testing.assert_array_equal(jc.open(path)["v"], tree["v"])  # the rest still reads
+        kv.write("v/c/0", None).result()  # a missing chunk is damage too, never zeros
+        with pytest.raises(jc.CorruptCheckpointError, match="is missing"):
+            jc.open(path)["v"]
+
+    def test_manager_rotation_index_and_best(self, base):
+        """max_to_keep, the index, best_metric, latest_checkpoint and async saves."""
+        trees = {step: model_state(seed=step) for step in range(1, 6)}
+        losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.0}
+        with jc.CheckpointManager(base, max_to_keep=2, best_metric="loss") as mngr:
+            for step, tree in trees.items():
+                assert mngr.save(step, tree, metrics={"loss": losses[step]})
+            mngr.wait_until_finished()
+            assert mngr.steps == [2, 5]  # the two best, the newest among them
+            assert mngr.best_step == 2
+        names = _storage.list_names(_storage.normalize(base))
+        assert names == ["checkpoint", "ckpt-2", "ckpt-5"]  # rotation deleted by prefix
+        index = json.loads(_storage.read_bytes(_storage.normalize(base), "checkpoint"))
+        assert [(c["step"], c["metrics"]) for c in index["checkpoints"]] == [
+            (2, {"loss": 1.0}),
+            (5, {"loss": 2.0}),
+        ]
+        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-5")
+        again = jc.CheckpointManager(base, max_to_keep=2, best_metric="loss")
+        assert again.steps == [2, 5] and again.best_step == 2
+        assert_trees_equal(again.restore(target=model_state()), trees[5])
+        assert_trees_equal(again.restore(2, target=model_state()), trees[2])
+        again.close()
+
+    def test_interrupted_save(self, base):
+        """A save process killed mid-write commits nothing and spoils no earlier checkpoint."""
+        first = jc.save(_locations.join(base, "ckpt-1"), model_state())
+        second = _storage.normalize(_locations.join(base, "ckpt-2"))
+        _kill_mid_save(second)
+        assert_trees_equal(jc.restore(first, model_state()), model_state())
+        with pytest.raises(jc.CheckpointNotFoundError):
+            jc.restore(second)
+        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-1")
+        # A manager started on the directory removes the debris, and saves that step anew.
+        with jc.CheckpointManager(base, max_to_keep=3) as mngr:
+            assert mngr.steps == [1]
+            names = _storage.list_names(_storage.normalize(base))
+            assert [n for n in names if n != "checkpoint"] == ["ckpt-1"]
+            tree = model_state(seed=2)
+            mngr.save(2, tree)
+        assert_trees_equal(jc.restore(second, tree), tree)
+        assert all(not k.startswith("x") for k in keys_of(second))  # none of the killed save's
+
+    def test_save_over_debris(self, base):
+        """A plain save to where a killed save left debris clears it first."""
+        second = _storage.normalize(_locations.join(base, "ckpt-2"))
+        tmp = _storage.tmp_sibling(second)  # the final prefix itself on an object store
+        _storage.begin(tmp)  # what a save does first, before writing its arrays
+        _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
+        tree = model_state(seed=2)
+        assert jc.save(second, tree) == second
+        assert_trees_equal(jc.restore(second, tree), tree)
+        assert "x0001.json" not in keys_of(second) and _storage.PENDING not in keys_of(second)
+
+
+_CHILD = """
+import sys, numpy as np, jaxckpt as jc
+tree = {f"x{i:04d}": np.full((256,), i, np.float32) for i in range(%d)}
+jc.save(sys.argv[1], tree)
+"""
+
+
+def _debris(final: str) -> bool:
+    """Whether the save has begun writing arrays (it commits only after writing them all)."""
+    if _storage.is_url(final):
+        return len(set(keys_of(final)) - {_storage.PENDING}) > 0
+    parent, name = os.path.split(final)
+    return any(
+        any(tmp.glob("*/zarr.json")) for tmp in Path(parent).glob(name + _storage.TMP_MARK + "*")
+    )
+
+
+def _kill_mid_save(final: str) -> None:
+    """Starts a save of many arrays in a child process and SIGKILLs it once arrays land."""
+    arrays = 300 if _storage.is_url(final) else 1000  # a slower store needs fewer to be slow
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_CHILD % arrays), final], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _debris(final):
+            assert child.poll() is None, (
+                f"the save finished before it was killed: {child.stderr.read()!r}"
+            )
+            assert time.monotonic() < deadline, "the child save never started writing"
+            time.sleep(0.002)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not _storage.is_committed(final)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def _round_trip(path: str) -> None:
+    tree = model_state()
+    assert_trees_equal(jc.restore(jc.save(path, tree), tree), tree)
+
+
+def test_s3_endpoint_conventions(s3_env, monkeypatch):
+    """``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``, which serves when alone."""
+    dead = f"http://127.0.0.1:{servers.free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/a")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    spec = _locations.kvstore(f"s3://{BUCKET}/run/ckpt-1")
+    assert spec == {
+        "driver": "s3", "bucket": BUCKET, "path": "run/ckpt-1/", "endpoint": s3_env.url,
+        "aws_region": "eu-west-3", "aws_credentials": {"type": "environment"},
+    }  # fmt: skip
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/b")
+
+
+def test_s3_explicit_options(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    jc.set_storage_options("s3", endpoint=s3_env.url, aws_region="us-east-1")
+    _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/ckpt")
+    with pytest.raises(ValueError, match=r"scheme must be one of \['gs', 's3'\], got 'gcs'"):
+        jc.set_storage_options("gcs", endpoint="x")
+
+
+def test_gcs_storage_emulator_host(gcs_env, monkeypatch):
+    """``STORAGE_EMULATOR_HOST`` (host:port, as google-cloud-storage reads it) is enough."""
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_env.url.removeprefix("http://"))
+    _round_trip(f"gs://{BUCKET}/{uuid.uuid4().hex}/ckpt")
+    assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == gcs_env.url
+
+
+def test_unknown_scheme_and_missing_bucket_name():
+    with pytest.raises(ValueError, match="uses the scheme 'hdfs'; jaxckpt reads and writes"):
+        jc.save("hdfs://cluster/ckpt", {"w": np.ones(2)})
+    with pytest.raises(ValueError, match=r"names no bucket. Fix: write s3://BUCKET/PREFIX"):
+        jc.restore("s3:///")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(params=["s3", "gcs"])
+def proxied(request, monkeypatch):
+    """Points s3:// or gs:// at a FaultyProxy in front of the real server; yields (proxy, base).
+
+    The retry delays are cut to milliseconds (TensorStore's defaults start at 1 s).
+    """
+    faults: list = []
+    if request.param == "s3":
+        srv = request.getfixturevalue("s3_env")
+        proxy = servers.FaultyProxy(srv.url, lambda *a: faults[0](*a) if faults else None)
+        jc.set_storage_options("s3", endpoint=proxy.url, s3_request_retries=FAST_RETRIES)
+        base = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    else:
+        srv = request.getfixturevalue("gcs_env")
+        proxy = servers.FaultyProxy(srv.url, lambda *a: faults[0](*a) if faults else None)
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.url)
+        jc.set_storage_options("gs", gcs_request_retries=FAST_RETRIES)
+        base = f"gs://{BUCKET}/{uuid.uuid4().hex}"
+    yield proxy, base, faults
+    proxy.stop()
+
+
+FAST_RETRIES = {"max_retries": 6, "initial_delay": "1ms", "max_delay": "20ms"}
+
+
+def test_transient_errors_are_retried(proxied):
+    proxy, base, faults = proxied
+    first_tries: set[tuple[str, str]] = set()
+
+    def every_request_fails_once(method: str, path: str, n: int) -> int | None:
+        path = re.sub(r"[?&]tensorstore=\w+", "", path)  # the gcs driver's cache buster
+        if (method, path) in first_tries:
+            return None
+        first_tries.add((method, path))
+        return 503 if n % 2 else 429  # unavailable, throttled
+
+    faults.append(every_request_fails_once)
+    _round_trip(_locations.join(base, "ckpt"))
+    assert {s for _, _, s in proxy.failed} == {503, 429}
+    assert len(proxy.failed) == len(first_tries) > 10
+
+
+def test_permanent_error_names_url_and_array(proxied):
+    proxy, base, faults = proxied
+    tree = {"w": np.arange(6, dtype=np.float32), "v": np.ones(2, np.float32)}
+    path = jc.save(_locations.join(base, "ckpt"), tree)
+    faults.append(lambda method, path, n: 403 if method == "GET" and "/w/c/" in path else None)
+    with pytest.raises(
+        jc.CheckpointError, match=rf"Accessing {path} \(the array 'w'\) failed: .*403"
+    ):
+        jc.restore(path, tree)
+    faults[0] = lambda method, path, n: 403 if method in ("PUT", "POST") and "/w/" in path else None
+    with pytest.raises(
+        jc.CheckpointError, match=rf"Accessing {base}/ckpt-2 \(the array 'w'\) failed"
+    ):
+        jc.save(_locations.join(base, "ckpt-2"), tree)
+    with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
+        jc.restore(_locations.join(base, "ckpt-2"))  # the failed save removed what it wrote
+
+
+def test_missing_bucket(s3_env):
+    with pytest.raises(jc.CheckpointNotFoundError, match="Accessing s3://no-such-bucket/c failed"):
+        jc.restore("s3://no-such-bucket/c")
+    with pytest.raises(jc.CheckpointError, match="check the bucket name, the endpoint"):
+        jc.save("s3://no-such-bucket/c", {"w": np.ones(2)})
