@@ -75,18 +75,14 @@ class _Pending:
 class CheckpointManager:
     """Saves a run's checkpoints as ``directory/ckpt-<step>`` and keeps the ones asked for.
 
-    Retention, applied after each committed save: the newest ``max_to_keep`` (None keeps all;
-    with ``best_metric``, the best ``max_to_keep`` by ``metrics[best_metric]``, ``best_mode``
-    "min" or "max", and the newest as well so that a run can resume), plus every step that is a
-    multiple of ``keep_every_n_steps``, plus, when ``keep_every_n_hours`` is set, the oldest
-    checkpoint and from there the first one at least that many hours after the last one kept
-    this way. ``save`` skips steps that are not multiples of ``save_interval_steps``. With
-    ``async_save`` a save returns once the arrays are copied to host memory; it commits in the
-    background, and its retention (or its error) comes with the next save, ``restore``,
-    ``wait_until_finished`` or ``close``.
-
-    On several processes every process calls the same methods at the same steps; process 0
-    alone deletes checkpoints and writes the index.
+    Retention, after each committed save, keeps the newest ``max_to_keep`` (None: all; with
+    ``best_metric``, the best ``max_to_keep`` by ``metrics[best_metric]`` and the newest), every
+    multiple of ``keep_every_n_steps``, and with ``keep_every_n_hours`` the oldest checkpoint and
+    then the first one at least that many hours after the last one kept so. With ``async_save``
+    a save commits in the background; its retention (or error) comes with the next ``save``,
+    ``restore``, ``wait_until_finished`` or ``close``. On several processes all call the same
+    methods at the same steps; process 0 alone deletes and writes the index. See
+    docs/manager.md.
 
     Example:
         >>> with jc.CheckpointManager("./tf_ckpts", max_to_keep=3) as mngr:  # doctest: +SKIP

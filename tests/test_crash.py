@@ -76,6 +76,14 @@ class Worker:
         """When the worker started, then when each save returned (its monotonic clock)."""
         return [float(line.split()[2]) for line in list(self.lines)]
 
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:  # a failed wait: leave no process behind
+            self.proc.kill()
+            self.proc.wait()
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -129,13 +137,13 @@ def test_sigkill_at_random_moments_loses_nothing_committed(fast_dir, mode):
     rng = random.Random(seed)
     base = base_of(N)
     for trial in range(TRIALS):
-        worker = Worker(fast_dir, mode)
-        # Wait for two saves (so this trial committed a step: async "saved N" means N - 1 is
-        # committed), then kill at a random moment of the next save or so.
-        worker.wait_for(lambda saved: len(saved) >= 2)
-        step_time = worker.times[-1] - worker.times[-2]
-        time.sleep(rng.uniform(0.0, 1.5) * step_time)
-        worker.kill()
+        with Worker(fast_dir, mode) as worker:
+            # Wait for two saves (so this trial committed a step: async "saved N" means N - 1
+            # is committed), then kill at a random moment of the next save or so.
+            worker.wait_for(lambda saved: len(saved) >= 2)
+            step_time = worker.times[-1] - worker.times[-2]
+            time.sleep(rng.uniform(0.0, 1.5) * step_time)
+            worker.kill()
         saved = worker.saved()
         committed = saved[-1] if mode == "sync" else saved[-1] - 1
         try:

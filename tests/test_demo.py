@@ -94,7 +94,8 @@ def test_make_demo_prints_the_guide(tmp_path):
     check_guide_output(proc.stdout, tmp_path)
     # The README shows this output (numbers aside, which depend on the JAX version).
     readme = (ROOT / "README.md").read_text()
-    shown = readme.split("It prints")[1].split("```\n")[1]
+    section = readme.split("## `make demo`: the seed guide in JAX")[1]
+    shown = section.split("It prints")[1].split("```\n")[1]
     mask = re.compile(r"-?\d+\.\d*(e[+-]?\d+)?")
     got = proc.stdout.replace(str(tmp_path.resolve()), "/home/you/jaxckpt")
     assert mask.sub("#", shown) == mask.sub("#", got)

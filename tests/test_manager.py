@@ -376,3 +376,18 @@ def test_the_docs_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
     for _ in range(100):
         w = w - 0.1 * np.ones(3, np.float32)
     np.testing.assert_array_equal(jc.restore("run/ckpt-100")["w"], w)
+
+
+def test_the_manager_touches_files_only_through_storage():
+    """So that _storage alone decides how a directory is listed, written and deleted (S3, GCS)."""
+    import ast
+
+    source = open(os.path.join(os.path.dirname(jc.__file__), "_manager.py")).read()
+    used = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            if node.value.id in ("os", "shutil", "pathlib"):
+                used.add(f"{node.value.id}.{node.attr}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            assert node.func.id != "open", "the manager opens a file itself"
+    assert used <= {"os.fspath", "os.PathLike"}, used
