@@ -295,7 +295,20 @@ def scenario_restart() -> None:
     report("manager-after", steps=mngr.steps, latest=mngr.latest_step)
 
 
-SCENARIOS = {"main": scenario_main, "restart": scenario_restart}
+def scenario_objstore() -> None:
+    """Both processes save through a manager to an object store (DIRECTORY is a URL)."""
+    mngr = jc.CheckpointManager(DIRECTORY, max_to_keep=1)
+    for step in (1, 2):
+        mngr.save(step, make_tree(step))
+    mngr.wait_until_finished()
+    report("manager", steps=mngr.steps, latest=mngr.latest_step)
+    target = restore_target(2)
+    with count_reads() as read:
+        checked = check_restored(mngr.restore(target=target), target, 2)
+    report("restored", step=2, bytes=checked, read=read)
+
+
+SCENARIOS = {"main": scenario_main, "restart": scenario_restart, "objstore": scenario_objstore}
 SCENARIOS.update({"kill-last": scenario_kill, "kill-first": scenario_kill})
 SCENARIOS[SCENARIO]()
 _multihost.barrier("worker-done", timeout=60)

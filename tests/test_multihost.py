@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import servers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -308,6 +309,27 @@ def test_coordinator_killed_mid_save(tmp_path):
     mngr = jc.CheckpointManager(tmp_path)
     assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
     restore_on_two_devices(mngr.latest_checkpoint, 1)
+
+
+def test_two_processes_save_to_an_object_store(tmp_path, monkeypatch):
+    """s3:// through a real S3 server (moto): each process PUTs its own chunks."""
+    server = servers.start_moto(tmp_path / "moto.log")
+    try:
+        servers.create_s3_bucket(server.url, "jaxckpt-multihost")
+        for k, v in servers.DUMMY_AWS.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+        url = "s3://jaxckpt-multihost/run"
+        procs = launch("objstore", 2, url)
+        assert_all_done(procs)
+        for p in procs:
+            assert p.results["manager"]["steps"] == [2] and p.results["manager"]["latest"] == 2
+            assert p.results["restored"]["read"]["params/w"] == 64  # its own half, no more
+        assert jc.latest_checkpoint(url) == f"{url}/ckpt-2"
+        restore_on_two_devices(f"{url}/ckpt-2", 2)
+    finally:
+        server.stop()
+        jc.set_storage_options("s3")
 
 
 def test_barrier_timeout_comes_from_the_environment(monkeypatch):
