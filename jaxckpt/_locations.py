@@ -85,6 +85,11 @@ def is_url(root: str) -> bool:
     return scheme_of(root) is not None
 
 
+def is_local(root: str) -> bool:
+    """Whether ``root`` is a local directory (not an object-store URL)."""
+    return scheme_of(root) is None
+
+
 def _split(root: str) -> tuple[str, str, str]:
     scheme = scheme_of(root)
     assert scheme is not None
@@ -163,11 +168,19 @@ def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     of = f" (the array {what!r})" if what else ""
     detail = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(e))  # the JSON spec buries the cause
     msg = f"Accessing {where}{of} failed: {detail}."
-    if is_url(where):
+    scheme = scheme_of(where)
+    if scheme == "s3":
         msg += (
-            " Fix: check the bucket name, the endpoint (AWS_ENDPOINT_URL_S3, "
-            "STORAGE_EMULATOR_HOST, or jc.set_storage_options) and the credentials."
+            " Fix: check the bucket name, the endpoint (AWS_ENDPOINT_URL_S3 or "
+            "jc.set_storage_options('s3', endpoint=...)) and the AWS credentials."
         )
+    elif scheme == "gs":
+        msg += (
+            " Fix: check the bucket name, the application default credentials, and "
+            "STORAGE_EMULATOR_HOST when using an emulator."
+        )
+    else:
+        msg += " Fix: check the free space and the permissions of that directory."
     if str(e).startswith("NOT_FOUND") and "http_response_code='404'" in str(e):  # no bucket
         return CheckpointNotFoundError(msg)
     return CheckpointError(msg)

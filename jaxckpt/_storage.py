@@ -26,6 +26,7 @@ from ._locations import exists as exists
 from ._locations import is_committed as is_committed
 from ._locations import is_debris as is_debris
 from ._locations import is_dir as is_dir
+from ._locations import is_local as is_local
 from ._locations import is_url as is_url
 from ._locations import join as join
 from ._locations import kvstore as kvstore

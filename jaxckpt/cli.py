@@ -93,6 +93,9 @@ _STEP_NAME = re.compile(r"ckpt-(\d+)$")
 
 
 def _disk_size(path: str) -> int:
+    if _storage.is_url(path):  # listing an object store gives no sizes: count the array bytes
+        reader = open_checkpoint(path)
+        return sum(_scan.nbytes(rec) or 0 for rec in reader.records.values())
     total = 0
     for root, _, files in os.walk(path):
         for f in files:
@@ -107,30 +110,29 @@ def _index(directory: str) -> dict[int, dict[str, Any]]:
     """The manager's ``checkpoint`` index (``{"checkpoints": [{"step", "time", "metrics"}]}``)
     by step; {} when absent or unreadable (the step directories are the truth)."""
     try:
-        with open(os.path.join(directory, "checkpoint")) as f:
-            entries = json.load(f)["checkpoints"]
+        entries = json.loads(_storage.read_bytes(directory, "checkpoint") or b"")["checkpoints"]
         return {int(e["step"]): e for e in entries}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return {}
 
 
 def _committed(directory: str) -> list[tuple[int, str]]:
     """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step."""
     out = []
-    for name in os.listdir(directory):
-        if os.path.isfile(os.path.join(directory, name, "COMMIT")):
+    for name in _storage.list_names(directory):
+        if _storage.is_committed(_storage.join(directory, name)):
             m = _STEP_NAME.match(name)
             out.append((int(m.group(1)) if m else -1, name))
     return sorted(out)
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
-    directory = os.path.abspath(args.dir)
-    if not os.path.isdir(directory):
+    directory = _storage.normalize(args.dir)
+    if not _storage.is_dir(directory):
         raise UsageError(
             f"No directory {directory}. Fix: give the directory a CheckpointManager writes to."
         )
-    if os.path.isfile(os.path.join(directory, "COMMIT")):
+    if _storage.is_committed(directory):
         raise UsageError(
             f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
             f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
@@ -138,7 +140,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     index = _index(directory)
     rows = []
     for step, name in _committed(directory):
-        path = os.path.join(directory, name)
+        path = _storage.join(directory, name)
         try:
             meta = open_checkpoint(path).metadata
         except CheckpointError as e:
@@ -150,9 +152,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
     unfinished = [
         n
-        for n in sorted(os.listdir(directory))
+        for n in _storage.list_names(directory)
         if _storage.is_debris(n)
-        or (_STEP_NAME.match(n) and not os.path.isfile(os.path.join(directory, n, "COMMIT")))
+        or (_STEP_NAME.match(n) and not _storage.is_committed(_storage.join(directory, n)))
     ]
     if not rows:
         print(f"No committed checkpoints in {directory}.", file=out)

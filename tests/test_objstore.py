@@ -6,9 +6,11 @@ by the fixtures below; every test writes under its own fresh prefix.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _storage
+from jaxckpt import _locations, _storage, cli
 
 BUCKET = "jaxckpt-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +216,23 @@ class TestStorage:
         assert_trees_equal(again.restore(2, target=model_state()), trees[2])
         again.close()
 
+    def test_command_line(self, base):
+        """``jaxckpt ls / inspect / verify / diff`` on the location."""
+        with jc.CheckpointManager(base, async_save=False) as mngr:
+            mngr.save(1, {"w": np.ones(3, np.float32)}, metrics={"loss": 0.5})
+            mngr.save(2, {"w": np.zeros(3, np.float32)})
+        one, two = (_locations.join(base, f"ckpt-{s}") for s in (1, 2))
+        out = io.StringIO()
+        assert cli.main(["ls", base], out) == 0
+        assert re.search(r"1\s+ckpt-1\s+\d+ B .*loss=0.5", out.getvalue())
+        assert "2 checkpoints" in out.getvalue()
+        assert cli.main(["inspect", one], out) == 0
+        assert re.search(r"w\s+\(3,\)\s+float32", out.getvalue())
+        assert cli.main(["verify", one], out) == 0
+        assert f"OK: {_storage.normalize(one)}" in out.getvalue()
+        assert cli.main(["diff", one, two], out) == 1
+        assert "differ" in out.getvalue()
+
     def test_interrupted_save(self, base):
         """A save process killed mid-write commits nothing and spoils no earlier checkpoint."""
         first = jc.save(_locations.join(base, "ckpt-1"), model_state())
@@ -397,5 +416,29 @@ def test_permanent_error_names_url_and_array(proxied):
 def test_missing_bucket(s3_env):
     with pytest.raises(jc.CheckpointNotFoundError, match="Accessing s3://no-such-bucket/c failed"):
         jc.restore("s3://no-such-bucket/c")
-    with pytest.raises(jc.CheckpointError, match="check the bucket name, the endpoint"):
+    with pytest.raises(jc.CheckpointError, match=r"check the bucket name, the endpoint \(AWS_"):
         jc.save("s3://no-such-bucket/c", {"w": np.ones(2)})
+
+
+def test_missing_gcs_bucket(gcs_env):
+    with pytest.raises(jc.CheckpointError, match="application default credentials"):
+        jc.save("gs://no-such-bucket/c", {"w": np.ones(2)})
+
+
+def test_local_write_error_names_path_and_array(tmp_path):
+    """A write the disk refuses (here: past RLIMIT_FSIZE, EFBIG) names the path and the array."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(jc.CheckpointError) as e:
+            jc.save(tmp_path / "c", {"w": np.ones(10000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert re.search(
+        r"Accessing .*/c\S* \(the array 'w'\) failed: .*File too large.*"
+        r"Fix: check the free space and the permissions of that directory",
+        str(e.value),
+    )
+    assert list(tmp_path.iterdir()) == []  # the failed save removed what it wrote
