@@ -219,6 +219,16 @@ def _check_shared(tmp: str, final: str) -> None:
     )
 
 
+def _keep_every_state(s: _Save, states: dict[str, str]) -> None:
+    """On process 0: a state leaf that differs between processes keeps each one's state."""
+    every = [json.loads(v) for v in s.sync.collect("states", json.dumps(states))]
+    for path, rec in _metadata.iter_leaves(s.record):
+        if rec["t"] == "state":
+            per = [d.get(path, rec["v"]) for d in every]
+            if len(set(per)) > 1:
+                rec["per_process"] = per
+
+
 def _execute(s: _Save, budget: int) -> str:
     """Writes, then commits; in a multi-process job every process runs this together.
 
@@ -229,11 +239,16 @@ def _execute(s: _Save, budget: int) -> str:
     tmp = None
     try:
         tmp = _agree_on_tmp(s)
+        states = {p: r["v"] for p, r in _metadata.iter_leaves(s.record) if r["t"] == "state"}
+        if states:
+            s.sync.post("states", json.dumps(states))
         if primary:
             _storage.begin(tmp)
         s.sync.barrier("start")
         if not primary:
             _check_shared(tmp, s.final)
+        elif states and s.sync.multi:
+            _keep_every_state(s, states)
         _write_arrays(tmp, s.arrays, budget)
         if primary:
             attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})

@@ -154,6 +154,28 @@ def _late_processes(text: str) -> list[str]:
     return [n for n in names if n.isdigit()]
 
 
+def own_state(rec: dict[str, Any]) -> dict[str, Any]:
+    """A state leaf's record as this process saved it, when each process saved its own.
+
+    A save by several processes whose states differ (each host's data iterator) keeps them all
+    in ``"per_process"``; a restore by as many processes gives each its own, and any other
+    restore process 0's (``"v"``).
+    """
+    per = rec.get("per_process")
+    if not per:
+        return rec
+    if len(per) != jax.process_count():
+        log.warning(
+            "jaxckpt: the state at %s was saved by %d processes, each its own; restoring in %d "
+            "processes, every process gets process 0's.",
+            rec.get("cls", "a leaf"),
+            len(per),
+            jax.process_count(),
+        )
+        return rec
+    return {**rec, "v": per[jax.process_index()]}
+
+
 PHASES = {
     "start": "every process has begun the save",
     "written": "every process has written its shards",
@@ -193,6 +215,20 @@ class SaveSync:
         except Exception as e:
             where = f"{self.what} waited for process 0 to start the same save"
             raise _runtime_error(where, seconds, e, NOTHING_COMMITTED, late=["0"]) from e
+
+    def post(self, name: str, value: str) -> None:
+        """Publishes this process's ``value``, for process 0 to ``collect`` after a barrier."""
+        if self.multi and not is_primary():
+            _client().key_value_set(f"{self.key}/{name}/{jax.process_index()}", value)
+
+    def collect(self, name: str, own: str) -> list[str]:
+        """On process 0, after the barrier that follows every ``post``: all values, by index."""
+        if not self.multi:
+            return [own]
+        got = {
+            k.rsplit("/", 1)[-1]: v for k, v in _client().key_value_dir_get(f"{self.key}/{name}/")
+        }
+        return [own] + [got[str(i)] for i in range(1, jax.process_count())]
 
     def barrier(self, phase: str) -> None:
         """Waits for every process at ``phase``, then raises any failure a process reported."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _metadata, _paths
+from . import _metadata, _multihost, _paths
 from ._errors import StructureMismatchError
 from ._reader import Reader
 
@@ -334,7 +334,7 @@ def restore(
         if rec is None:
             leaves.append(x)
         elif rec["t"] == "state":
-            states.append((x, _metadata.load_state(rec)))
+            states.append((x, _metadata.load_state(_multihost.own_state(rec))))
             leaves.append(x)
         elif rec["t"] == "value":
             v = _metadata.load_value(rec)

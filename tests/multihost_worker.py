@@ -68,6 +68,19 @@ def global_array(name: str, sharding: jax.sharding.Sharding, dtype=np.float32) -
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
+class Loader:
+    """A data iterator: each host reads its own part of the data, at its own position."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def get_state(self) -> dict:
+        return {"pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 def make_tree(step: int) -> dict:
     m = save_mesh()
     return {
@@ -85,6 +98,7 @@ def make_tree(step: int) -> dict:
             "np": np.full(3, PID_, np.int32),
             "dev": jax.device_put(jnp.full(2, PID_ + 10, jnp.int32), jax.local_devices()[0]),
         },
+        "loader": Loader(1000 * step + PID_),  # each process keeps its own position
     }
 
 
@@ -108,12 +122,19 @@ def restore_target(step: int) -> dict:
         # a Python int saved, restored as a global array replicated over the other mesh
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(o, P())),
         "host": {"np": np.zeros(3, np.int32), "dev": jax.ShapeDtypeStruct((2,), jnp.int32)},
+        "loader": Loader(-1),
     }
 
 
-def check_restored(out: dict, target: dict, step: int) -> int:
-    """Compares ``out`` with the saved values bit for bit; returns the bytes it checked."""
+def check_restored(out: dict, target: dict, step: int, saved_by: int = NPROC_) -> int:
+    """Compares ``out`` with the saved values bit for bit; returns the bytes it checked.
+
+    ``saved_by``: how many processes saved it; with as many here, each process gets its own
+    loader position back, else process 0's.
+    """
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
+    assert out["loader"] is target["loader"]
+    assert out["loader"].pos == 1000 * step + (PID_ if saved_by == NPROC_ else 0)
     assert out["step"].sharding.is_equivalent_to(target["step"].sharding, 0)
     for s in out["step"].addressable_shards:
         assert s.data.dtype == jnp.int32 and int(s.data) == step, s.data
@@ -217,7 +238,8 @@ def scenario_main() -> None:
     # jc.save_async and jc.save directly, without a manager
     h = jc.save_async(os.path.join(DIRECTORY, "ckpt-a"), make_tree(7), step=7)
     assert h.wait(60) == os.path.join(DIRECTORY, "ckpt-a")
-    check_restored(jc.restore(h.path, restore_target(7)), restore_target(7), 7)
+    target = restore_target(7)
+    check_restored(jc.restore(h.path, target), target, 7)
 
     # A peer fails with an ordinary error: every process stops at the next barrier, at once.
     if PID_ == 1:
@@ -284,18 +306,32 @@ def scenario_restart() -> None:
     mngr = jc.CheckpointManager(DIRECTORY, max_to_keep=5)  # removes the killed save's debris
     report("manager", steps=mngr.steps, latest=mngr.latest_step)
     target = restore_target(1)
-    checked = check_restored(mngr.restore(target=target), target, 1)
+    checked = check_restored(mngr.restore(target=target), target, 1, saved_by=2)
     report("restored", step=1, bytes=checked)
     tree = make_tree(3)
     report("pieces", pieces=written_pieces(tree))
     mngr.save(3, tree)
-    checked = check_restored(mngr.restore(3, restore_target(3)), restore_target(3), 3)
+    target = restore_target(3)
+    checked = check_restored(mngr.restore(3, target), target, 3)
     report("restored", step=3, bytes=checked)
     mngr.close()
     report("manager-after", steps=mngr.steps, latest=mngr.latest_step)
 
 
-SCENARIOS = {"main": scenario_main, "restart": scenario_restart}
+def scenario_objstore() -> None:
+    """Both processes save through a manager to an object store (DIRECTORY is a URL)."""
+    mngr = jc.CheckpointManager(DIRECTORY, max_to_keep=1)
+    for step in (1, 2):
+        mngr.save(step, make_tree(step))
+    mngr.wait_until_finished()
+    report("manager", steps=mngr.steps, latest=mngr.latest_step)
+    target = restore_target(2)
+    with count_reads() as read:
+        checked = check_restored(mngr.restore(target=target), target, 2)
+    report("restored", step=2, bytes=checked, read=read)
+
+
+SCENARIOS = {"main": scenario_main, "restart": scenario_restart, "objstore": scenario_objstore}
 SCENARIOS.update({"kill-last": scenario_kill, "kill-first": scenario_kill})
 SCENARIOS[SCENARIO]()
 _multihost.barrier("worker-done", timeout=60)

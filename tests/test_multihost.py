@@ -21,11 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import servers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt as jc
-from jaxckpt import _multihost
+from jaxckpt import _metadata, _multihost
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +116,19 @@ def chunk_files(ckpt: str, leaf: str) -> int:
     return sum(len(fs) for _, _, fs in os.walk(os.path.join(ckpt, leaf, "c")))
 
 
+class Loader:
+    """The worker's data iterator (tests/multihost_worker.py ``Loader``)."""
+
+    def __init__(self, pos: int):
+        self.pos = pos
+
+    def get_state(self) -> dict:
+        return {"pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.pos = state["pos"]
+
+
 def restore_on_two_devices(ckpt: str, step: int) -> None:
     """This single pytest process restores what many processes wrote onto 2 of its devices."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
@@ -131,8 +145,10 @@ def restore_on_two_devices(ckpt: str, step: int) -> None:
         },
         "step": 0,
         "host": {"np": np.zeros(3, np.int32), "dev": np.zeros(2, np.int32)},
+        "loader": Loader(-1),
     }
     out = jc.restore(ckpt, target)
+    assert out["loader"].pos == 1000 * step  # saved by several processes: process 0's
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(target)
     assert out["step"] == step
     for got, name, dtype in [
@@ -241,6 +257,13 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt-a", "local-0", "local-1", "run"]
     restore_on_two_devices(ckpt, 3)
     restore_on_two_devices(str(tmp_path / "ckpt-a"), 7)
+    # Each process's loader position is kept in the metadata (they differ), process 0's first.
+    rec = jc.open(ckpt).record("loader")
+    assert [_metadata.load_state({"v": v}) for v in rec["per_process"]] == [
+        {"pos": 3000},
+        {"pos": 3001},
+    ]
+    assert _metadata.load_state(rec) == {"pos": 3000}
 
 
 def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
@@ -308,6 +331,27 @@ def test_coordinator_killed_mid_save(tmp_path):
     mngr = jc.CheckpointManager(tmp_path)
     assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
     restore_on_two_devices(mngr.latest_checkpoint, 1)
+
+
+def test_two_processes_save_to_an_object_store(tmp_path, monkeypatch):
+    """s3:// through a real S3 server (moto): each process PUTs its own chunks."""
+    server = servers.start_moto(tmp_path / "moto.log")
+    try:
+        servers.create_s3_bucket(server.url, "jaxckpt-multihost")
+        for k, v in servers.DUMMY_AWS.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+        url = "s3://jaxckpt-multihost/run"
+        procs = launch("objstore", 2, url)
+        assert_all_done(procs)
+        for p in procs:
+            assert p.results["manager"]["steps"] == [2] and p.results["manager"]["latest"] == 2
+            assert p.results["restored"]["read"]["params/w"] == 64  # its own half, no more
+        assert jc.latest_checkpoint(url) == f"{url}/ckpt-2"
+        restore_on_two_devices(f"{url}/ckpt-2", 2)
+    finally:
+        server.stop()
+        jc.set_storage_options("s3")
 
 
 def test_barrier_timeout_comes_from_the_environment(monkeypatch):
