@@ -52,6 +52,11 @@ def tmp_sibling(final: str) -> str:
     return os.path.join(parent, f"{name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
 
 
+def is_local(root: str) -> bool:
+    """Whether ``root`` is a local directory (chunk files then bypass TensorStore)."""
+    return "://" not in root
+
+
 def exists(root: str, key: str = "") -> bool:
     return os.path.exists(os.path.join(root, key))
 
@@ -175,14 +180,18 @@ def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool) -> ts.Future:
+def open_array(root: str, rel: str, meta: dict[str, Any], *, create: bool, assume: bool = True) -> ts.Future:
+    """Opens one zarr array; ``assume=False`` reads its zarr.json instead of trusting ``meta``."""
     spec = _array_spec(root, rel, meta)
     if create:
         # Every chunk is written, zeros included: a missing chunk then always means damage.
         spec["store_data_equal_to_fill_value"] = True
-        return ts.open(spec, create=True, context=context())
+        # open=True too: the fast path may have written this array's zarr.json already.
+        return ts.open(spec, create=True, open=True, context=context())
     spec["fill_missing_data_reads"] = False
-    return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
+    if not assume:
+        del spec["metadata"]
+    return ts.open(spec, open=True, assume_metadata=assume, read=True, context=context())
 
 
 def read_error(root: str, path: str, e: Exception) -> CorruptCheckpointError:
