@@ -30,6 +30,7 @@ STREAM_BYTES = 512 << 20
 PACK_BELOW = 1 << 20
 PACK_CHUNK = 1 << 20  # chunk of a pack array: what reading one small leaf reads at most twice
 PACK_MAX = 1 << 30  # a pack array holds at most this many bytes; more start another
+PACK_ALIGN = 64  # leaf offsets in a pack: restored leaves are aligned views of the read chunks
 PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides with the tree
 
 
@@ -70,8 +71,7 @@ class _Pack:
         if self.chunks is not None:
             return self.chunks[k]
         lo, hi = k * PACK_CHUNK, min((k + 1) * PACK_CHUNK, self.nbytes)
-        buf = np.empty(PACK_CHUNK, np.uint8)
-        buf[hi - lo :] = 0
+        buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
         i = max(0, bisect.bisect_right(self.starts, lo) - 1)
         while i < len(self.starts) and self.starts[i] < hi:
             off, raw = self.starts[i], _chunks.as_bytes(np.ascontiguousarray(self.leaves[i]))
@@ -118,11 +118,12 @@ def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
             if not packs or packs[-1].nbytes + nbytes > PACK_MAX:
                 packs.append(_Pack(f"{PACK_DIR}/{len(packs)}"))
             p = packs[-1]
-            rec["loc"], rec["packed"] = p.loc, [p.nbytes, nbytes]
+            start = -(-p.nbytes // PACK_ALIGN) * PACK_ALIGN
+            rec["loc"], rec["packed"] = p.loc, [start, nbytes]
             if nbytes:
-                p.starts.append(p.nbytes)
+                p.starts.append(start)
                 p.leaves.append(x)
-                p.nbytes += nbytes
+                p.nbytes = start + nbytes
             return rec
         pieces, shard = _pieces(x)
         data_type = _storage.stored_dtype(dtype)
@@ -176,19 +177,19 @@ def _snapshot(arrays: list[_Array], packs: list[_Pack]) -> None:
         for p in a.pieces:
             if isinstance(p.data, jax.Array):
                 p.data.copy_to_host_async()
-    io = _chunks.pool()
-    jobs = []
-    for a in arrays:
-        for p in a.pieces:
-            jobs.append(io.submit(_copy_piece, p))
+    cp = _chunks.pool("copy")
+    jobs = [cp.submit(_copy_piece, p) for a in arrays for p in a.pieces]
     for k in packs:
-        k.chunks = list(io.map(k.chunk, range(k.n_chunks)))
+        k.chunks = list(cp.map(k.chunk, range(k.n_chunks)))
         k.leaves = []
     for j in jobs:
         j.result()
 
 
 def _copy_piece(p: _Piece) -> None:
+    if isinstance(p.data, jax.Array) and next(iter(p.data.devices())).platform != "cpu":
+        p.data = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
+        return
     src = _to_host(p.data, copy=False)
     dst = np.empty(src.shape, src.dtype)
     np.copyto(dst, src)
@@ -198,8 +199,8 @@ def _copy_piece(p: _Piece) -> None:
 def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: int) -> None:
     """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
 
-    On a local disk the chunk files are written directly by the I/O threads (and fsynced);
-    anything else goes through TensorStore.
+    On a local disk the chunk files are written directly by the I/O threads (made durable
+    by :func:`_durable`); anything else goes through TensorStore.
     """
     if not _storage.is_local(root):
         _write_arrays_ts(root, arrays, budget)
@@ -209,16 +210,11 @@ def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: i
             store.write(whole).result()
         return
     io = _chunks.pool()
-    dirs: set[str] = {root}
-    meta_jobs = []
-    for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
-        d = os.path.join(root, loc)
-        os.makedirs(d, exist_ok=True)
-        dirs.update(_ancestors(root, d))
-        meta_jobs.append(io.submit(_chunks.write_json, os.path.join(d, "zarr.json"), meta))
     jobs: deque[tuple[Any, int, _Array | None]] = deque()
+    for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
+        jobs.append((io.submit(_chunks.write_json, os.path.join(root, loc, "zarr.json"), meta), 0, None))
     held = 0
-    fallback: list[_Array] = []
+    fallback: dict[int, _Array] = {}
     for a in arrays:
         m = a.meta
         for p in a.pieces:
@@ -234,43 +230,39 @@ def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: i
             held += cost
             while held > budget and jobs:
                 done, n, owner = jobs.popleft()
-                _collect(done.result(), dirs, owner, fallback)
+                if done.result() is False and owner is not None:
+                    fallback[id(owner)] = owner
                 held -= n
     for k in packs:
         for i in range(k.n_chunks):
             jobs.append((io.submit(_write_pack_chunk, root, k, i), 0, None))
     for done, _, owner in jobs:
-        _collect(done.result(), dirs, owner, fallback)
-    for j in meta_jobs:
-        j.result()
+        if done.result() is False and owner is not None:
+            fallback[id(owner)] = owner
     if fallback:
-        _write_arrays_ts(root, list({id(a): a for a in fallback}.values()), budget)
-    list(io.map(_chunks.fsync_dirs, [[d] for d in dirs]))
+        _write_arrays_ts(root, list(fallback.values()), budget)
 
 
-def _write_pack_chunk(root: str, k: _Pack, i: int) -> list[str]:
+def _write_pack_chunk(root: str, k: _Pack, i: int) -> None:
     d = os.path.join(root, k.loc, "c")
     os.makedirs(d, exist_ok=True)
     _chunks.write_chunk(os.path.join(d, str(i)), k.chunk(i))
-    return [d]
 
 
-def _collect(result: Any, dirs: set[str], a: _Array | None, fallback: list[_Array]) -> None:
-    if result is None:
-        if a is not None:
-            fallback.append(a)
+def _write_json_files(root: str, files: dict[str, Any]) -> None:
+    """The metadata files: written by the I/O threads on a local disk, else by TensorStore."""
+    if _storage.is_local(root):
+        list(_chunks.pool().map(lambda kv: _chunks.write_json(os.path.join(root, kv[0]), kv[1]), files.items()))
         return
-    for d in result:
-        dirs.add(d)
-        dirs.add(os.path.dirname(d))
+    kv = _storage.open_kv(root)
+    for f in _storage.write_json_files(kv, files):
+        f.result()
 
 
-def _ancestors(root: str, d: str) -> list[str]:
-    out = []
-    while len(d) > len(root):
-        out.append(d)
-        d = os.path.dirname(d)
-    return out
+def _durable(root: str) -> None:
+    """Every byte this process wrote under ``root`` is on disk (TensorStore syncs its own)."""
+    if _storage.is_local(root):
+        _chunks.make_durable(root)
 
 
 def _write_arrays_ts(root: str, arrays: list[_Array], budget: int) -> None:
@@ -334,9 +326,8 @@ def _execute(s: _Save, budget: int) -> str:
             files = {"zarr.json": _storage.group_json(attrs), **_group_files(s.record)}
             if s.packs:
                 files[f"{PACK_DIR}/zarr.json"] = _storage.group_json()
-            kv = _storage.open_kv(s.tmp)
-            for f in _storage.write_json_files(kv, files):
-                f.result()
+            _write_json_files(s.tmp, files)
+        _durable(s.tmp)
         _multihost.barrier(f"jaxckpt-written:{s.final}")
         if primary:
             _storage.write_bytes_durable(s.tmp, _storage.COMMIT, b"{}")

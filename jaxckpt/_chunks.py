@@ -10,6 +10,7 @@ Edge chunks are full-sized and padded with the fill value (zero), as zarr v3 req
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
@@ -21,15 +22,19 @@ import google_crc32c
 import numpy as np
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[str, ThreadPoolExecutor] = {}
 
 
-def pool() -> ThreadPoolExecutor:
-    """The shared I/O threads (``os`` calls and large copies release the GIL)."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="jaxckpt-io")
-    return _pool
+def pool(kind: str = "io") -> ThreadPoolExecutor:
+    """Shared worker threads (``os`` calls and large copies release the GIL).
+
+    ``"io"`` reads and writes files; ``"copy"`` takes async snapshots, so that a snapshot never
+    queues behind the writes of an earlier save still in flight.
+    """
+    if kind not in _pools:
+        n = 8 if kind == "io" else 4
+        _pools[kind] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"jaxckpt-{kind}")
+    return _pools[kind]
 
 
 def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
@@ -49,16 +54,14 @@ def as_bytes(arr: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------- writing
 
 
-def write_file(path: str, parts: Iterable[Any], sync: bool = True) -> None:
-    """Writes ``parts`` (buffers) to a new file at ``path`` and fsyncs it."""
+def write_file(path: str, parts: Iterable[Any]) -> None:
+    """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for part in parts:
             mv = memoryview(part).cast("B")
             while mv:
                 mv = mv[os.write(fd, mv) :]
-        if sync:
-            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -71,17 +74,48 @@ def write_chunk(path: str, data: np.ndarray) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_file(path, [json.dumps(obj, separators=(",", ":")).encode()])
 
 
-def fsync_dirs(paths: Iterable[str]) -> None:
-    """Makes the entries of new directories durable (after their files are written)."""
-    for p in sorted(set(paths), key=len, reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def make_durable(root: str) -> None:
+    """Makes every file and directory written under ``root`` durable.
+
+    One ``syncfs`` of the file system replaces thousands of ``fsync`` calls (each one a
+    journal commit and a disk cache flush: 1-5 ms apiece on a VM); where ``syncfs`` is missing
+    every file and directory under ``root`` is fsynced from the I/O threads.
+    """
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        if _syncfs is not None:
+            if _syncfs(fd) == 0:
+                return
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs({root}) failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    paths = [os.path.join(d, n) for d, _, files in os.walk(root) for n in [*files, "."]]
+    list(pool().map(_fsync_path, paths))
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_syncfs = _find_syncfs()
 
 
 def chunk_key(coords: Sequence[int]) -> str:
@@ -126,11 +160,10 @@ def write_piece(
     """Writes the chunk files of one piece; returns the directories it created, or None."""
     plan = piece_chunks(shape, chunks, index)
     if plan is None:
-        return None
+        return False
     data = host()
     if data.dtype.name != dtype:
         data = data.view(dtype)
-    dirs = []
     base = os.path.join(root, loc)
     for coords, local, padded in plan:
         part = data[local]
@@ -139,11 +172,9 @@ def write_piece(
             full[tuple(slice(0, n) for n in part.shape)] = part
             part = full
         path = os.path.join(base, chunk_key(coords))
-        d = os.path.dirname(path)
-        os.makedirs(d, exist_ok=True)
-        dirs.append(d)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         write_chunk(path, np.ascontiguousarray(part))
-    return dirs
+    return True
 
 
 # ---------------------------------------------------------------------------- reading
