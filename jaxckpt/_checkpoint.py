@@ -119,7 +119,7 @@ def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
                 packs.append(_Pack(f"{PACK_DIR}/{len(packs)}"))
             p = packs[-1]
             start = -(-p.nbytes // PACK_ALIGN) * PACK_ALIGN
-            rec["loc"], rec["packed"] = p.loc, [start, nbytes]
+            rec["loc"], rec["packed"] = p.loc, [start, nbytes, PACK_CHUNK]
             if nbytes:
                 p.starts.append(start)
                 p.leaves.append(x)

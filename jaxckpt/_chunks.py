@@ -192,6 +192,8 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
     except FileNotFoundError:
         raise ChunkError(f"the chunk file {path} is missing") from None
     try:
+        if hasattr(os, "posix_fadvise") and raw.size > (1 << 20):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead: cold reads
         size = os.fstat(fd).st_size
         if size != raw.size + 4:
             raise ChunkError(f"the chunk file {path} has {size} bytes, expected {raw.size + 4}")

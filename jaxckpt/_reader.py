@@ -147,8 +147,7 @@ class Reader:
                 store = _storage.open_array(self.path, loc, {}, create=False, assume=False).result()
                 futs = [store[o : o + n].read() for o, n in spans]
                 return [_view(f.result(), 0, n, r) for f, (_, n), r in zip(futs, spans, recs, strict=True)]
-            meta = _storage.read_json(self.path, f"{loc}/zarr.json")
-            size = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+            size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
             runs: list[list[int]] = []
             for k in need:

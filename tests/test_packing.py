@@ -71,7 +71,8 @@ def test_every_packed_leaf_is_readable_by_tensorstore_from_the_metadata(tmp_path
         store = ts.open(
             {"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{rec['loc']}/"}}
         ).result()
-        off, n = rec["packed"]
+        off, n, chunk = rec["packed"]
+        assert (chunk,) == tuple(store.chunk_layout.read_chunk.shape)
         raw = store[off : off + n].read().result()
         got = raw.view(np.dtype(rec["dtype"])).reshape(rec["shape"])
         np.testing.assert_array_equal(got, jc.open(path)[p])
