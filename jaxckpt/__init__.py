@@ -10,6 +10,8 @@ from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import StructureMismatchError as StructureMismatchError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import latest_checkpoint as latest_checkpoint
 from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open

@@ -299,6 +299,13 @@ class _Save:
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
     final = _storage.normalize(path)
+    _check_free(final)
+    record, arrays, packs = _plan(tree)
+    return _Save(final, _storage.tmp_sibling(final), record, arrays, packs, extra)
+
+
+def _check_free(final: str) -> None:
+    """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory."""
     if _storage.is_committed(final):
         raise CheckpointExistsError(
             f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
@@ -306,11 +313,9 @@ def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) 
         )
     if _storage.is_dir(final) and os.listdir(final):
         raise CheckpointExistsError(
-            f"{final} exists and is not an empty directory nor a checkpoint. Fix: choose "
+            f"{final} exists and is neither an empty directory nor a checkpoint. Fix: choose "
             "another path, or remove that directory."
         )
-    record, arrays, packs = _plan(tree)
-    return _Save(final, _storage.tmp_sibling(final), record, arrays, packs, extra)
 
 
 def _execute(s: _Save, budget: int) -> str:
@@ -331,7 +336,11 @@ def _execute(s: _Save, budget: int) -> str:
         _multihost.barrier(f"jaxckpt-written:{s.final}")
         if primary:
             _storage.write_bytes_durable(s.tmp, _storage.COMMIT, b"{}")
-            _storage.commit(s.tmp, s.final)
+            try:
+                _storage.commit(s.tmp, s.final)
+            except OSError:
+                _check_free(s.final)  # another save got there first: say so plainly
+                raise
         _multihost.barrier(f"jaxckpt-committed:{s.final}")
     except BaseException:
         if primary:
@@ -470,5 +479,5 @@ def _extra(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
     if step is not None:
         out["step"] = int(step)
     if metrics:
-        out["metrics"] = {k: float(v) if np.ndim(v) == 0 else v for k, v in metrics.items()}
+        out["metrics"] = {str(k): np.asarray(v).tolist() for k, v in metrics.items()}
     return out

@@ -24,6 +24,7 @@ from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeaf
 
 FORMAT_VERSION = 1
 ATTR_KEY = "jaxckpt"
+MAX_NAME_BYTES = 255  # the longest file name common file systems take
 
 PyTree = Any
 
@@ -93,10 +94,31 @@ def value_record(x: Any, where: str) -> dict[str, Any]:
             ) from e
         return {"t": "state", "cls": _cls_name(x), "v": base64.b64encode(packed).decode()}
     raise UnsupportedLeafError(
-        f"The leaf at {where} is a {_cls_name(x)}, which jaxckpt cannot save. Fix: turn it into "
-        "an array or a Python scalar, give it get_state()/set_state() methods, or take it out "
-        "of the tree (e.g. register its class as a pytree node)."
+        f"The leaf at {where} is a {_cls_name(x)}, which jaxckpt cannot save: it expects a "
+        "jax.Array, np.ndarray, NumPy or Python scalar, str, bytes, None, or an object with "
+        "get_state()/set_state(). Fix: turn it into an array or a Python scalar, give it "
+        "get_state()/set_state() methods, or take it out of the tree (e.g. register its class "
+        "with jax.tree_util.register_dataclass so that its fields are saved)."
     )
+
+
+def check_array(x: Any, where: str) -> None:
+    """Raises ``UnsupportedLeafError`` for an array leaf jaxckpt cannot store bit-exactly."""
+    if isinstance(x, jax.core.Tracer):
+        raise UnsupportedLeafError(
+            f"The leaf at {where} is a traced value (inside jit, grad or vmap), but a checkpoint "
+            "holds concrete arrays. Fix: call jc.save outside the traced function, on its "
+            "outputs."
+        )
+    dtype = np.dtype(x.dtype)
+    odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
+    if odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1)):
+        raise UnsupportedLeafError(
+            f"The array at {where} has dtype {dtype}, which jaxckpt cannot save: it expects a "
+            "numeric or bool dtype (the dtypes JAX uses, bfloat16/float8/int4 included). Fix: "
+            "convert it (e.g. np.asarray(x, np.float32)), or save str/bytes values as plain "
+            "Python str or bytes leaves."
+        )
 
 
 def load_value(rec: dict[str, Any]) -> Any:
@@ -119,7 +141,9 @@ def load_state(rec: dict[str, Any]) -> Any:
 def _pack_ext(obj: Any) -> Any:
     if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
         arr = np.asarray(obj)
-        head = msgpack.packb([arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, list(arr.shape)])
+        head = msgpack.packb(
+            [arr.dtype.str if arr.dtype.kind != "V" else arr.dtype.name, list(arr.shape)]
+        )
         return msgpack.ExtType(1, head + np.ascontiguousarray(arr).tobytes())
     if isinstance(obj, tuple):
         return list(obj)
@@ -141,7 +165,9 @@ def _cls_name(x: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -> tuple[dict[str, Any], list[Leaf]]:
+def describe(
+    tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]
+) -> tuple[dict[str, Any], list[Leaf]]:
     """Walks ``tree``: returns its structure record and its leaves in flatten order.
 
     ``array_record(path, array)`` makes the record of an array leaf.
@@ -153,7 +179,11 @@ def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -
         flat = _flatten_one(node)
         if flat is None:
             path = "/".join(names)
-            rec = array_record(path, node) if _is_array(node) else value_record(node, where)
+            if _is_array(node):
+                check_array(node, where)
+                rec = array_record(path, node)
+            else:
+                rec = value_record(node, where)
             leaves.append(Leaf(keypath, path, node, rec))
             return rec
         children, _ = flat
@@ -170,19 +200,42 @@ def describe(tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]) -
                     f"{k!r}). Fix: rename one of the keys."
                 )
             seen[name] = k
+            if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+                raise UnsupportedLeafError(
+                    f"The key {str(k)[:40]!r}... at {where} becomes a file name of "
+                    f"{len(name.encode('utf-8'))} bytes, but file systems take at most "
+                    f"{MAX_NAME_BYTES}. Fix: shorten the key."
+                )
             out["c"].append([kind, k, walk(child, (*keypath, key), (*names, name))])
         return out
 
     return walk(tree, (), ()), leaves
 
 
-def iter_leaves(node: dict[str, Any], names: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_leaves(
+    node: dict[str, Any], names: tuple[str, ...] = ()
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
     if node["t"] in ("array", "value", "state"):
         yield "/".join(names), node
         return
     for kind, key, child in node["c"]:
         yield from iter_leaves(child, (*names, _paths.name_of(kind, key)))
+
+
+def keystrs(node: dict[str, Any]) -> dict[str, str]:
+    """``{path: keystr}`` of every leaf of a structure record (the key paths users see)."""
+    out: dict[str, str] = {}
+
+    def walk(n: dict[str, Any], names: tuple[str, ...], keys: tuple[Any, ...]) -> None:
+        if n["t"] in ("array", "value", "state"):
+            out["/".join(names)] = _paths.keystr(keys)
+            return
+        for kind, key, child in n["c"]:
+            walk(child, (*names, _paths.name_of(kind, key)), (*keys, _paths.key_of(kind, key)))
+
+    walk(node, (), ())
+    return out
 
 
 def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
@@ -199,7 +252,9 @@ def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
     return node
 
 
-def rebuild(node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()) -> PyTree:
+def rebuild(
+    node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()
+) -> PyTree:
     """Rebuilds plain containers (dict, list, tuple, None) from a structure record."""
     t = node["t"]
     if t in ("array", "value", "state"):

@@ -6,9 +6,12 @@ name alone is unique among its siblings and decodes back to the key; the edge's 
 
 Rules, so that any key round-trips and nothing escapes the checkpoint directory:
 
-- ``%``, ``/``, ``\\``, control characters and ``:`` are percent-encoded (``%2F``...).
-- A name that would be empty is ``%``; ``.`` and ``..`` and names starting with ``__``
-  (reserved by zarr v3) or ``~`` get their first character encoded.
+- ``%``, ``/``, ``\\``, ``:``, control characters and lone surrogates are percent-encoded
+  (``%2F``...), as the UTF-8 bytes of the character.
+- A name that would be empty is ``%``. A name made only of periods (``.``, ``..``, ...),
+  starting with ``__`` (reserved by zarr v3) or ``~``, or equal to a file name jaxckpt
+  itself writes inside a group (``zarr.json``, ``COMMIT``, compared case-insensitively)
+  gets its first character encoded (``%2E``, ``%5F_x``, ``%7Ai0``, ``%7Aarr.json``).
 - Integer dict keys are ``~i<int>``, so ``{0: x}`` and ``{"0": x}`` never collide.
 """
 
@@ -20,15 +23,18 @@ from typing import Any
 
 import jax
 
+from ._errors import UnsupportedLeafError
+
 # Edge kinds, as recorded in the metadata.
 DICT, INT_DICT, SEQ, ATTR, FLAT = "d", "i", "s", "a", "f"
 
-_UNSAFE = re.compile(r"[%/\\:\x00-\x1f\x7f]")
+_UNSAFE = re.compile(r"[%/\\:\x00-\x1f\x7f\ud800-\udfff]")
 _ESCAPE = re.compile(r"%([0-9A-F]{2})")
+_RESERVED = ("zarr.json", "commit")  # files jaxckpt writes beside a group's children
 
 
 def _quote_char(c: str) -> str:
-    return "".join(f"%{b:02X}" for b in c.encode("utf-8"))
+    return "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
 
 
 def escape(s: str) -> str:
@@ -36,12 +42,13 @@ def escape(s: str) -> str:
     if s == "":
         return "%"
     out = _UNSAFE.sub(lambda m: _quote_char(m.group()), s)
-    if out in (".", "..") or out.startswith("__") or out.startswith("~"):
+    if set(out) == {"."} or out.startswith(("__", "~")) or out.lower() in _RESERVED:
         out = _quote_char(out[0]) + out[1:]
     return out
 
 
 def unescape(name: str) -> str:
+    """Decodes a name written by :func:`escape` back to its string key."""
     if name == "%":
         return ""
     raw = _ESCAPE.sub(lambda m: "\x00" + m.group(1), name)
@@ -57,7 +64,7 @@ def unescape(name: str) -> str:
         else:
             out += raw[i].encode("utf-8")
             i += 1
-    return out.decode("utf-8")
+    return out.decode("utf-8", "surrogatepass")
 
 
 def edge_of(key: Any, where: str = "") -> tuple[str, Any]:
@@ -66,11 +73,9 @@ def edge_of(key: Any, where: str = "") -> tuple[str, Any]:
     if isinstance(key, tu.DictKey):
         k = key.key
         if isinstance(k, bool) or not isinstance(k, (str, int)):
-            from ._errors import UnsupportedLeafError
-
             raise UnsupportedLeafError(
-                f"Dict key {k!r} at {where or 'the root'} is a {type(k).__name__}; jaxckpt "
-                "saves dicts whose keys are str or int. Fix: convert the keys, e.g. "
+                f"The dict at {where or '<root>'} has the key {k!r}, a {type(k).__name__}; "
+                "jaxckpt expects dict keys that are str or int. Fix: convert the keys, e.g. "
                 "{str(k): v for k, v in d.items()}."
             )
         return (DICT, k) if isinstance(k, str) else (INT_DICT, k)
@@ -80,7 +85,12 @@ def edge_of(key: Any, where: str = "") -> tuple[str, Any]:
         return ATTR, key.name
     if isinstance(key, tu.FlattenedIndexKey):
         return FLAT, key.key
-    raise TypeError(f"unknown key type {type(key).__name__} at {where}")
+    raise UnsupportedLeafError(
+        f"The pytree node at {where or '<root>'} names a child with a {type(key).__name__} key "
+        f"({key!r}); jaxckpt expects DictKey, SequenceKey, GetAttrKey or FlattenedIndexKey. "
+        "Fix: register the class with jax.tree_util.register_dataclass, or with "
+        "register_pytree_with_keys using one of those key types."
+    )
 
 
 def name_of(kind: str, key: Any) -> str:

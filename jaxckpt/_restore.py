@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _device, _metadata, _paths
@@ -20,10 +21,20 @@ PyTree = Any
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
 log = logging.getLogger("jaxckpt")
 
-_FIX = (
-    "Fix: pass partial=True to skip saved leaves the target does not ask for; "
-    'missing="keep" to keep the target\'s own value where the checkpoint has none; '
-    "prefix=/rename= to map target paths to checkpoint paths (see jc.list_variables)."
+_LIMIT = 20  # paths listed per section of a mismatch message
+_FIX_MISSING = (
+    '  Fix: pass missing="keep" to keep the target\'s own value for these (e.g. a fresh head '
+    "on a pretrained backbone), or map them to saved paths with prefix= or rename= "
+    "(jc.list_variables(path) lists the saved paths)."
+)
+_FIX_MISMATCHED = (
+    "  Fix: build the target with the saved shapes (the same model config), and dtypes the "
+    "saved ones cast to safely (bool -> int -> float -> complex; float32 -> bfloat16 is fine, "
+    "float -> int is not); or leave these leaves out of the target and pass partial=True."
+)
+_FIX_UNUSED = (
+    "  Fix: pass partial=True to restore only the leaves the target asks for (the others "
+    "are not read), or add these leaves to the target."
 )
 
 
@@ -69,15 +80,29 @@ class MatchStatus:
         lines = [f"The checkpoint at {self.path} does not match the target."]
         if self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
-            lines += [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing[:20]]
+            lines += _listed(
+                [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing]
+            )
+            lines.append(_FIX_MISSING)
         if self.mismatched:
-            lines.append(f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):")
-            lines += [f"    {m}" for m in self.mismatched[:20]]
+            lines.append(
+                f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):"
+            )
+            lines += _listed([f"    {m}" for m in self.mismatched])
+            lines.append(_FIX_MISMATCHED)
         if unused and self.unused:
             lines.append(f"  Saved leaves the target lacks ({len(self.unused)}):")
-            lines += [f"    {p}" for p in self.unused[:20]]
-        lines.append(_FIX)
+            lines += _listed(
+                [f"    {self._where.get(p, p)}  (saved as {p!r})" for p in self.unused]
+            )
+            lines.append(_FIX_UNUSED)
         return "\n".join(lines)
+
+
+def _listed(lines: list[str]) -> list[str]:
+    if len(lines) <= _LIMIT:
+        return lines
+    return [*lines[:_LIMIT], f"    ... and {len(lines) - _LIMIT} more"]
 
 
 def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
@@ -122,18 +147,21 @@ def _describe(rec: dict[str, Any]) -> str:
 
 
 def _problem(x: Any, rec: dict[str, Any]) -> str | None:
-    """Why the target leaf ``x`` cannot take the saved leaf ``rec``, or None."""
+    """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
     kind = _kind(x)
     if kind == "state":
-        return None if rec["t"] == "state" else "an object state"
+        return None if rec["t"] == "state" else "an object with get_state()/set_state()"
     if kind == "text":
         ok = rec["t"] == "value" and rec["py"] == type(x).__name__
         return None if ok else f"a Python {type(x).__name__}"
     if kind == "any":
         return None
-    shape = tuple(np.shape(x)) if kind == "array" else ()
-    dtype = np.dtype(x.dtype) if kind == "array" else np.dtype(type(x))
-    expected = f"{dtype.name}{list(shape)}"
+    if kind == "array":
+        shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
+        expected = f"{dtype.name}{list(shape)}"
+    else:
+        shape, dtype = (), np.dtype(type(x))
+        expected = f"a Python {type(x).__name__}"
     if rec["t"] == "value" and rec["py"] in ("bool", "int", "float", "complex") and shape == ():
         src = np.dtype(rec["py"] if rec["py"] != "float" else "float64")
     elif rec["t"] == "array":
@@ -147,11 +175,16 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
     return None
 
 
+def _category(dtype: np.dtype) -> int:
+    for i, cat in enumerate((np.bool_, jnp.integer, jnp.floating, jnp.complexfloating)):
+        if jnp.issubdtype(dtype, cat):
+            return i
+    return 9
+
+
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
-    if src == dst:
-        return True
-    kinds = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3, "V": 2}  # ml_dtypes floats are kind "V"
-    return kinds.get(src.kind, 9) <= kinds.get(dst.kind, -1)
+    """Same dtype, or a cast within or up the order bool -> int -> float -> complex."""
+    return src == dst or _category(src) <= _category(dst) < 9
 
 
 def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
@@ -179,11 +212,20 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
                 mismatched.append(Mismatch(cpath, _paths.keystr(keypath), why, _describe(rec)))
         entries.append((keypath, x, cpath, rec))
     unused = [p for p in scope if p not in used]
+    if unused:
+        saved = _metadata.keystrs(reader.structure)
+        where.update({p: saved[p] for p in unused})
     status = MatchStatus(reader.path, missing, unused, mismatched, where)
     return entries, treedef, status
 
 
-def match(path: str | os.PathLike[str], target: PyTree, *, prefix: str | None = None, rename: Rename = None) -> MatchStatus:
+def match(
+    path: str | os.PathLike[str],
+    target: PyTree,
+    *,
+    prefix: str | None = None,
+    rename: Rename = None,
+) -> MatchStatus:
     """Compares ``target`` with the checkpoint at ``path`` without reading any array."""
     return _plan(Reader(path), target, prefix, rename)[2]
 
@@ -204,11 +246,19 @@ def restore(
     if target is None:
         return reader.tree(prefix)
     entries, treedef, status = _plan(reader, target, prefix, rename)
-    if status.mismatched or (status.missing and missing == "error") or (status.unused and not partial):
+    if (
+        status.mismatched
+        or (status.missing and missing == "error")
+        or (status.unused and not partial)
+    ):
         raise StructureMismatchError(status._message(unused=not partial))
     if status.missing:
-        log.warning("jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
-                    len(status.missing), reader.path, ", ".join(status.missing))
+        log.warning(
+            "jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",
+            len(status.missing),
+            reader.path,
+            ", ".join(status.missing),
+        )
 
     # One read per distinct slice any addressable device needs, all issued together.
     requests: list[tuple[str, Any]] = []
@@ -219,7 +269,7 @@ def restore(
             continue
         shards = _target_shards(x, tuple(rec["shape"]))
         slots = {}
-        for dev, idx in shards.items():
+        for idx in shards.values():
             key = _index_key(idx)
             if key not in slots:
                 slots[key] = len(requests)

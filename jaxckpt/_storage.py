@@ -166,10 +166,16 @@ def array_metadata(shape: Sequence[int], data_type: str, chunks: Sequence[int]) 
         "data_type": data_type,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": False if data_type == "bool" else 0,
+        "fill_value": _fill_value(data_type),
         "codecs": [*codecs, {"name": "crc32c"}],
         "attributes": {},
     }
+
+
+def _fill_value(data_type: str) -> Any:
+    if data_type == "bool":
+        return False
+    return [0.0, 0.0] if data_type.startswith("complex") else 0
 
 
 def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -200,3 +206,80 @@ def read_error(root: str, path: str, e: Exception) -> CorruptCheckpointError:
         "fails its crc32c checksum or is missing). Fix: restore an earlier checkpoint, or run "
         f"`jaxckpt verify {root}` to list every damaged array."
     )
+
+
+# ---------------------------------------------------------------------------- directories
+# What CheckpointManager needs of a directory of checkpoints. The manager calls only these, so a
+# directory can become an object-store prefix behind the same functions.
+
+
+def join(root: str | os.PathLike[str], name: str) -> str:
+    """``root/name``, keeping ``root`` as the caller spelled it (relative paths stay relative)."""
+    return os.fspath(root).rstrip("/") + "/" + name
+
+
+def list_names(root: str) -> list[str]:
+    """The names directly inside ``root``, sorted; empty when ``root`` does not exist."""
+    try:
+        return sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def make_dirs(root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+
+
+def is_debris(name: str) -> bool:
+    """Whether ``name`` is left over by a jaxckpt write that never committed."""
+    return TMP_MARK in name
+
+
+def remove(path: str) -> None:
+    """Removes a file or a directory tree; a missing ``path`` is not an error."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def delete_checkpoint(path: str) -> None:
+    """Deletes a committed checkpoint so that no crash leaves it half-deleted but listed.
+
+    It is first renamed to a debris name (one atomic step: it stops being a checkpoint), then
+    removed; a crash in between leaves debris that the next manager cleans up.
+    """
+    doomed = tmp_sibling(path)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    remove(doomed)
+
+
+def read_bytes(root: str, key: str) -> bytes | None:
+    """The bytes of ``root/key``, or None when it does not exist."""
+    try:
+        with open(os.path.join(root, key), "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
+    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes."""
+    final = os.path.join(root, key)
+    tmp = tmp_sibling(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        remove(tmp)
+        raise
+    _fsync_dir(root)

@@ -1,0 +1,374 @@
+"""Many checkpoints of one run: ``CheckpointManager`` and ``latest_checkpoint``.
+
+A manager's directory holds one checkpoint per saved step, ``ckpt-<step>``, and an index file,
+``checkpoint`` (JSON: each step's path, time and metrics), rewritten atomically after every
+change. The committed step directories are the truth: a missing or stale index is rebuilt from
+them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import operator
+import os
+import re
+from typing import Any
+
+from . import _checkpoint, _multihost, _restore, _storage
+from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from ._reader import Reader
+
+PyTree = Any
+PREFIX = "ckpt-"
+INDEX = "checkpoint"
+INDEX_VERSION = 1
+_STEP_NAME = re.compile(r"ckpt-(0|[1-9][0-9]*)", re.ASCII)
+log = logging.getLogger("jaxckpt")
+
+
+def _step_of(name: str) -> int | None:
+    m = _STEP_NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _committed_steps(directory: str) -> list[int]:
+    steps = []
+    for name in _storage.list_names(directory):
+        step = _step_of(name)
+        if step is not None and _storage.is_committed(_storage.join(directory, name)):
+            steps.append(step)
+    return sorted(steps)
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
+    """The path of the newest committed checkpoint (``ckpt-<step>``) in ``directory``, or None.
+
+    Example:
+        >>> path = jc.latest_checkpoint("./tf_ckpts")  # doctest: +SKIP
+        './tf_ckpts/ckpt-100'
+    """
+    steps = _committed_steps(os.fspath(directory))
+    return _storage.join(directory, f"{PREFIX}{steps[-1]}") if steps else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    step: int
+    time: float
+    metrics: dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Pending:
+    step: int
+    path: str
+    handle: _checkpoint.SaveHandle
+
+
+class CheckpointManager:
+    """Saves a run's checkpoints as ``directory/ckpt-<step>`` and keeps the ones asked for.
+
+    Retention, applied after each committed save: the newest ``max_to_keep`` (None keeps all;
+    with ``best_metric``, the best ``max_to_keep`` by ``metrics[best_metric]``, ``best_mode``
+    "min" or "max", and the newest as well so that a run can resume), plus every step that is a
+    multiple of ``keep_every_n_steps``, plus, when ``keep_every_n_hours`` is set, the oldest
+    checkpoint and from there the first one at least that many hours after the last one kept
+    this way. ``save`` skips steps that are not multiples of ``save_interval_steps``. With
+    ``async_save`` a save returns once the arrays are copied to host memory; it commits in the
+    background, and its retention (or its error) comes with the next save, ``restore``,
+    ``wait_until_finished`` or ``close``.
+
+    On several processes every process calls the same methods at the same steps; process 0
+    alone deletes checkpoints and writes the index.
+
+    Example:
+        >>> with jc.CheckpointManager("./tf_ckpts", max_to_keep=3) as mngr:  # doctest: +SKIP
+        ...     if mngr.latest_step is not None:
+        ...         state = mngr.restore(target=state)
+        ...     mngr.save(step, state, metrics={"loss": loss})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        max_to_keep: int | None = 3,
+        keep_every_n_steps: int | None = None,
+        keep_every_n_hours: float | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        _check_count("max_to_keep", max_to_keep, none_ok=True)
+        _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
+        _check_count("save_interval_steps", save_interval_steps, none_ok=False)
+        if keep_every_n_hours is not None and not keep_every_n_hours > 0:
+            raise ValueError(
+                f"keep_every_n_hours must be a positive number of hours or None, not "
+                f"{keep_every_n_hours!r}."
+            )
+        if best_mode not in ("min", "max"):
+            raise ValueError(f'best_mode must be "min" or "max", not {best_mode!r}.')
+        self.directory = os.fspath(directory)
+        self.max_to_keep = max_to_keep
+        self.keep_every_n_steps = keep_every_n_steps
+        self.keep_every_n_hours = keep_every_n_hours
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.save_interval_steps = save_interval_steps
+        self.async_save = async_save
+        self._primary = _multihost.is_primary()
+        self._pending: _Pending | None = None
+        if self._primary:
+            _storage.make_dirs(self.directory)
+            self._remove_debris()
+        _multihost.barrier(f"jaxckpt-manager-start:{self.directory}")
+        self._entries, stale = self._load()
+        if stale and self._primary:
+            self._write_index()
+
+    # ------------------------------------------------------------------------ reading state
+
+    def _path(self, step: int) -> str:
+        return _storage.join(self.directory, f"{PREFIX}{step}")
+
+    def _remove_debris(self) -> None:
+        """Removes what saves that never committed left behind; nothing else."""
+        for name in _storage.list_names(self.directory):
+            path = _storage.join(self.directory, name)
+            uncommitted = _step_of(name) is not None and not _storage.is_committed(path)
+            if _storage.is_debris(name) or (uncommitted and _storage.is_dir(path)):
+                log.info("jaxckpt: removing %s, left by a save that never committed", path)
+                _storage.remove(path)
+
+    def _load(self) -> tuple[dict[int, _Entry], bool]:
+        """The committed steps, described by the index where it agrees with them."""
+        index = self._read_index()
+        entries = {}
+        for step in _committed_steps(self.directory):
+            entries[step] = index.get(step) or self._entry_from_metadata(step)
+        return entries, index.keys() != entries.keys() or not index
+
+    def _read_index(self) -> dict[int, _Entry]:
+        raw = _storage.read_bytes(self.directory, INDEX)
+        if raw is None:
+            return {}
+        try:
+            doc = json.loads(raw)
+            return {
+                int(c["step"]): _Entry(int(c["step"]), float(c["time"]), dict(c["metrics"]))
+                for c in doc["checkpoints"]
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("jaxckpt: rebuilding the unreadable index %s/%s (%s)", self.directory, INDEX, e)
+            return {}
+
+    def _entry_from_metadata(self, step: int) -> _Entry:
+        try:
+            meta = Reader(self._path(step)).metadata
+        except CheckpointError as e:
+            log.warning("jaxckpt: %s", e)
+            return _Entry(step, 0.0, {})
+        return _Entry(step, float(meta.get("time", 0.0)), dict(meta.get("metrics", {})))
+
+    def _write_index(self) -> None:
+        doc = {
+            "jaxckpt_manager_index": INDEX_VERSION,
+            "latest_step": self.latest_step,
+            "checkpoints": [
+                {"step": e.step, "path": f"{PREFIX}{e.step}", "time": e.time, "metrics": e.metrics}
+                for e in (self._entries[s] for s in self.steps)
+            ],
+        }
+        _storage.write_bytes_atomic(self.directory, INDEX, json.dumps(doc, indent=1).encode())
+
+    @property
+    def steps(self) -> list[int]:
+        """The committed steps, oldest first (a save still in flight is not among them)."""
+        return sorted(self._entries)
+
+    @property
+    def latest_step(self) -> int | None:
+        return max(self._entries, default=None)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The paths of the committed checkpoints, oldest first."""
+        return [self._path(s) for s in self.steps]
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        step = self.latest_step
+        return None if step is None else self._path(step)
+
+    @property
+    def best_step(self) -> int | None:
+        """The step with the best ``best_metric`` (None without a metric or checkpoints)."""
+        ranked = self._ranked()
+        return ranked[0] if ranked else None
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """The metrics saved with ``step``."""
+        return dict(self._entry(step).metrics)
+
+    def _entry(self, step: int) -> _Entry:
+        if step not in self._entries:
+            raise CheckpointNotFoundError(
+                f"Step {step} has no committed checkpoint in {self.directory}; its steps are "
+                f"{self.steps}. Fix: pick one of those steps, or step=None for the latest."
+            )
+        return self._entries[step]
+
+    # ------------------------------------------------------------------------ saving
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` saves: ``step`` is a multiple of ``save_interval_steps``."""
+        return operator.index(step) % self.save_interval_steps == 0
+
+    def save(self, step: int, tree: PyTree, metrics: dict[str, Any] | None = None, force: bool = False) -> bool:
+        """Saves ``tree`` as ``step`` unless ``should_save(step)`` says no and not ``force``.
+
+        Returns whether it saved. With ``async_save`` it returns once the arrays are snapshotted
+        (after waiting for the previous save to commit); an earlier asynchronous save's error
+        is raised here.
+        """
+        step = operator.index(step)
+        if self._pending is not None and self._pending.handle.done() and _multihost.process_count() == 1:
+            self._finish_pending()  # on several processes only at points every process shares
+        if not force and not self.should_save(step):
+            return False
+        self.wait_until_finished()
+        if step in self._entries:
+            raise CheckpointExistsError(
+                f"Step {step} is already saved in {self.directory} ({self._path(step)}); a "
+                "manager never overwrites a checkpoint. Fix: save under a new step, or restore "
+                "from this one to continue the run."
+            )
+        if self.best_metric is not None and self.best_metric not in (metrics or {}):
+            raise ValueError(
+                f"best_metric={self.best_metric!r} ranks the checkpoints, but the metrics of step "
+                f"{step} are {metrics!r}. Fix: pass metrics={{{self.best_metric!r}: value}}."
+            )
+        if self.async_save:
+            handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=metrics)
+            self._pending = _Pending(step, self._path(step), handle)
+        else:
+            _checkpoint.save(self._path(step), tree, step=step, metrics=metrics)
+            self._committed(step)
+        return True
+
+    def _finish_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.handle.wait()
+        except Exception as e:
+            raise CheckpointError(
+                f"The asynchronous save of step {pending.step} to {pending.path} failed: "
+                f"{e}. That step was not saved; earlier checkpoints are intact. Fix: remove the "
+                "cause (disk space, permissions) and save again."
+            ) from e
+        self._committed(pending.step)
+
+    def _committed(self, step: int) -> None:
+        """Records a committed save, then applies retention and rewrites the index."""
+        self._entries[step] = self._entry_from_metadata(step)  # its time and metrics as saved
+        for doomed in self._doomed():
+            if self._primary:
+                _storage.delete_checkpoint(self._path(doomed))
+            del self._entries[doomed]
+        if self._primary:
+            self._write_index()
+        _multihost.barrier(f"jaxckpt-manager-committed:{self.directory}:{step}")
+
+    def _ranked(self) -> list[int]:
+        """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""
+        if self.best_metric is None:
+            return []
+        sign = 1.0 if self.best_mode == "min" else -1.0
+        scored = []
+        for e in self._entries.values():
+            if self.best_metric in e.metrics:
+                v = float(e.metrics[self.best_metric])
+                scored.append((math.isnan(v), sign * v if not math.isnan(v) else 0.0, -e.step))
+        return [-s for _, _, s in sorted(scored)]
+
+    def _doomed(self) -> list[int]:
+        steps = self.steps
+        if self.max_to_keep is None or not steps:
+            return []
+        keep = {steps[-1]}
+        if self.best_metric is None:
+            keep.update(steps[-self.max_to_keep :])
+        else:
+            keep.update(self._ranked()[: self.max_to_keep])
+        if self.keep_every_n_steps:
+            keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
+        if self.keep_every_n_hours:
+            last = None
+            for s in steps:
+                t = self._entries[s].time
+                if last is None or t - last >= self.keep_every_n_hours * 3600:
+                    keep.add(s)
+                    last = t
+        return [s for s in steps if s not in keep]
+
+    def wait_until_finished(self) -> None:
+        """Waits for the save in flight to commit and applies retention; raises its error."""
+        self._finish_pending()
+
+    def close(self) -> None:
+        """Waits for the save in flight (raising its error); the manager holds nothing else."""
+        self.wait_until_finished()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------ restoring
+
+    def restore(self, step: int | None = None, target: PyTree = None, **restore_kwargs: Any) -> PyTree:
+        """Restores ``step`` (None: the latest) like ``jc.restore(path, target, **kwargs)``."""
+        self.wait_until_finished()
+        if step is None:
+            step = self.latest_step
+            if step is None:
+                raise CheckpointNotFoundError(
+                    f"{self.directory} holds no committed checkpoint to restore. Fix: check the "
+                    "directory, or start from scratch when mngr.latest_step is None."
+                )
+        self._entry(step)
+        return _restore.restore(self._path(step), target, **restore_kwargs)
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process reached the step at which to save before a preemption.
+
+        Call it at every step on every process, e.g.
+        ``mngr.save(step, state, force=mngr.reached_preemption(step))``. False on one process
+        and where JAX's preemption service (``jax_enable_preemption_service``) is not running.
+        """
+        try:
+            from jax.experimental.multihost_utils import reached_preemption_sync_point
+        except ImportError:
+            return False
+        try:
+            return bool(reached_preemption_sync_point(operator.index(step)))
+        except RuntimeError:  # distributed, but without the preemption service
+            return False
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.directory!r}, steps={self.steps})"
+
+
+def _check_count(name: str, value: int | None, none_ok: bool) -> None:
+    if value is None and none_ok:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        allowed = "a positive int or None" if none_ok else "a positive int"
+        raise ValueError(f"{name} must be {allowed}, not {value!r}.")

@@ -1,0 +1,51 @@
+"""A training-like process for test_crash.py: saves every step's data until it is killed.
+
+Usage: python _crash_worker.py DIRECTORY sync|async N  (N: uint32 elements of each big leaf)
+"""
+
+import sys
+import time
+
+import numpy as np
+
+import jaxckpt as jc
+
+
+def base_of(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.uint32)
+
+
+def key_of(step: int) -> np.uint32:
+    return np.uint32((step * 2654435761) % 2**32)
+
+
+def tree_of(step: int, base: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+    """The data of ``step``, a deterministic function of it: ``a = base + k``, ``b = base ^ k``.
+
+    ``a`` and ``b`` are buffers reused from step to step (fresh pages cost more than the save).
+    """
+    k = key_of(step)
+    np.add(base, k, out=a)
+    np.bitwise_xor(base, k, out=b)
+    return {
+        "params": {"a": a, "b": b, "small": np.full((3, 5), step, np.float32)},
+        "opt": [np.int64(step), {"lr": np.float32(step) / 7}],
+        "step": step,
+    }
+
+
+def main() -> None:
+    directory, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    base = base_of(n)
+    a, b = np.empty_like(base), np.empty_like(base)
+    mngr = jc.CheckpointManager(directory, max_to_keep=1, async_save=mode == "async")
+    step = (mngr.latest_step or 0) + 1
+    print("start", step, time.monotonic(), flush=True)
+    while True:
+        mngr.save(step, tree_of(step, base, a, b), metrics={"loss": 1.0 / step})
+        print("saved", step, time.monotonic(), flush=True)
+        step += 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Tree comparison for the core tests: structure first, then every leaf bit-exactly."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def assert_leaf_equal(got: Any, want: Any, where: str = "") -> None:
+    """Same type family, dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    if isinstance(want, (jax.Array, np.ndarray, np.generic)):
+        assert type(got) is type(want) or (
+            isinstance(got, jax.Array) and isinstance(want, jax.Array)
+        ), f"{where}: {type(got)} != {type(want)}"
+        g, w = np.asarray(got), np.asarray(want)
+        assert g.dtype == w.dtype, f"{where}: {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{where}: {g.shape} != {w.shape}"
+        np.testing.assert_array_equal(
+            np.frombuffer(g.tobytes(), np.uint8), np.frombuffer(w.tobytes(), np.uint8), where
+        )
+        if g.dtype.type.__module__ == "numpy":  # ml_dtypes compare NaN unequal: bytes above
+            np.testing.assert_array_equal(g, w, where)
+    else:
+        assert type(got) is type(want), f"{where}: {type(got)} != {type(want)}"
+        if isinstance(want, float) and want != want:
+            assert got != got, where
+        else:
+            assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_tree_equal(got: Any, want: Any) -> None:
+    """Compares the tree structures, then each pair of leaves with :func:`assert_leaf_equal`."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for (kp, g), w in zip(
+        jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want), strict=True
+    ):
+        assert_leaf_equal(g, w, jax.tree_util.keystr(kp))
+
+
+def files_under(root: str | os.PathLike[str]) -> set[str]:
+    """Every file below ``root``, as paths relative to it."""
+    out = set()
+    for d, _, names in os.walk(root):
+        for n in names:
+            out.add(os.path.relpath(os.path.join(d, n), root))
+    return out
