@@ -630,6 +630,33 @@ def machine() -> str:
     )
 
 
+def report(res: Results, args: argparse.Namespace, can_drop: bool) -> None:
+    """Prints the table and the floors and writes the JSON (after every workload)."""
+    print("\n" + table(res))
+    checks = floors(res)
+    print("\nFloors (issue #6):")
+    for desc, ok, fig in checks:
+        print(f"  {'PASS' if ok else 'FAIL' if ok is False else '----'}  {desc}: {fig}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            {
+                "machine": machine(),
+                "argv": sys.argv,
+                "cold_dropped": can_drop,
+                "workloads": res.notes,
+                "times": [
+                    {"workload": k[0], "op": k[1], "tool": k[2], "values": v}
+                    for k, v in res.times.items()
+                ],
+                "floors": [{"floor": d, "held": ok, "figures": fig} for d, ok, fig in checks],
+            },
+            f,
+            indent=1,
+        )
+    print(f"\nwrote {args.json}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -674,29 +701,7 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(t, "close"):
                 t.close()
         del tree
-    print("\n" + table(res))
-    checks = floors(res)
-    print("\nFloors (issue #6):")
-    for desc, ok, fig in checks:
-        print(f"  {'PASS' if ok else 'FAIL' if ok is False else '----'}  {desc}: {fig}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(
-            {
-                "machine": machine(),
-                "argv": sys.argv,
-                "cold_dropped": can_drop,
-                "workloads": res.notes,
-                "times": [
-                    {"workload": k[0], "op": k[1], "tool": k[2], "values": v}
-                    for k, v in res.times.items()
-                ],
-                "floors": [{"floor": d, "held": ok, "figures": fig} for d, ok, fig in checks],
-            },
-            f,
-            indent=1,
-        )
-    print(f"\nwrote {args.json}")
+        report(res, args, can_drop)
     return 0
 
 
