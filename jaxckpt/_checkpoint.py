@@ -7,8 +7,11 @@ is written last and, on a local disk, the temporary sibling directory is renamed
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import json
+import math
 import os
 import threading
 import time
@@ -18,12 +21,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _metadata, _multihost, _storage
+from . import _chunks, _metadata, _multihost, _storage
 from ._errors import CheckpointError, CheckpointExistsError
 
 PyTree = Any
-# Host bytes a synchronous save holds in flight; async snapshots are bounded by the caller.
+# Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
 STREAM_BYTES = 512 << 20
+# Array leaves under this size are packed together (DESIGN: 1 MiB or more has its own path).
+PACK_BELOW = 1 << 20
+PACK_CHUNK = 1 << 20  # chunk of a pack array: what reading one small leaf reads at most twice
+PACK_MAX = 1 << 30  # a pack array holds at most this many bytes; more start another
+PACK_ALIGN = 64  # leaf offsets in a pack: restored leaves are aligned views of the read chunks
+PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides with the tree
 
 
 @dataclasses.dataclass
@@ -38,6 +47,40 @@ class _Array:
     loc: str
     meta: dict[str, Any]
     pieces: list[_Piece]
+
+
+@dataclasses.dataclass
+class _Pack:
+    """Small leaves concatenated into one 1-D uint8 zarr array at ``loc``."""
+
+    loc: str
+    nbytes: int = 0
+    starts: list[int] = dataclasses.field(default_factory=list)
+    leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
+    chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return _storage.array_metadata([self.nbytes], "uint8", [PACK_CHUNK])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.nbytes // PACK_CHUNK)
+
+    def chunk(self, k: int) -> np.ndarray:
+        """The bytes of chunk ``k`` (the last one padded with zeros to a full chunk)."""
+        if self.chunks is not None:
+            return self.chunks[k]
+        lo, hi = k * PACK_CHUNK, min((k + 1) * PACK_CHUNK, self.nbytes)
+        buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.starts) and self.starts[i] < hi:
+            off, raw = self.starts[i], _chunks.as_bytes(np.ascontiguousarray(self.leaves[i]))
+            a, b = max(lo, off), min(hi, off + raw.size)
+            if b > a:
+                buf[a - lo : b - lo] = raw[a - off : b - off]
+            i += 1
+        return buf
 
 
 def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
@@ -63,28 +106,42 @@ def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
     return [_Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
 
 
-def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array]]:
+def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
     arrays: list[_Array] = []
+    packs: list[_Pack] = []
+    # Packing needs every byte of a leaf on this process; multi-process saves keep one path each.
+    pack = _multihost.process_count() == 1
 
     def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
         dtype = np.dtype(x.dtype)
         shape = tuple(int(d) for d in np.shape(x))
+        nbytes = math.prod(shape) * dtype.itemsize
+        rec: dict[str, Any] = {"t": "array", "dtype": dtype.name, "shape": list(shape)}
+        if isinstance(x, np.generic):
+            rec["np_scalar"] = True
+        if pack and nbytes < PACK_BELOW:
+            if not packs or packs[-1].nbytes + nbytes > PACK_MAX:
+                packs.append(_Pack(f"{PACK_DIR}/{len(packs)}"))
+            p = packs[-1]
+            start = -(-p.nbytes // PACK_ALIGN) * PACK_ALIGN
+            rec["loc"], rec["packed"] = p.loc, [start, nbytes, PACK_CHUNK]
+            if nbytes:
+                p.starts.append(start)
+                p.leaves.append(x)
+                p.nbytes = start + nbytes
+            return rec
         pieces, shard = _pieces(x)
         data_type = _storage.stored_dtype(dtype)
         chunks = _storage.chunk_shape(shape, dtype.itemsize, shard)
         loc = path or "%"
         arrays.append(_Array(loc, _storage.array_metadata(shape, data_type, chunks), pieces))
-        rec: dict[str, Any] = {
-            "t": "array", "dtype": dtype.name, "shape": list(shape), "chunks": chunks, "loc": loc
-        }
+        rec["chunks"], rec["loc"] = chunks, loc
         if data_type != dtype.name:
             rec["stored"] = data_type
-        if isinstance(x, np.generic):
-            rec["np_scalar"] = True
         return rec
 
     record, _ = _metadata.describe(tree, array_record)
-    return record, arrays
+    return record, arrays, packs
 
 
 def _group_files(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,19 +166,120 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
     return np.array(arr, copy=True) if copy and not arr.flags.owndata else arr
 
 
-def _snapshot(arrays: list[_Array]) -> None:
-    """Copies every piece to host memory that this save owns (donation-safe)."""
+def _snapshot_bytes(arrays: list[_Array], packs: list[_Pack]) -> int:
+    return sum(p.nbytes for a in arrays for p in a.pieces) + sum(
+        k.n_chunks * PACK_CHUNK for k in packs
+    )
+
+
+def _snapshot(arrays: list[_Array], packs: list[_Pack]) -> None:
+    """Copies every piece to host memory that this save owns (donation-safe).
+
+    The copies run on the I/O threads (NumPy releases the GIL while copying); small leaves
+    are copied straight into the chunks of their pack.
+    """
     for a in arrays:
         for p in a.pieces:
             if isinstance(p.data, jax.Array):
                 p.data.copy_to_host_async()
+    cp = _chunks.pool("copy")
+    jobs = [cp.submit(_copy_piece, p) for a in arrays for p in a.pieces]
+    for k in packs:
+        k.chunks = list(cp.map(k.chunk, range(k.n_chunks)))
+        k.leaves = []
+    for j in jobs:
+        j.result()
+
+
+def _copy_piece(p: _Piece) -> None:
+    if isinstance(p.data, jax.Array) and next(iter(p.data.devices())).platform != "cpu":
+        p.data = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
+        return
+    src = _to_host(p.data, copy=False)
+    dst = np.empty(src.shape, src.dtype)
+    np.copyto(dst, src)
+    p.data = dst
+
+
+def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: int) -> None:
+    """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
+
+    On a local disk the chunk files are written directly by the I/O threads (made durable
+    by :func:`_durable`); anything else goes through TensorStore.
+    """
+    if not _storage.is_local(root):
+        _write_arrays_ts(root, arrays, budget)
+        for k in packs:
+            whole = np.concatenate([k.chunk(i) for i in range(k.n_chunks)])[: k.nbytes]
+            store = _result(root, k.loc, _storage.open_array(root, k.loc, k.meta, create=True))
+            _result(root, k.loc, store.write(whole))
+        return
+    io = _chunks.pool()
+    jobs: deque[tuple[Any, int, _Array | None]] = deque()
+    if _multihost.is_primary():  # process 0 writes each array's zarr.json
+        for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
+            path = os.path.join(root, loc, "zarr.json")
+            jobs.append((io.submit(_chunks.write_json, path, meta), 0, None))
+    held = 0
+    fallback: dict[int, _Array] = {}
     for a in arrays:
+        m = a.meta
         for p in a.pieces:
-            p.data = _to_host(p.data, copy=True)
+            if math.prod(m["shape"]) == 0:
+                continue
+            job = io.submit(
+                _chunks.write_piece, root, a.loc, m["data_type"],
+                m["chunk_grid"]["configuration"]["chunk_shape"], m["shape"], p.index,
+                functools.partial(_to_host, p.data, False),
+            )
+            cost = 0 if isinstance(p.data, np.ndarray) else p.nbytes
+            jobs.append((job, cost, a))
+            held += cost
+            while held > budget and jobs:
+                done, n, owner = jobs.popleft()
+                if _wrap_os(root, owner, done.result) is False and owner is not None:
+                    fallback[id(owner)] = owner
+                held -= n
+    for k in packs:
+        for i in range(k.n_chunks):
+            jobs.append((io.submit(_write_pack_chunk, root, k, i), 0, None))
+    try:
+        for done, _, owner in jobs:
+            if _wrap_os(root, owner, done.result) is False and owner is not None:
+                fallback[id(owner)] = owner
+    except BaseException:
+        for done, _, _ in jobs:  # let every write land before the caller removes the directory
+            done.exception()
+        raise
+    if fallback:
+        _write_arrays_ts(root, list(fallback.values()), budget)
 
 
-def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
-    """Opens every array, then streams its pieces, keeping at most ``budget`` bytes in flight."""
+def _write_pack_chunk(root: str, k: _Pack, i: int) -> None:
+    d = os.path.join(root, k.loc, "c")
+    os.makedirs(d, exist_ok=True)
+    _chunks.write_chunk(os.path.join(d, str(i)), k.chunk(i))
+
+
+def _write_json_files(root: str, files: dict[str, Any]) -> None:
+    """The metadata files: written by the I/O threads on a local disk, else by TensorStore."""
+    if _storage.is_local(root):
+        write = lambda kv: _chunks.write_json(os.path.join(root, kv[0]), kv[1])  # noqa: E731
+        _wrap_os(root, "", lambda: list(_chunks.pool().map(write, files.items())))
+        return
+    kv = _storage.open_kv(root)
+    for f in _storage.write_json_files(kv, files):
+        _result(root, "", f)
+
+
+def _durable(root: str) -> None:
+    """Every byte this process wrote under ``root`` is on disk (TensorStore syncs its own)."""
+    if _storage.is_local(root):
+        _wrap_os(root, "", lambda: _chunks.make_durable(root))
+
+
+def _write_arrays_ts(root: str, arrays: list[_Array], budget: int) -> None:
+    """TensorStore writes every piece, keeping at most ``budget`` bytes in flight."""
     peer = not _multihost.is_primary()  # process 0 writes each array's zarr.json
     opened = [
         _storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays
@@ -151,6 +309,15 @@ def _write_arrays(root: str, arrays: list[_Array], budget: int) -> None:
         raise
 
 
+def _wrap_os(root: str, owner: _Array | str | None, fn: Any) -> Any:
+    """Runs a local write; its ``OSError`` (a full disk, say) names the directory and array."""
+    try:
+        return fn()
+    except OSError as e:
+        loc = owner.loc if isinstance(owner, _Array) else (owner or "")
+        raise _storage.storage_error(root, e, loc) from e
+
+
 def _result(root: str, loc: str, fut: Any) -> Any:
     """A write's result; its storage error (after TensorStore's retries) names URL and array."""
     try:
@@ -164,6 +331,7 @@ class _Save:
     final: str
     record: dict[str, Any]
     arrays: list[_Array]
+    packs: list[_Pack]
     extra: dict[str, Any]
     sync: _multihost.SaveSync
 
@@ -171,9 +339,9 @@ class _Save:
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
     final = _storage.normalize(path)
     _check_free(final)
-    record, arrays = _plan(tree)
+    record, arrays, packs = _plan(tree)
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
-    return _Save(final, record, arrays, extra, sync)
+    return _Save(final, record, arrays, packs, extra, sync)
 
 
 def _check_free(final: str) -> None:
@@ -249,13 +417,14 @@ def _execute(s: _Save, budget: int) -> str:
             _check_shared(tmp, s.final)
         elif states and s.sync.multi:
             _keep_every_state(s, states)
-        _write_arrays(tmp, s.arrays, budget)
+        _write_arrays(tmp, s.arrays, s.packs, budget)
         if primary:
             attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})
             files = {"zarr.json": _storage.group_json(attrs), **_group_files(s.record)}
-            kv = _storage.open_kv(tmp)
-            for f in _storage.write_json_files(kv, files):
-                f.result()
+            if s.packs:
+                files[f"{PACK_DIR}/zarr.json"] = _storage.group_json()
+            _write_json_files(tmp, files)
+        _durable(tmp)
         s.sync.barrier("written")
         if primary:
             _storage.write_bytes_durable(tmp, _storage.COMMIT, b"{}")
@@ -276,23 +445,28 @@ def _execute(s: _Save, budget: int) -> str:
 class SaveHandle:
     """A save in flight: ``wait()`` returns the final path or raises the save's error."""
 
-    def __init__(self, save: _Save):
+    def __init__(self, save: _Save, held: int):
         self.path = save.final
         self._error: BaseException | None = None
         self._seen = False
-        self._thread = threading.Thread(target=self._run, args=(save,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(save, held), daemon=True)
         self._thread.start()
 
-    def _run(self, save: _Save) -> None:
+    def _run(self, save: _Save, held: int) -> None:
         try:
             _execute(save, budget=1 << 62)
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
+        finally:
+            save.arrays, save.packs = [], []  # the snapshot's memory goes back before release
+            _release(held)
 
     def done(self) -> bool:
+        """Whether the save has finished (committed, or failed)."""
         return not self._thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> str:
+        """Blocks until the save is committed; returns its path or raises its error."""
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
@@ -309,6 +483,36 @@ class SaveHandle:
 
 _unfinished: set[SaveHandle] = set()
 
+# Host memory held by the snapshots of saves in flight. A new save_async waits for older ones
+# to finish while its snapshot would push the total over the limit (one save alone may exceed
+# it: it then runs by itself). See docs/speed.md.
+_held = 0
+_held_cv = threading.Condition()
+
+
+def async_host_bytes() -> int:
+    """The bound on host bytes held by async saves in flight (``JAXCKPT_ASYNC_HOST_BYTES``)."""
+    env = os.environ.get("JAXCKPT_ASYNC_HOST_BYTES")
+    if env:
+        return int(env)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1 << 30, total // 4)
+
+
+def _reserve(n: int) -> None:
+    global _held
+    limit = async_host_bytes()
+    with _held_cv:
+        _held_cv.wait_for(lambda: _held == 0 or _held + n <= limit)
+        _held += n
+
+
+def _release(n: int) -> None:
+    global _held
+    with _held_cv:
+        _held -= n
+        _held_cv.notify_all()
+
 
 def _raise_earlier_errors() -> None:
     """An async save's error nobody waited for is raised by the next save."""
@@ -317,11 +521,19 @@ def _raise_earlier_errors() -> None:
             _unfinished.discard(h)
             if h._error is not None and not h._seen:
                 h._seen = True
-                raise CheckpointError(f"An earlier asynchronous save to {h.path} failed") from h._error
+                raise CheckpointError(
+                    f"An earlier asynchronous save to {h.path} failed: {h._error}. Its "
+                    "checkpoint was not written; this save did not start. Fix: resolve the "
+                    "cause and save again."
+                ) from h._error
 
 
 def save(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None, metrics: dict[str, Any] | None = None) -> str:
     """Saves ``tree`` to the directory ``path``, atomically; returns the final path.
+
+    The save streams: arrays already in host memory are written from where they are, device
+    arrays are copied to the host at most ``STREAM_BYTES`` at a time. It is durable (fsynced)
+    when it returns.
 
     Example:
         >>> jc.save("/tmp/ckpt-1", {"w": np.ones(3)})  # doctest: +SKIP
@@ -336,12 +548,21 @@ def save_async(path: str | os.PathLike[str], tree: PyTree, *, step: int | None =
     """Snapshots ``tree`` to host memory, then saves it in the background.
 
     Returns once the snapshot is taken: the caller may then donate, delete or mutate its
-    arrays. ``handle.wait()`` blocks until the checkpoint is committed.
+    arrays. ``handle.wait()`` blocks until the checkpoint is committed and raises the save's
+    error, if any; an error nobody waited for is raised by the next save. While the snapshots
+    of saves in flight would exceed :func:`async_host_bytes`, this call first waits for older
+    saves to finish.
     """
     _raise_earlier_errors()
     s = _prepare(path, tree, _extra(step, metrics))
-    _snapshot(s.arrays)
-    h = SaveHandle(s)
+    held = _snapshot_bytes(s.arrays, s.packs)
+    _reserve(held)
+    try:
+        _snapshot(s.arrays, s.packs)
+    except BaseException:
+        _release(held)
+        raise
+    h = SaveHandle(s, held)
     _unfinished.add(h)
     return h
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _metadata, _multihost, _paths
+from . import _device, _metadata, _multihost, _paths
 from ._errors import StructureMismatchError
 from ._reader import Reader
 
@@ -329,7 +329,9 @@ def restore(
         plans.append((shards, slots))
     arrays = reader.read_many(requests)
 
-    leaves, states = [], []
+    leaves: list[Any] = []
+    states = []
+    batch: list[tuple[int, np.ndarray, Any]] = []
     for (_, x, _, rec), plan in zip(entries, plans, strict=True):
         if rec is None:
             leaves.append(x)
@@ -342,7 +344,17 @@ def restore(
         else:
             shards, slots = plan
             pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
-            leaves.append(_assemble(x, rec, pieces))
+            sharding = _sharding(x)
+            if sharding is not None and len(pieces) == 1 and len(sharding.device_set) == 1:
+                # One device_put for all single-device leaves: per-call overhead dominates.
+                batch.append((len(leaves), next(iter(pieces.values())).astype(np.dtype(x.dtype), copy=False), sharding))
+                leaves.append(None)
+            else:
+                leaves.append(_assemble(x, rec, pieces))
+    if batch:
+        put = _device.put_many([b[1] for b in batch], [b[2] for b in batch])
+        for (i, _, _), y in zip(batch, put, strict=True):
+            leaves[i] = y
     for obj, state in states:
         obj.set_state(state)
     return jax.tree_util.tree_unflatten(treedef, leaves)

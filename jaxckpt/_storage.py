@@ -122,10 +122,17 @@ def _array_spec(root: str, rel: str, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def open_array(
-    root: str, rel: str, meta: dict[str, Any], *, create: bool, peer_creates: bool = False
+    root: str,
+    rel: str,
+    meta: dict[str, Any],
+    *,
+    create: bool,
+    peer_creates: bool = False,
+    assume: bool = True,
 ) -> ts.Future:
     """Opens an array to read, or with ``create`` to write; ``peer_creates``: another process
-    writes its ``zarr.json`` (a multi-process save), this one only writes chunks."""
+    writes its ``zarr.json`` (a multi-process save), this one only writes chunks;
+    ``assume=False`` reads its zarr.json instead of trusting ``meta``."""
     spec = _array_spec(root, rel, meta)
     if create:
         # Every chunk is written, zeros included: a missing chunk then always means damage.
@@ -134,9 +141,12 @@ def open_array(
             return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
         if is_url(root):
             return _create_remote(root, rel, meta, spec)
-        return ts.open(spec, create=True, context=context())
+        # open=True too: the local fast path may have written this array's zarr.json already.
+        return ts.open(spec, create=True, open=True, context=context())
     spec["fill_missing_data_reads"] = False
-    return ts.open(spec, open=True, assume_metadata=True, read=True, context=context())
+    if not assume:
+        del spec["metadata"]
+    return ts.open(spec, open=True, assume_metadata=assume, read=True, context=context())
 
 
 def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, Any]) -> ts.Future:

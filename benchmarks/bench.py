@@ -1,0 +1,709 @@
+"""jaxckpt against Orbax, Flax msgpack and the raw disk, side by side on the same in-memory tree.
+
+Usage (``make bench`` runs the first)::
+
+    python benchmarks/bench.py                      # W1 + W2 at the issue's sizes, 3 repeats
+    python benchmarks/bench.py --scale 0.1 -r 1     # smaller trees while iterating
+    python benchmarks/bench.py --workloads W3       # 8 GiB on the first accelerator (GPU)
+
+Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
+state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
+8 GiB of arrays on the device. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
+Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
+and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+import jaxckpt as jc
+
+PEERS = ("orbax", "orbax_mgr", "flax_msgpack")
+GiB = 1 << 30
+T0 = time.perf_counter()
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+def make_w1(scale: float) -> Any:
+    import optax
+
+    d = max(8, int(1024 * math.sqrt(scale)) // 8 * 8)
+    vocab, layers = 8 * d, 7 if scale >= 0.01 else 1  # tiny runs (the smoke test): few leaves
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> jax.Array:
+        return jax.device_put(rng.standard_normal(shape, dtype=np.float32))
+
+    params: dict[str, Any] = {
+        "embed": {"table": w(vocab, d)},
+        "final_ln": {"scale": w(d), "bias": w(d)},
+    }
+    for i in range(layers):
+        params[f"layer_{i}"] = {
+            "attn": {"q": w(d, d), "k": w(d, d), "v": w(d, d), "o": w(d, d)},
+            "mlp": {"w1": w(d, 4 * d), "b1": w(4 * d), "w2": w(4 * d, d), "b2": w(d)},
+            "ln1": {"scale": w(d), "bias": w(d)},
+            "ln2": {"scale": w(d), "bias": w(d)},
+        }
+    return {"params": params, "opt_state": optax.adam(1e-3).init(params)}
+
+
+def make_w2(scale: float) -> Any:
+    n = max(10, int(10_000 * scale))
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(256, 16 * 1024 + 1, size=n)  # float32 elements: 1-64 KiB
+    tree: dict[str, Any] = {}
+    for i, s in enumerate(sizes):
+        group = tree.setdefault(f"block_{i // 100}", {}).setdefault(f"sub_{i // 10 % 10}", {})
+        group[f"w{i}"] = jax.device_put(rng.standard_normal(int(s), dtype=np.float32))
+    return tree
+
+
+def make_w3(scale: float) -> Any:
+    n = 32
+    per = max(1024, int(8 * GiB * scale) // n // 4)
+    dev = jax.devices()[0]
+    key = jax.random.PRNGKey(0)
+    tree: dict[str, Any] = {}
+    for i in range(n):
+        x = jax.random.normal(jax.random.fold_in(key, i), (per,))
+        tree.setdefault(f"layer_{i // 4}", {})[f"w{i}"] = jax.device_put(x, dev)
+    return tree
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    return [
+        (jax.tree_util.keystr(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def abstract(tree: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
+
+
+def subtree_of(tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+    """A tree holding only the leaf at ``keypath`` (dict keys and named-tuple fields)."""
+    if not keypath:
+        return leaf
+    return {keypath[0].key: subtree_of(None, keypath[1:], leaf)}
+
+
+def pick(tree: Any, keypath: tuple[Any, ...]) -> Any:
+    for k in keypath:
+        tree = tree[k.key]
+    return tree
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+DROP = True  # --no-drop turns it off (the smoke test: other tests run beside it)
+
+
+def drop_caches() -> bool:
+    if not DROP:
+        return False
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def fsync_tree(path: str) -> None:
+    """Makes every file and directory under ``path`` durable (for tools that do not fsync)."""
+    for d, _, files in os.walk(path):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def file_count(path: str) -> int:
+    if os.path.isfile(path):
+        return 1
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set every 2 ms; ``extra`` is the peak above the start."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss())
+        self.extra = self.peak - self.start
+
+
+def touch_memory(nbytes: int) -> None:
+    """This VM charges ~2 s/GiB the first time memory is touched: pay it before any timing."""
+    buf = np.ones(nbytes // 8 + 1, np.float64)
+    buf[::512] = 2
+    del buf
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+class Tool:
+    name = ""
+    ops: tuple[str, ...] = ("save", "restore_warm", "restore_cold", "partial_cold")
+
+    def __init__(self, work: str):
+        self.work = work
+
+    # Subclasses define save(path, tree), and for the ops they run restore(path, tree) and
+    # partial(path, tree, keypath, leaf).
+
+
+class Jaxckpt(Tool):
+    name = "jaxckpt"
+
+    def save(self, path: str, tree: Any) -> None:
+        jc.save(path, tree)
+
+    def restore(self, path: str, tree: Any) -> Any:
+        return block(jc.restore(path, abstract(tree)))
+
+    def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+        return pick(
+            block(jc.restore(path, subtree_of(tree, keypath, abstract(leaf)), partial=True)),
+            keypath,
+        )
+
+
+class Orbax(Tool):
+    name = "orbax"
+
+    def __init__(self, work: str):
+        super().__init__(work)
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.ckptr = ocp.StandardCheckpointer()
+
+    def save(self, path: str, tree: Any) -> None:
+        self.ckptr.save(path, tree)
+        self.ckptr.wait_until_finished()
+        fsync_tree(path)
+
+    def restore(self, path: str, tree: Any) -> Any:
+        return block(self.ckptr.restore(path, abstract(tree)))
+
+    def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+        ocp = self.ocp
+        item = subtree_of(tree, keypath, abstract(leaf))
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as c:
+            return pick(block(c.restore(path, args=args)), keypath)
+
+    def close(self) -> None:
+        self.ckptr.close()
+
+
+class OrbaxManager(Tool):
+    name = "orbax_mgr"
+    ops = ("save",)
+
+    def save(self, path: str, tree: Any) -> None:
+        import orbax.checkpoint as ocp
+
+        with ocp.CheckpointManager(path) as mngr:
+            mngr.save(0, args=ocp.args.StandardSave(tree))
+            mngr.wait_until_finished()
+        fsync_tree(path)
+
+
+class FlaxMsgpack(Tool):
+    name = "flax_msgpack"
+
+    def save(self, path: str, tree: Any) -> None:
+        from flax import serialization
+
+        with open(path, "wb") as f:
+            f.write(serialization.to_bytes(tree))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def restore(self, path: str, tree: Any) -> Any:
+        from flax import serialization
+
+        with open(path, "rb") as f:
+            return block(jax.device_put(serialization.from_bytes(tree, f.read())))
+
+    def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+        return pick(self.restore(path, tree), keypath)  # msgpack cannot read part of a file
+
+
+class Raw(Tool):
+    """NumPy ``tofile`` / ``fromfile``, one file per leaf, fsynced: the disk's own speed."""
+
+    name = "raw"
+
+    def save(self, path: str, tree: Any) -> None:
+        os.makedirs(path)
+        for i, (_, x) in enumerate(leaves_with_paths(tree)):
+            with open(os.path.join(path, str(i)), "wb") as f:
+                np.asarray(x).tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_tree(path)
+
+    def restore(self, path: str, tree: Any) -> Any:  # into NumPy: the disk-bound floor
+        return [
+            np.fromfile(os.path.join(path, str(i)), dtype=x.dtype).reshape(x.shape)
+            for i, (_, x) in enumerate(leaves_with_paths(tree))
+        ]
+
+    def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+        i = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]].index(keypath)
+        return np.fromfile(os.path.join(path, str(i)), dtype=leaf.dtype).reshape(leaf.shape)
+
+
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (Jaxckpt, Orbax, OrbaxManager, FlaxMsgpack, Raw)}
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+class Results:
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, str, str], list[float]] = {}
+        self.notes: dict[str, Any] = {}
+
+    def add(self, wl: str, op: str, tool: str, value: float) -> None:
+        self.times.setdefault((wl, op, tool), []).append(value)
+
+    def median(self, wl: str, op: str, tool: str) -> float | None:
+        v = self.times.get((wl, op, tool))
+        return statistics.median(v) if v else None
+
+
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t, out
+
+
+def run_workload(
+    wl: str, tree: Any, tools: list[Tool], res: Results, args: argparse.Namespace
+) -> None:
+    size = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    part_bytes = 1024 if wl == "W2" else 4 << 20
+    dict_only = [kv for kv in flat if all(isinstance(k, jax.tree_util.DictKey) for k in kv[0])]
+    keypath, leaf = min(dict_only, key=lambda kv: abs(kv[1].nbytes - part_bytes))
+    res.notes[wl] = {
+        "bytes": size,
+        "leaves": len(flat),
+        "partial_leaf": jax.tree_util.keystr(keypath),
+        "partial_bytes": int(leaf.nbytes),
+    }
+    print(
+        f"\n{wl}: {size / GiB:.3f} GiB in {len(flat)} arrays; partial restore of "
+        f"{jax.tree_util.keystr(keypath)} ({leaf.nbytes} bytes)",
+        flush=True,
+    )
+    base = os.path.join(args.dir, wl)
+    for rep in range(args.repeats):
+        for tool in tools:
+            path = os.path.join(base, f"{tool.name}-{rep}")
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.exists(path):
+                os.remove(path)
+            os.makedirs(base, exist_ok=True)
+            drop_caches()
+            with PeakRSS() as mem:
+                dt, _ = timed(tool.save, path, tree)
+            res.add(wl, "save", tool.name, dt)
+            res.add(wl, "save_extra_ram_x", tool.name, mem.extra / size)
+            res.add(wl, "files", tool.name, file_count(path))
+            if "restore_warm" in tool.ops:
+                tool.restore(path, tree)  # warm the page cache
+                with PeakRSS() as mem:
+                    dt, out = timed(tool.restore, path, tree)
+                del out
+                res.add(wl, "restore_warm", tool.name, dt)
+                res.add(wl, "restore_extra_ram_x", tool.name, mem.extra / size)
+                drop_caches()
+                dt, out = timed(tool.restore, path, tree)
+                del out
+                res.add(wl, "restore_cold", tool.name, dt)
+                drop_caches()
+                dt, out = timed(tool.partial, path, tree, keypath, leaf)
+                np.testing.assert_array_equal(np.asarray(out), np.asarray(leaf))
+                del out
+                res.add(wl, "partial_cold", tool.name, dt)
+            shutil.rmtree(path, ignore_errors=True)
+            if os.path.isfile(path):
+                os.remove(path)
+            print(
+                f"  rep {rep} {tool.name:<13} done at {time.perf_counter() - T0:.1f} s", flush=True
+            )
+        async_and_manager(wl, tree, tools, res, args, base, rep)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def async_and_manager(
+    wl: str,
+    tree: Any,
+    tools: list[Tool],
+    res: Results,
+    args: argparse.Namespace,
+    base: str,
+    rep: int,
+) -> None:
+    names = {t.name for t in tools}
+    leaves = jax.tree_util.tree_leaves(tree)
+    dt, copies = timed(lambda: [np.copy(np.asarray(x)) for x in leaves])
+    del copies
+    res.add(wl, "async_block", "np.copy", dt)
+    if "jaxckpt" in names:
+        path = os.path.join(base, f"async-jaxckpt-{rep}")
+        t0 = time.perf_counter()
+        h = jc.save_async(path, tree)
+        res.add(wl, "async_block", "jaxckpt", time.perf_counter() - t0)
+        h.wait()
+        res.add(wl, "async_total", "jaxckpt", time.perf_counter() - t0)
+        shutil.rmtree(path)
+    if "orbax" in names:
+        import orbax.checkpoint as ocp
+
+        path = os.path.join(base, f"async-orbax-{rep}")
+        with ocp.StandardCheckpointer() as ckptr:
+            t0 = time.perf_counter()
+            ckptr.save(path, tree)
+            res.add(wl, "async_block", "orbax", time.perf_counter() - t0)
+            ckptr.wait_until_finished()
+            fsync_tree(path)
+            res.add(wl, "async_total", "orbax", time.perf_counter() - t0)
+        shutil.rmtree(path)
+    if args.steps <= 0 or wl == "W3":
+        return
+    for compute in (0.0, args.compute):
+        op = f"mgr_block_{compute:g}s"
+        if "jaxckpt" in names:
+            d = os.path.join(base, f"mgr-jaxckpt-{rep}")
+            for t in manager_loop_jaxckpt(d, tree, args.steps, compute):
+                res.add(wl, op, "jaxckpt", t)
+            shutil.rmtree(d)
+        if "orbax" in names:
+            d = os.path.join(base, f"mgr-orbax-{rep}")
+            for t in manager_loop_orbax(d, tree, args.steps, compute):
+                res.add(wl, op, "orbax_mgr", t)
+            shutil.rmtree(d)
+
+
+def manager_loop_jaxckpt(d: str, tree: Any, steps: int, compute: float) -> list[float]:
+    """Saves every step; ``jc.CheckpointManager`` when present, else save_async directly."""
+    out = []
+    if hasattr(jc, "CheckpointManager"):
+        with jc.CheckpointManager(d) as mngr:
+            for step in range(steps):
+                time.sleep(compute)
+                dt, _ = timed(lambda s=step: mngr.save(s, tree))
+                out.append(dt)
+            mngr.wait_until_finished()
+        return out
+    handles = []
+    for step in range(steps):
+        time.sleep(compute)
+        dt, h = timed(lambda s=step: jc.save_async(os.path.join(d, f"ckpt-{s}"), tree, step=s))
+        handles.append(h)
+        out.append(dt)
+    for h in handles:
+        h.wait()
+    return out
+
+
+def manager_loop_orbax(d: str, tree: Any, steps: int, compute: float) -> list[float]:
+    import orbax.checkpoint as ocp
+
+    out = []
+    with ocp.CheckpointManager(d) as mngr:
+        for step in range(steps):
+            time.sleep(compute)
+            dt, _ = timed(lambda s=step: mngr.save(s, args=ocp.args.StandardSave(tree)))
+            out.append(dt)
+        mngr.wait_until_finished()
+    return out
+
+
+# ---------------------------------------------------------------------------- report
+
+OPS = [
+    "save",
+    "restore_warm",
+    "restore_cold",
+    "partial_cold",
+    "async_block",
+    "async_total",
+    "mgr_block_0s",
+    "mgr_block_1s",
+    "save_extra_ram_x",
+    "restore_extra_ram_x",
+    "files",
+]
+SECONDS = {"save", "restore_warm", "restore_cold", "async_total"}
+
+
+def table(res: Results) -> str:
+    head = f"| {'workload':<4} | {'operation':<19} | {'tool':<12} | {'median':>9} | {'min-max':>17} | {'GiB/s':>6} | {'jaxckpt/best peer':>17} |"
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for wl in dict.fromkeys(k[0] for k in res.times):
+        size = res.notes[wl]["bytes"]
+        for op in [o for o in OPS if any(k[:2] == (wl, o) for k in res.times)] + sorted(
+            {k[1] for k in res.times if k[0] == wl} - set(OPS)
+        ):
+            tools = [k[2] for k in res.times if k[:2] == (wl, op)]
+            peers = [res.median(wl, op, t) for t in tools if t in PEERS]
+            best = min(peers) if peers else None
+            for t in tools:
+                v = res.times[(wl, op, t)]
+                med = statistics.median(v)
+                unit = "" if op == "files" or op.endswith("_x") else " s"
+                fmt = (lambda x: f"{x:.0f}") if op == "files" else (lambda x: f"{x:.3f}")
+                gibs = f"{size / GiB / med:.2f}" if op in SECONDS and med > 0 else ""
+                ratio = f"{med / best:.3f}" if t == "jaxckpt" and best else ""
+                lines.append(
+                    f"| {wl:<8} | {op:<19} | {t:<12} | {fmt(med) + unit:>9} | "
+                    f"{fmt(min(v)) + '-' + fmt(max(v)):>17} | {gibs:>6} | {ratio:>17} |"
+                )
+    return "\n".join(lines)
+
+
+def floors(res: Results) -> list[tuple[str, bool | None, str]]:
+    """The issue's floors: (description, held?, the figures)."""
+    m = res.median
+    out: list[tuple[str, bool | None, str]] = []
+
+    def check(desc: str, mine: float | None, bound: float | None, what: str) -> None:
+        if mine is None or bound is None:
+            out.append((desc, None, "not measured"))
+        else:
+            out.append((desc, mine <= bound, f"{mine:.4f} vs bound {bound:.4f} ({what})"))
+
+    def times(x: float | None, k: float) -> float | None:
+        return None if x is None else x * k
+
+    check(
+        "W1 save <= 1/2 Orbax",
+        m("W1", "save", "jaxckpt"),
+        times(m("W1", "save", "orbax"), 0.5),
+        "s",
+    )
+    check(
+        "W1 save <= 1.3x raw", m("W1", "save", "jaxckpt"), times(m("W1", "save", "raw"), 1.3), "s"
+    )
+    check(
+        "W1 restore warm <= 1/2 Orbax",
+        m("W1", "restore_warm", "jaxckpt"),
+        times(m("W1", "restore_warm", "orbax"), 0.5),
+        "s",
+    )
+    check(
+        "W1 restore cold <= 3/4 Orbax",
+        m("W1", "restore_cold", "jaxckpt"),
+        times(m("W1", "restore_cold", "orbax"), 0.75),
+        "s",
+    )
+    check(
+        "W1 restore cold <= 1.3x raw",
+        m("W1", "restore_cold", "jaxckpt"),
+        times(m("W1", "restore_cold", "raw"), 1.3),
+        "s",
+    )
+    check(
+        "W1 partial cold <= 0.6x Orbax",
+        m("W1", "partial_cold", "jaxckpt"),
+        times(m("W1", "partial_cold", "orbax"), 0.6),
+        "s",
+    )
+    check(
+        "W1 async block <= 1.5x np.copy",
+        m("W1", "async_block", "jaxckpt"),
+        times(m("W1", "async_block", "np.copy"), 1.5),
+        "s",
+    )
+    mgr = res.times.get(("W1", "mgr_block_1s", "jaxckpt"))
+    check(
+        "W1 manager (1 s compute) per call <= 2x async block",
+        max(mgr) if mgr else None,
+        times(m("W1", "async_block", "jaxckpt"), 2),
+        "s, worst call",
+    )
+    check("W1 extra RAM sync save <= 0.25x", m("W1", "save_extra_ram_x", "jaxckpt"), 0.25, "x size")
+    check("W1 extra RAM restore <= 1.1x", m("W1", "restore_extra_ram_x", "jaxckpt"), 1.1, "x size")
+    check(
+        "W2 save <= 1/10 Orbax",
+        m("W2", "save", "jaxckpt"),
+        times(m("W2", "save", "orbax"), 0.1),
+        "s",
+    )
+    check(
+        "W2 save < Flax msgpack", m("W2", "save", "jaxckpt"), m("W2", "save", "flax_msgpack"), "s"
+    )
+    check(
+        "W2 restore warm <= 1/12 Orbax",
+        m("W2", "restore_warm", "jaxckpt"),
+        times(m("W2", "restore_warm", "orbax"), 1 / 12),
+        "s",
+    )
+    check(
+        "W2 restore cold <= 1/12 Orbax",
+        m("W2", "restore_cold", "jaxckpt"),
+        times(m("W2", "restore_cold", "orbax"), 1 / 12),
+        "s",
+    )
+    check(
+        "W2 partial cold <= 1/100 Orbax",
+        m("W2", "partial_cold", "jaxckpt"),
+        times(m("W2", "partial_cold", "orbax"), 0.01),
+        "s",
+    )
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    from importlib.metadata import version
+
+    return (
+        f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, tensorstore {version('tensorstore')}, "
+        f"orbax-checkpoint {version('orbax-checkpoint')}, numpy {np.__version__}, "
+        f"python {platform.python_version()}"
+    )
+
+
+def report(res: Results, args: argparse.Namespace, can_drop: bool) -> None:
+    """Prints the table and the floors and writes the JSON (after every workload)."""
+    print("\n" + table(res))
+    checks = floors(res)
+    print("\nFloors (issue #6):")
+    for desc, ok, fig in checks:
+        print(f"  {'PASS' if ok else 'FAIL' if ok is False else '----'}  {desc}: {fig}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(
+            {
+                "machine": machine(),
+                "argv": sys.argv,
+                "cold_dropped": can_drop,
+                "workloads": res.notes,
+                "times": [
+                    {"workload": k[0], "op": k[1], "tool": k[2], "values": v}
+                    for k, v in res.times.items()
+                ],
+                "floors": [{"floor": d, "held": ok, "figures": fig} for d, ok, fig in checks],
+            },
+            f,
+            indent=1,
+        )
+    print(f"\nwrote {args.json}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3")
+    ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
+    ap.add_argument("-r", "--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="saves per manager loop (0: skip)")
+    ap.add_argument("--compute", type=float, default=1.0, help="simulated compute between saves, s")
+    ap.add_argument("--dir", default="bench_out", help="scratch directory on the disk to measure")
+    ap.add_argument("--json", default="bench_out/results.json")
+    ap.add_argument("--no-drop", action="store_true", help="never drop the page cache")
+    args = ap.parse_args(argv)
+    global DROP
+    DROP = not args.no_drop
+    args.dir = os.path.abspath(args.dir)
+    os.makedirs(args.dir, exist_ok=True)
+    can_drop = drop_caches()
+    print(machine())
+    print(
+        "cold page cache: "
+        + (
+            "dropped before each cold operation (root)"
+            if can_drop
+            else "NOT dropped (not root, or --no-drop): 'cold' figures are warm"
+        ),
+        flush=True,
+    )
+    res = Results()
+    makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
+    for wl in args.workloads.split(","):
+        names = args.tools.split(",")
+        if wl == "W3":
+            names = [n for n in names if n in ("jaxckpt", "orbax")]
+        tree = block(makers[wl](args.scale))
+        size = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
+        touch_memory(3 * size)
+        tools = [TOOLS[n](args.dir) for n in names]
+        run_workload(wl, tree, tools, res, args)
+        for t in tools:
+            if hasattr(t, "close"):
+                t.close()
+        del tree
+        report(res, args, can_drop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

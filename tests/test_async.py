@@ -1,0 +1,112 @@
+"""save_async: snapshot then background write; errors surfaced; donation-safe; bounded memory."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxckpt as jc
+from jaxckpt import _checkpoint
+
+
+def _tree():
+    return {
+        "params": {
+            "w": jnp.arange(400_000, dtype=jnp.float32).reshape(400, 1000),
+            "b": jnp.ones(7),
+        },
+        "np": {"big": np.arange(300_000, dtype=np.int32), "small": np.arange(5, dtype=np.int8)},
+        "step": 3,
+    }
+
+
+def _assert_same(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_async_round_trip_and_handle(tmp_path):
+    tree = _tree()
+    h = jc.save_async(tmp_path / "ckpt", tree, step=3)
+    assert h.wait() == str(tmp_path / "ckpt")
+    assert h.done() and "done" in repr(h)
+    assert h.wait() == h.path  # waiting twice is fine
+    _assert_same(jc.restore(h.path, tree), tree)
+    assert jc.open(h.path).step == 3
+
+
+def test_donated_and_mutated_arrays_after_return_do_not_change_the_checkpoint(tmp_path):
+    params = {"w": jnp.full((512, 1024), 1.0, jnp.float32), "b": jnp.full((7,), 2.0)}
+    host = {"big": np.full(300_000, 5, np.int32), "small": np.full(5, 6, np.int8)}
+    expected = jax.tree_util.tree_map(np.array, {"params": params, "host": host})
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(p):
+        return jax.tree_util.tree_map(lambda x: x * 0 - 1, p)
+
+    handles = []
+    for i in range(2):
+        handles.append(jc.save_async(tmp_path / f"ckpt-{i}", {"params": params, "host": host}))
+        params = step(params)  # donates the buffers the save was given
+        host["big"][:] = -1  # in-place mutation of the caller's NumPy arrays
+        host["small"][:] = -1
+        if i == 0:
+            expected1 = jax.tree_util.tree_map(np.array, {"params": params, "host": host})
+    _assert_same(jc.restore(handles[0].wait()), expected)
+    _assert_same(jc.restore(handles[1].wait()), expected1)
+
+
+def test_background_error_is_raised_by_wait(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    h = jc.save_async(tmp_path / "afile" / "ckpt", _tree())
+    with pytest.raises(OSError):
+        h.wait()
+    assert h.done()
+
+
+def test_background_error_nobody_waited_for_is_raised_by_the_next_save(tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
+    h = jc.save_async(tmp_path / "afile" / "ckpt", _tree())
+    h._thread.join()  # finished, but nobody called wait()
+    with pytest.raises(
+        jc.CheckpointError,
+        match=r"An earlier asynchronous save to .*afile/ckpt failed: .*Fix: resolve the cause and save again",
+    ):
+        jc.save(tmp_path / "next", {"x": np.ones(3)})
+    # Raised once: the following save goes ahead.
+    assert jc.save(tmp_path / "next", {"x": np.ones(3)}) == str(tmp_path / "next")
+    np.testing.assert_array_equal(jc.restore(tmp_path / "next")["x"], np.ones(3))
+
+
+def test_async_host_memory_is_bounded(tmp_path, monkeypatch):
+    tree = {"x": np.ones((1024, 1024), np.float32), "s": np.ones(10, np.float32)}  # ~5 MiB
+    size = _checkpoint._snapshot_bytes(*_checkpoint._plan(tree)[1:])
+    monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(size + size // 2))
+    assert _checkpoint.async_host_bytes() == size + size // 2
+    handles = []
+    for i in range(4):
+        handles.append(jc.save_async(tmp_path / f"ckpt-{i}", tree))
+        # Two snapshots do not fit: when a save_async returns, every older save has finished.
+        assert all(h.done() for h in handles[:-1])
+        assert _checkpoint._held <= size + size // 2
+    for h in handles:
+        _assert_same(jc.restore(h.wait()), tree)
+    assert _checkpoint._held == 0
+
+
+def test_one_save_larger_than_the_bound_still_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", "1000")
+    tree = {"x": np.ones((1024, 1024), np.float32)}
+    _assert_same(jc.restore(jc.save_async(tmp_path / "ckpt", tree).wait()), tree)
+    assert _checkpoint._held == 0
+
+
+def test_failed_save_releases_its_memory(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    h = jc.save_async(tmp_path / "afile" / "ckpt", _tree())
+    with pytest.raises(OSError):
+        h.wait()
+    assert _checkpoint._held == 0

@@ -1,0 +1,47 @@
+"""A tiny run of the benchmark script: every workload, tool and operation runs end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_runs_tiny_and_writes_json(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "benchmarks", "bench.py"),
+        "--scale",
+        "0.0002",
+        "-r",
+        "1",
+        "--steps",
+        "1",
+        "--compute",
+        "0",
+        "--no-drop",
+        "--workloads",
+        "W1,W2,W3",
+        "--dir",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Floors (issue #6):" in proc.stdout and "| W2       | save " in proc.stdout
+    res = json.loads(out.read_text())
+    seen = {(t["workload"], t["op"], t["tool"]) for t in res["times"]}
+    for tool in ["jaxckpt", "orbax", "orbax_mgr", "flax_msgpack", "raw"]:
+        assert ("W2", "save", tool) in seen
+    for op in ["restore_warm", "restore_cold", "partial_cold", "restore_extra_ram_x", "files"]:
+        assert ("W1", op, "jaxckpt") in seen and ("W1", op, "orbax") in seen
+    for op in ["async_block", "async_total", "mgr_block_0s"]:
+        assert ("W1", op, "jaxckpt") in seen
+    assert ("W1", "async_block", "np.copy") in seen
+    assert {("W3", "async_block", "jaxckpt"), ("W3", "restore_warm", "orbax")} <= seen
+    assert not os.path.exists(tmp_path / "work" / "W1")  # scratch checkpoints removed
+    assert len(res["floors"]) == 15
