@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -119,7 +120,8 @@ def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
         rec: dict[str, Any] = {"t": "array", "dtype": dtype.name, "shape": list(shape)}
         if isinstance(x, np.generic):
             rec["np_scalar"] = True
-        if pack and nbytes < PACK_BELOW:
+        sharded = isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+        if pack and nbytes < PACK_BELOW and not sharded:  # sharded: chunks follow the shards
             if not packs or packs[-1].nbytes + nbytes > PACK_MAX:
                 packs.append(_Pack(f"{PACK_DIR}/{len(packs)}"))
             p = packs[-1]
@@ -215,7 +217,7 @@ def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: i
             _result(root, k.loc, store.write(whole))
         return
     io = _chunks.pool()
-    jobs: deque[tuple[Any, int, _Array | None]] = deque()
+    jobs: deque[tuple[Any, int, _Array | str | None]] = deque()
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
             path = os.path.join(root, loc, "zarr.json")
@@ -237,15 +239,15 @@ def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: i
             held += cost
             while held > budget and jobs:
                 done, n, owner = jobs.popleft()
-                if _wrap_os(root, owner, done.result) is False and owner is not None:
+                if _wrap_os(root, owner, done.result) is False and isinstance(owner, _Array):
                     fallback[id(owner)] = owner
                 held -= n
     for k in packs:
         for i in range(k.n_chunks):
-            jobs.append((io.submit(_write_pack_chunk, root, k, i), 0, None))
+            jobs.append((io.submit(_write_pack_chunk, root, k, i), 0, k.loc))
     try:
         for done, _, owner in jobs:
-            if _wrap_os(root, owner, done.result) is False and owner is not None:
+            if _wrap_os(root, owner, done.result) is False and isinstance(owner, _Array):
                 fallback[id(owner)] = owner
     except BaseException:
         for done, _, _ in jobs:  # let every write land before the caller removes the directory
@@ -274,7 +276,9 @@ def _write_json_files(root: str, files: dict[str, Any]) -> None:
 
 def _durable(root: str) -> None:
     """Every byte this process wrote under ``root`` is on disk (TensorStore syncs its own)."""
-    if _storage.is_local(root):
+    # A directory already gone was removed by peers that gave up on this save: the barrier
+    # that follows says so better than a failed sync would.
+    if _storage.is_local(root) and os.path.isdir(root):
         _wrap_os(root, "", lambda: _chunks.make_durable(root))
 
 
@@ -482,6 +486,20 @@ class SaveHandle:
 
 
 _unfinished: set[SaveHandle] = set()
+
+
+def _finish_at_exit() -> None:
+    """A script that ends with saves in flight still commits them (or says why not)."""
+    for h in list(_unfinished):
+        try:
+            h.wait()
+        except BaseException as e:  # noqa: BLE001 - reported, the interpreter is exiting
+            print(f"jaxckpt: the asynchronous save to {h.path} failed: {e}", file=sys.stderr)
+
+
+# Runs after the main thread ends and before the I/O thread pools shut down (threading calls
+# these hooks in reverse order of registration; _chunks registered its pools' hook first).
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
 
 # Host memory held by the snapshots of saves in flight. A new save_async waits for older ones
 # to finish while its snapshot would push the total over the limit (one save alone may exceed

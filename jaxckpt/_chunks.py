@@ -222,7 +222,7 @@ def read_whole(
     plan = piece_chunks(shape, chunks, index)
     assert plan is not None
     for coords, local, padded in plan:
-        dest = out[local]
+        dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
         path = os.path.join(base, chunk_key(coords))
         if not padded and dest.flags.c_contiguous:
             read_chunk_into(path, dest)

@@ -8,7 +8,6 @@ them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import itertools
 import json
@@ -17,6 +16,7 @@ import math
 import operator
 import os
 import re
+import threading
 import weakref
 from typing import Any
 
@@ -131,7 +131,9 @@ class CheckpointManager:
         self._entries, stale = self._load()
         if stale and self._primary:
             self._write_index()
-        atexit.register(_finish_at_exit, weakref.ref(self))
+        # At interpreter exit, before the I/O thread pools shut down (threading runs these
+        # hooks in reverse order of registration, after the main thread ends).
+        threading._register_atexit(_finish_at_exit, weakref.ref(self))  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------ reading state
 

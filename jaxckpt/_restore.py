@@ -345,9 +345,11 @@ def restore(
             shards, slots = plan
             pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
             sharding = _sharding(x)
-            if sharding is not None and len(pieces) == 1 and len(sharding.device_set) == 1:
+            single = sharding is not None and len(sharding.device_set) == 1
+            if single and len(pieces) == 1 and "key" not in rec:
                 # One device_put for all single-device leaves: per-call overhead dominates.
-                batch.append((len(leaves), next(iter(pieces.values())).astype(np.dtype(x.dtype), copy=False), sharding))
+                host = next(iter(pieces.values())).astype(np.dtype(x.dtype), copy=False)
+                batch.append((len(leaves), host, sharding))
                 leaves.append(None)
             else:
                 leaves.append(_assemble(x, rec, pieces))

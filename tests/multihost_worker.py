@@ -168,8 +168,8 @@ def inject(kind: str, path_part: str) -> None:
     """Makes this process fail in the way ``kind`` while saving a path containing ``path_part``."""
     real = _checkpoint._write_arrays
 
-    def write_then_fail(root, arrays, budget):
-        real(root, arrays, budget)
+    def write_then_fail(root, arrays, packs, budget):
+        real(root, arrays, packs, budget)
         if path_part not in root:
             return
         if kind == "raise":

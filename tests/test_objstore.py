@@ -435,7 +435,7 @@ def test_local_write_error_names_path_and_array(tmp_path):
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(jc.CheckpointError) as e:
-            jc.save(tmp_path / "c", {"w": np.ones(10000)})
+            jc.save(tmp_path / "c", {"w": np.ones(300_000)})  # 2.4 MB: its own path, not packed
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old)

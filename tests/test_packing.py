@@ -171,3 +171,14 @@ def test_restored_arrays_are_aligned_for_zero_copy(tmp_path):
     out = jc.restore(path)
     assert out["big"].ctypes.data % _chunks.ALIGN == 0
     assert out["s"].ctypes.data % _chunks.ALIGN == 0
+
+
+def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
+    """0-d arrays at their own path (multi-process saves never pack) keep their value."""
+    monkeypatch.setattr(_checkpoint, "PACK_BELOW", 0)
+    tree = {"z": np.float32(7), "q": np.array(3.0), "i": np.array(-5, np.int8)}
+    path = jc.save(tmp_path / "c", tree)
+    assert jc.open(path).record("q")["loc"] == "q"
+    zeros = {"z": np.float32(0), "q": np.array(0.0), "i": np.array(0, np.int8)}
+    for out in (jc.restore(path), jc.restore(path, zeros)):
+        assert out == tree

@@ -79,18 +79,21 @@ def saved(tmp_path_factory) -> dict[str, str]:
     """One checkpoint per saved sharding, written once for the module."""
     root = tmp_path_factory.mktemp("sharded")
     paths = {}
-    for kind in SAVED:
-        x = jax.device_put(value(), sharding(kind))
-        paths[kind] = jc.save(
-            root / kind, {"w": x, "b": jax.device_put(value()[0], sharding("replicated"))}
-        )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_checkpoint, "PACK_BELOW", 0)  # each leaf at its own path, as multi-host
+        for kind in SAVED:
+            x = jax.device_put(value(), sharding(kind))
+            paths[kind] = jc.save(
+                root / kind, {"w": x, "b": jax.device_put(value()[0], sharding("replicated"))}
+            )
     return paths
 
 
 @pytest.mark.parametrize("kind", SAVED)
-def test_each_distinct_shard_is_written_once(kind, saved):
+def test_each_distinct_shard_is_written_once(kind, saved, monkeypatch):
+    monkeypatch.setattr(_checkpoint, "PACK_BELOW", 0)  # a small single-device leaf is packed
     x = jax.device_put(value(), sharding(kind))
-    _, arrays = _checkpoint._plan({"w": x})
+    _, arrays, _ = _checkpoint._plan({"w": x})
     pieces = arrays[0].pieces
     assert len(pieces) == DISTINCT[kind]
     starts = {tuple(s.start or 0 for s in p.index) for p in pieces}
