@@ -16,6 +16,7 @@ and writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -153,10 +154,18 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
+
+
 class PeakRSS:
     """Samples the resident set every 2 ms; ``extra`` is the peak above the start."""
 
     def __enter__(self) -> PeakRSS:
+        _malloc_trim()  # freed heap memory back to the OS: else later growth hides in it
         self.start = rss()
         self.peak = self.start
         self._stop = threading.Event()
