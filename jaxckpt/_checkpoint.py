@@ -30,6 +30,9 @@ PyTree = Any
 STREAM_BYTES = 512 << 20
 # Array leaves under this size are packed together (DESIGN: 1 MiB or more has its own path).
 PACK_BELOW = 1 << 20
+# Packing starts at this many small leaves: a small model keeps one zarr array per leaf (each
+# readable by zarr-python at its own path), while 10,000 tiny arrays do not cost 10,000 files.
+PACK_MIN_LEAVES = 64
 PACK_CHUNK = 1 << 20  # chunk of a pack array: what reading one small leaf reads at most twice
 PACK_MAX = 1 << 30  # a pack array holds at most this many bytes; more start another
 PACK_ALIGN = 64  # leaf offsets in a pack: restored leaves are aligned views of the read chunks
@@ -107,11 +110,22 @@ def _pieces(x: Any) -> tuple[list[_Piece], tuple[int, ...] | None]:
     return [_Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
 
 
+def _packable(x: Any) -> bool:
+    """A small array leaf on one device (a sharded one keeps chunks that follow its shards)."""
+    if isinstance(x, jax.core.Tracer):
+        return False  # refused with its key path by _metadata.check_array
+    if isinstance(x, jax.Array):
+        return len(x.sharding.device_set) == 1 and x.nbytes < PACK_BELOW
+    return isinstance(x, (np.ndarray, np.generic)) and x.nbytes < PACK_BELOW
+
+
 def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
     arrays: list[_Array] = []
     packs: list[_Pack] = []
     # Packing needs every byte of a leaf on this process; multi-process saves keep one path each.
-    pack = _multihost.process_count() == 1
+    pack = _multihost.process_count() == 1 and (
+        sum(map(_packable, jax.tree_util.tree_leaves(tree))) >= PACK_MIN_LEAVES
+    )
 
     def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
         dtype = np.dtype(x.dtype)
@@ -120,8 +134,7 @@ def _plan(tree: PyTree) -> tuple[dict[str, Any], list[_Array], list[_Pack]]:
         rec: dict[str, Any] = {"t": "array", "dtype": dtype.name, "shape": list(shape)}
         if isinstance(x, np.generic):
             rec["np_scalar"] = True
-        sharded = isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
-        if pack and nbytes < PACK_BELOW and not sharded:  # sharded: chunks follow the shards
+        if pack and _packable(x):
             if not packs or packs[-1].nbytes + nbytes > PACK_MAX:
                 packs.append(_Pack(f"{PACK_DIR}/{len(packs)}"))
             p = packs[-1]

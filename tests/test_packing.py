@@ -13,6 +13,12 @@ import zarr
 import jaxckpt as jc
 from jaxckpt import _checkpoint, _chunks
 
+
+@pytest.fixture(autouse=True)
+def _pack_even_small_trees(monkeypatch):
+    """These tests use a few leaves; packing starts at PACK_MIN_LEAVES small ones otherwise."""
+    monkeypatch.setattr(_checkpoint, "PACK_MIN_LEAVES", 1)
+
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint32", "bool", "complex64"]
 
 
@@ -182,3 +188,21 @@ def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
     zeros = {"z": np.float32(0), "q": np.array(0.0), "i": np.array(0, np.int8)}
     for out in (jc.restore(path), jc.restore(path, zeros)):
         assert out == tree
+
+
+def test_small_trees_keep_a_zarr_array_per_leaf_and_many_small_leaves_are_packed(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_checkpoint, "PACK_MIN_LEAVES", 64)
+    few = {f"l{i}": np.full(3, i, np.float32) for i in range(63)}
+    path = jc.save(tmp_path / "few", few)
+    assert not os.path.exists(os.path.join(path, "~pack"))
+    np.testing.assert_array_equal(zarr.open_group(path, mode="r")["l5"][:], few["l5"])
+    many = {**few, "l63": np.full(3, 63, np.float32)}
+    path = jc.save(tmp_path / "many", many)
+    assert os.path.exists(os.path.join(path, "~pack"))
+    assert not os.path.exists(os.path.join(path, "l5"))
+    out = jc.restore(path)
+    assert out.keys() == many.keys()
+    for k in many:
+        np.testing.assert_array_equal(out[k], many[k])
