@@ -18,8 +18,8 @@ test: install
 	$(BIN)/python -m pytest -n 2 -q --durations=15 tests
 
 lint: install
-	$(BIN)/ruff check jaxckpt tests benchmarks
-	$(BIN)/ruff format --check jaxckpt tests benchmarks
+	$(BIN)/ruff check jaxckpt tests benchmarks examples
+	$(BIN)/ruff format --check jaxckpt tests benchmarks examples
 	$(BIN)/mypy
 
 demo: install

@@ -243,8 +243,13 @@ def _write_arrays(root: str, arrays: list[_Array], packs: list[_Pack], budget: i
             if math.prod(m["shape"]) == 0:
                 continue
             job = io.submit(
-                _chunks.write_piece, root, a.loc, m["data_type"],
-                m["chunk_grid"]["configuration"]["chunk_shape"], m["shape"], p.index,
+                _chunks.write_piece,
+                root,
+                a.loc,
+                m["data_type"],
+                m["chunk_grid"]["configuration"]["chunk_shape"],
+                m["shape"],
+                p.index,
                 functools.partial(_to_host, p.data, False),
             )
             cost = 0 if isinstance(p.data, np.ndarray) else p.nbytes
@@ -559,7 +564,13 @@ def _raise_earlier_errors() -> None:
                 ) from h._error
 
 
-def save(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None, metrics: dict[str, Any] | None = None) -> str:
+def save(
+    path: str | os.PathLike[str],
+    tree: PyTree,
+    *,
+    step: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> str:
     """Saves ``tree`` to the directory ``path``, atomically; returns the final path.
 
     The save streams: arrays already in host memory are written from where they are, device
@@ -575,7 +586,13 @@ def save(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None,
     return _execute(s, budget=STREAM_BYTES)
 
 
-def save_async(path: str | os.PathLike[str], tree: PyTree, *, step: int | None = None, metrics: dict[str, Any] | None = None) -> SaveHandle:
+def save_async(
+    path: str | os.PathLike[str],
+    tree: PyTree,
+    *,
+    step: int | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> SaveHandle:
     """Snapshots ``tree`` to host memory, then saves it in the background.
 
     Returns once the snapshot is taken: the caller may then donate, delete or mutate its

@@ -156,8 +156,9 @@ def write_piece(
     shape: Sequence[int],
     index: Sequence[slice],
     host: Callable[[], np.ndarray],
-) -> list[str] | None:
-    """Writes the chunk files of one piece; returns the directories it created, or None."""
+) -> bool:
+    """Writes the chunk files of one piece; False when the piece does not cover whole chunks
+    (the caller then writes it through TensorStore)."""
     plan = piece_chunks(shape, chunks, index)
     if plan is None:
         return False
@@ -197,7 +198,7 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
         size = os.fstat(fd).st_size
         if size != raw.size + 4:
             raise ChunkError(f"the chunk file {path} has {size} bytes, expected {raw.size + 4}")
-        mv = memoryview(raw)
+        mv = memoryview(raw)  # type: ignore[arg-type]
         while mv:
             n = os.readv(fd, [mv])
             if n == 0:

@@ -35,7 +35,9 @@ class Reader:
         self.path = _storage.normalize(path)
         if not _storage.is_committed(self.path):
             raise _not_found(self.path)
-        meta = _metadata.parse_root(_storage.read_json(self.path, "zarr.json").get("attributes", {}), self.path)
+        meta = _metadata.parse_root(
+            _storage.read_json(self.path, "zarr.json").get("attributes", {}), self.path
+        )
         self.metadata: dict[str, Any] = meta
         self.structure: dict[str, Any] = meta["tree"]
         self.records: dict[str, dict[str, Any]] = dict(_metadata.iter_leaves(self.structure))
@@ -121,7 +123,9 @@ class Reader:
             for i, arr in zip(idx, leaves, strict=True):
                 index = requests[i][1]
                 out[i] = arr if index is None else arr[index]
-        for i, arr in zip(rest, self._read_ts([requests[i] for i in rest], [recs[i] for i in rest]), strict=True):
+        for i, arr in zip(
+            rest, self._read_ts([requests[i] for i in rest], [recs[i] for i in rest]), strict=True
+        ):
             out[i] = arr
         for i, job in jobs.items():
             try:
@@ -135,7 +139,9 @@ class Reader:
         arr = _chunks.read_whole(self.path, rec["loc"], rec["shape"], rec["chunks"], stored)
         return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
 
-    def _read_packed(self, loc: str, recs: list[dict[str, Any]], paths: list[str]) -> list[np.ndarray]:
+    def _read_packed(
+        self, loc: str, recs: list[dict[str, Any]], paths: list[str]
+    ) -> list[np.ndarray]:
         """Leaves packed in the 1-D uint8 array ``loc``: each needed chunk is read once.
 
         Each run of consecutive needed chunks is read into one aligned buffer, and every leaf
@@ -146,7 +152,10 @@ class Reader:
             if not _storage.is_local(self.path):
                 store = _storage.open_array(self.path, loc, {}, create=False, assume=False).result()
                 futs = [store[o : o + n].read() for o, n in spans]
-                return [_view(f.result(), 0, n, r) for f, (_, n), r in zip(futs, spans, recs, strict=True)]
+                return [
+                    _view(f.result(), 0, n, r)
+                    for f, (_, n), r in zip(futs, spans, recs, strict=True)
+                ]
             size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
             runs: list[list[int]] = []
@@ -158,7 +167,11 @@ class Reader:
             bufs = [_chunks.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
             base = os.path.join(self.path, loc, "c")
             jobs = [
-                (_chunks.read_chunk_into, os.path.join(base, str(k)), buf[(k - a) * size : (k - a + 1) * size])
+                (
+                    _chunks.read_chunk_into,
+                    os.path.join(base, str(k)),
+                    buf[(k - a) * size : (k - a + 1) * size],
+                )
                 for (a, b), buf in zip(runs, bufs, strict=True)
                 for k in range(a, b)
             ]
@@ -175,11 +188,15 @@ class Reader:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
-    def _read_ts(self, requests: Sequence[tuple[str, Index | None]], recs: list[dict[str, Any]]) -> list[np.ndarray]:
+    def _read_ts(
+        self, requests: Sequence[tuple[str, Index | None]], recs: list[dict[str, Any]]
+    ) -> list[np.ndarray]:
         opened = {}
         for rec in recs:
             if rec["loc"] not in opened:
-                opened[rec["loc"]] = _storage.open_array(self.path, rec["loc"], _array_meta(rec), create=False)
+                opened[rec["loc"]] = _storage.open_array(
+                    self.path, rec["loc"], _array_meta(rec), create=False
+                )
         futures = []
         for (p, index), rec in zip(requests, recs, strict=True):
             try:
@@ -235,7 +252,10 @@ def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
         return True
     if len(index) != len(shape):
         return False
-    return all(isinstance(s, slice) and s.indices(n) == (0, n, 1) for s, n in zip(index, shape, strict=True))
+    return all(
+        isinstance(s, slice) and s.indices(n) == (0, n, 1)
+        for s, n in zip(index, shape, strict=True)
+    )
 
 
 def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
@@ -264,4 +284,3 @@ def open(path: str | os.PathLike[str]) -> Reader:  # noqa: A001 - the public nam
 def list_variables(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int, ...], str]]:
     """``[(path, shape, dtype_name), ...]`` of every leaf, sorted by path; reads no array."""
     return Reader(path).variables()
-

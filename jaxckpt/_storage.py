@@ -51,7 +51,9 @@ CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its s
 
 
 def write_json_files(kv: ts.KvStore, files: dict[str, Any]) -> list[ts.Future]:
-    return [kv.write(key, json.dumps(obj, separators=(",", ":")).encode()) for key, obj in files.items()]
+    return [
+        kv.write(key, json.dumps(obj, separators=(",", ":")).encode()) for key, obj in files.items()
+    ]
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,6 +61,7 @@ def group_json(attributes: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- arrays
+
 
 @functools.cache
 def _zarr3_supports(data_type: str) -> bool:
@@ -80,7 +83,9 @@ def stored_dtype(dtype: np.dtype) -> str:
     return f"uint{dtype.itemsize * 8}"
 
 
-def chunk_shape(shape: Sequence[int], itemsize: int, shard: Sequence[int] | None = None) -> list[int]:
+def chunk_shape(
+    shape: Sequence[int], itemsize: int, shard: Sequence[int] | None = None
+) -> list[int]:
     """Chunks follow the shards; a chunk over ``CHUNK_BYTES`` is cut along its first dims."""
     chunk = [max(1, int(d)) for d in (shard if shard is not None else shape)]
     for axis in range(len(chunk)):

@@ -19,6 +19,7 @@ def _pack_even_small_trees(monkeypatch):
     """These tests use a few leaves; packing starts at PACK_MIN_LEAVES small ones otherwise."""
     monkeypatch.setattr(_checkpoint, "PACK_MIN_LEAVES", 1)
 
+
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint32", "bool", "complex64"]
 
 
