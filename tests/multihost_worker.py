@@ -5,7 +5,7 @@ Every process has 4 CPU devices and joins the others through ``jax.distributed.i
 It prints one ``RESULT {json}`` line per check for the test to assert on, and exits non-zero
 with a traceback when one of its own checks fails.
 
-Failures are injected by wrapping ``jaxckpt._checkpoint._write_arrays`` in this process only
+Failures are injected by wrapping ``jaxckpt._write.write_arrays`` in this process only
 (the real function runs first): ``raise`` an OSError, ``sleep`` past the barrier timeout, or
 ``kill`` this process with SIGKILL between writing its shards and the ``written`` barrier.
 """
@@ -41,7 +41,7 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _checkpoint, _multihost, _reader  # noqa: E402
+from jaxckpt import _multihost, _reader, _write  # noqa: E402
 
 SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
@@ -166,7 +166,7 @@ def report(check: str, **fields) -> None:
 
 def inject(kind: str, path_part: str) -> None:
     """Makes this process fail in the way ``kind`` while saving a path containing ``path_part``."""
-    real = _checkpoint._write_arrays
+    real = _write.write_arrays
 
     def write_then_fail(root, arrays, packs, budget):
         real(root, arrays, packs, budget)
@@ -180,7 +180,7 @@ def inject(kind: str, path_part: str) -> None:
             report("about-to-die", time=time.time())
             os.kill(os.getpid(), signal.SIGKILL)
 
-    _checkpoint._write_arrays = write_then_fail
+    _write.write_arrays = write_then_fail
 
 
 def expect_error(check: str, fn) -> None:
@@ -215,7 +215,7 @@ def count_reads():
 
 def written_pieces(tree: dict) -> dict[str, int]:
     """How many pieces (distinct shards) this process writes for each array."""
-    return {a.loc: len(a.pieces) for a in _checkpoint._plan(tree)[1]}
+    return {a.loc: len(a.pieces) for a in _write.plan(tree)[1]}
 
 
 def scenario_main() -> None:

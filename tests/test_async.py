@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint
+from jaxckpt import _checkpoint, _write
 
 
 def _tree():
@@ -83,7 +83,7 @@ def test_background_error_nobody_waited_for_is_raised_by_the_next_save(tmp_path)
 
 def test_async_host_memory_is_bounded(tmp_path, monkeypatch):
     tree = {"x": np.ones((1024, 1024), np.float32), "s": np.ones(10, np.float32)}  # ~5 MiB
-    size = _checkpoint._snapshot_bytes(*_checkpoint._plan(tree)[1:])
+    size = _write.snapshot_bytes(*_write.plan(tree)[1:])
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(size + size // 2))
     assert _checkpoint.async_host_bytes() == size + size // 2
     handles = []

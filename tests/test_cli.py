@@ -278,7 +278,7 @@ def _flip_a_bit(path):
 
 def _own_paths(monkeypatch):
     """Every array leaf at its own zarr path (small leaves are otherwise packed together)."""
-    monkeypatch.setattr(jc._checkpoint, "PACK_BELOW", 0, raising=False)
+    monkeypatch.setattr(jc._write, "PACK_BELOW", 0, raising=False)
 
 
 def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):

@@ -11,13 +11,13 @@ import tensorstore as ts
 import zarr
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _chunks
+from jaxckpt import _chunks, _write
 
 
 @pytest.fixture(autouse=True)
 def _pack_even_small_trees(monkeypatch):
     """These tests use a few leaves; packing starts at PACK_MIN_LEAVES small ones otherwise."""
-    monkeypatch.setattr(_checkpoint, "PACK_MIN_LEAVES", 1)
+    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 1)
 
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint32", "bool", "complex64"]
@@ -87,8 +87,8 @@ def test_every_packed_leaf_is_readable_by_tensorstore_from_the_metadata(tmp_path
 
 
 def test_leaves_straddling_chunks_and_several_packs(tmp_path, monkeypatch):
-    monkeypatch.setattr(_checkpoint, "PACK_CHUNK", 100)
-    monkeypatch.setattr(_checkpoint, "PACK_MAX", 1000)
+    monkeypatch.setattr(_write, "PACK_CHUNK", 100)
+    monkeypatch.setattr(_write, "PACK_MAX", 1000)
     tree = {f"k{i}": np.arange(i * 7, dtype=np.float32) for i in range(40)}
     path = jc.save(tmp_path / "ckpt", tree)
     locs = {r["loc"] for r in _leaf_records(path).values()}
@@ -107,7 +107,7 @@ def test_leaves_straddling_chunks_and_several_packs(tmp_path, monkeypatch):
 
 
 def test_partial_restore_reads_only_the_chunks_asked_for(tmp_path, monkeypatch):
-    monkeypatch.setattr(_checkpoint, "PACK_CHUNK", 256)
+    monkeypatch.setattr(_write, "PACK_CHUNK", 256)
     tree = {"a": np.arange(64, dtype=np.float32), "b": np.arange(64, 128, dtype=np.float32)}
     path = jc.save(tmp_path / "ckpt", tree)
     # "b" lives in chunk 1 only; damage chunk 0 (which holds "a").
@@ -182,7 +182,7 @@ def test_restored_arrays_are_aligned_for_zero_copy(tmp_path):
 
 def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
     """0-d arrays at their own path (multi-process saves never pack) keep their value."""
-    monkeypatch.setattr(_checkpoint, "PACK_BELOW", 0)
+    monkeypatch.setattr(_write, "PACK_BELOW", 0)
     tree = {"z": np.float32(7), "q": np.array(3.0), "i": np.array(-5, np.int8)}
     path = jc.save(tmp_path / "c", tree)
     assert jc.open(path).record("q")["loc"] == "q"
@@ -194,7 +194,7 @@ def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
 def test_small_trees_keep_a_zarr_array_per_leaf_and_many_small_leaves_are_packed(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(_checkpoint, "PACK_MIN_LEAVES", 64)
+    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 64)
     few = {f"l{i}": np.full(3, i, np.float32) for i in range(63)}
     path = jc.save(tmp_path / "few", few)
     assert not os.path.exists(os.path.join(path, "~pack"))
