@@ -95,10 +95,11 @@ def make_durable(root: str) -> None:
     finally:
         os.close(fd)
     paths = [os.path.join(d, n) for d, _, files in os.walk(root) for n in [*files, "."]]
-    list(pool().map(_fsync_path, paths))
+    list(pool().map(fsync_path, paths))
 
 
-def _fsync_path(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """Makes one file or directory durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

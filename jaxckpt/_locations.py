@@ -28,6 +28,7 @@ from typing import Any
 
 import tensorstore as ts
 
+from ._chunks import fsync_path
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 COMMIT = "COMMIT"
@@ -272,17 +273,9 @@ def commit(tmp: str, final: str) -> None:
         except CheckpointError as e:
             log.warning("jaxckpt: %s (the checkpoint is committed)", e)
         return
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     os.rename(tmp, final)  # fails on a non-empty ``final``: never clobbers a checkpoint
-    _fsync_dir(os.path.dirname(final))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(os.path.dirname(final))
 
 
 # ---------------------------------------------------------------------------- small objects
@@ -409,4 +402,4 @@ def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
     except BaseException:
         remove(tmp)
         raise
-    _fsync_dir(root)
+    fsync_path(root)
