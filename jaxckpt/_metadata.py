@@ -22,7 +22,7 @@ import numpy as np
 from . import _paths
 from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeafError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ATTR_KEY = "jaxckpt"
 MAX_NAME_BYTES = 255  # the longest file name common file systems take
 
