@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _metadata, _multihost, _storage, _write
+from . import _metadata, _multihost, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError
 
 PyTree = Any
@@ -117,8 +117,10 @@ def _execute(s: _Save, budget: int) -> str:
             _keep_every_state(s, states)
         _write.write_arrays(tmp, s.arrays, s.packs, budget)
         if primary:
-            attrs = _metadata.root_attributes(s.record, {"time": time.time(), **s.extra})
-            files = {"zarr.json": _storage.group_json(attrs), **_write.group_files(s.record)}
+            record, moved = _split.split(s.record)
+            attrs = _metadata.root_attributes(record, {"time": time.time(), **s.extra})
+            files = {"zarr.json": _storage.group_json(attrs)}
+            files.update(_write.group_files(s.record, moved))
             if s.packs:
                 files[f"{_write.PACK_DIR}/zarr.json"] = _storage.group_json()
             _write.write_json_files(tmp, files)

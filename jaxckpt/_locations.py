@@ -18,6 +18,7 @@ members for every ``s3://`` or ``gs://`` location.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from ._chunks import fsync_path
+from ._chunks import fsync_path, pool
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 COMMIT = "COMMIT"
@@ -282,14 +283,36 @@ def commit(tmp: str, final: str) -> None:
 
 
 def read_json(root: str, key: str) -> Any:
-    where = join(root, key)
+    return read_jsons(root, [key])[0]
+
+
+def read_jsons(root: str, keys: list[str]) -> list[Any]:
+    """The JSON files ``root/key``, read together: on the I/O threads, or as requests that an
+    object store serves at once. A missing file raises ``FileNotFoundError``."""
     if is_url(root):
-        data = _read(root, key)
-        if data is None:
-            raise FileNotFoundError(f"{where} does not exist")
+        reads = _remote(root, lambda kv: [kv.read(k) for k in keys])
+        try:
+            found = [r.result() for r in reads]
+        except ValueError as e:
+            raise storage_error(root, e) from e
+        datas = [r.value if r.state == "value" else None for r in found]
     else:
-        with open(where, "rb") as f:
-            data = f.read()
+        paths = [os.path.join(root, k) for k in keys]
+        datas = list(pool().map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
+    return [_parse_json(join(root, k), d) for k, d in zip(keys, datas, strict=True)]
+
+
+def _read_file(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _parse_json(where: str, data: bytes | None) -> Any:
+    if data is None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", where)
     try:
         return json.loads(data)
     except json.JSONDecodeError as e:

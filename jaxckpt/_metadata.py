@@ -1,5 +1,7 @@
 """The tree structure and the leaf records kept in the root ``zarr.json``.
 
+A big record is split over the group files of its subtrees (:mod:`jaxckpt._split`).
+
 A saved tree is described by one JSON value, ``tree``: an inner node is
 ``{"t": "dict"|"list"|"tuple"|"obj"|"none", "c": [[kind, key, child], ...]}`` (``obj`` is a
 named tuple, dataclass or other registered node, with its class name in ``"cls"``); a leaf is
@@ -248,35 +250,6 @@ def iter_leaves(
         return
     for kind, key, child in node["c"]:
         yield from iter_leaves(child, (*names, _paths.name_of(kind, key)))
-
-
-def keystrs(node: dict[str, Any]) -> dict[str, str]:
-    """``{path: keystr}`` of every leaf of a structure record (the key paths users see)."""
-    out: dict[str, str] = {}
-
-    def walk(n: dict[str, Any], names: tuple[str, ...], keys: tuple[Any, ...]) -> None:
-        if n["t"] in ("array", "value", "state"):
-            out["/".join(names)] = _paths.keystr(keys)
-            return
-        for kind, key, child in n["c"]:
-            walk(child, (*names, _paths.name_of(kind, key)), (*keys, _paths.key_of(kind, key)))
-
-    walk(node, (), ())
-    return out
-
-
-def subtree(node: dict[str, Any], prefix: str) -> dict[str, Any] | None:
-    """The structure record under ``prefix`` (``"params/backbone"``), or None."""
-    for part in [p for p in prefix.split("/") if p]:
-        if node["t"] in ("array", "value", "state"):
-            return None
-        for kind, key, child in node["c"]:
-            if _paths.name_of(kind, key) == part:
-                node = child
-                break
-        else:
-            return None
-    return node
 
 
 def rebuild(

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks, _metadata, _storage
+from . import _chunks, _metadata, _paths, _split, _storage
 from ._errors import CheckpointNotFoundError
 
 PyTree = Any
@@ -39,8 +39,20 @@ class Reader:
             _storage.read_json(self.path, "zarr.json").get("attributes", {}), self.path
         )
         self.metadata: dict[str, Any] = meta
-        self.structure: dict[str, Any] = meta["tree"]
-        self.records: dict[str, dict[str, Any]] = dict(_metadata.iter_leaves(self.structure))
+        self._tree = _split.Tree(self.path, meta["tree"])
+        self._records: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def structure(self) -> dict[str, Any]:
+        """The whole structure record, every split subtree read in (see docs/format.md)."""
+        return self._tree.whole()  # type: ignore[return-value]  # the root always exists
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        """``{path: leaf record}`` of every leaf, in flatten order."""
+        if self._records is None:
+            self._records = dict(_metadata.iter_leaves(self.structure))
+        return self._records
 
     @property
     def paths(self) -> list[str]:
@@ -55,7 +67,7 @@ class Reader:
         return self.metadata.get("metrics", {})
 
     def __contains__(self, path: str) -> bool:
-        return path in self.records
+        return self.find(path) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.records)
@@ -72,14 +84,39 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def find(self, path: str) -> dict[str, Any] | None:
+        """The record of the leaf at ``path``, or None; reads only the metadata on its path."""
+        if self._records is not None:
+            return self._records.get(path)
+        node = self._tree.node(path) if isinstance(path, str) else None
+        return node if node is not None and node["t"] in _split.LEAVES else None
+
+    def node(self, path: str) -> dict[str, Any] | None:
+        """The structure record at ``path`` (a leaf or an inner node), or None."""
+        return self._tree.node("/".join(p for p in path.split("/") if p))
+
+    def leaves(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """``{path: leaf record}`` of the leaves under ``prefix`` (a path, or "" for all)."""
+        if not prefix:
+            return self.records
+        node = self._tree.whole(prefix)
+        return {} if node is None else dict(_metadata.iter_leaves(node, (prefix,)))
+
+    def keystr(self, path: str) -> str:
+        """The key path users see (``['params']['l1']``) of a saved ``path``."""
+        es = self._tree.entries(path)
+        if es is None:
+            return path
+        return _paths.keystr([_paths.key_of(kind, key) for kind, key, _ in es])
+
     def record(self, path: str) -> dict[str, Any]:
-        try:
-            return self.records[path]
-        except KeyError:
+        rec = self.find(path)
+        if rec is None:
             raise KeyError(
                 f"{path!r} is not a leaf of the checkpoint {self.path}. Its leaves are listed by "
                 "reader.paths (or `jaxckpt inspect`)."
-            ) from None
+            )
+        return rec
 
     def variables(self) -> list[tuple[str, tuple[int, ...], str]]:
         out = []
@@ -223,19 +260,18 @@ class Reader:
 
         Typed PRNG key arrays come back as key arrays (``reader[path]`` gives their key data).
         """
-        node = self.structure if not prefix else _metadata.subtree(self.structure, prefix)
+        base = "/".join(p for p in (prefix or "").split("/") if p)
+        node = self._tree.whole(base)
         if node is None:
             raise KeyError(f"prefix {prefix!r} is not a path in the checkpoint {self.path}")
-        base = prefix.strip("/") if prefix else ""
-        leaves = dict(_metadata.iter_leaves(node))
-        full = {p: (f"{base}/{p}" if base and p else (base or p)) for p in leaves}
+        leaves = self.leaves(base)
         arrays = [p for p, r in leaves.items() if r["t"] == "array"]
-        values = dict(zip(arrays, self.read_many([(full[p], None) for p in arrays]), strict=True))
+        values = dict(zip(arrays, self.read_many([(p, None) for p in arrays]), strict=True))
 
         def leaf(path: str, rec: dict[str, Any]) -> Any:
             if rec["t"] != "array":
                 return self._value(rec)
-            arr = values[path]
+            arr = values[f"{base}/{path}" if base and path else (base or path)]
             if "key" in rec:
                 return _metadata.load_key(rec, arr)
             return arr[()] if rec.get("np_scalar") else arr

@@ -62,7 +62,10 @@ class MatchStatus:
     missing: list[str]
     unused: list[str]
     mismatched: list[Mismatch]
-    _where: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    # The key paths shown in messages, computed only for the paths listed: target key paths
+    # of the missing leaves, and the saved key path of a checkpoint path.
+    _target: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    _saved: Callable[[str], str] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def assert_existing_objects_matched(self) -> MatchStatus:
         """Every leaf of the target was found in the checkpoint with a compatible shape/dtype."""
@@ -81,28 +84,31 @@ class MatchStatus:
         if missing and self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
             lines += _listed(
-                [f"    {self._where.get(p, p)}  (looked for {p!r})" for p in self.missing]
+                self.missing, lambda p: f"    {self._target_where(p)}  (looked for {p!r})"
             )
             lines.append(_FIX_MISSING)
         if self.mismatched:
             lines.append(
                 f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):"
             )
-            lines += _listed([f"    {m}" for m in self.mismatched])
+            lines += _listed(self.mismatched, lambda m: f"    {m}")
             lines.append(_FIX_MISMATCHED)
         if unused and self.unused:
+            saved = self._saved or (lambda p: p)
             lines.append(f"  Saved leaves the target lacks ({len(self.unused)}):")
-            lines += _listed(
-                [f"    {self._where.get(p, p)}  (saved as {p!r})" for p in self.unused]
-            )
+            lines += _listed(self.unused, lambda p: f"    {saved(p)}  (saved as {p!r})")
             lines.append(_FIX_UNUSED)
         return "\n".join(lines)
 
+    def _target_where(self, p: str) -> str:
+        keypath = self._target.get(p)
+        return p if keypath is None else _paths.keystr(keypath)
 
-def _listed(lines: list[str]) -> list[str]:
-    if len(lines) <= _LIMIT:
-        return lines
-    return [*lines[:_LIMIT], f"    ... and {len(lines) - _LIMIT} more"]
+
+def _listed(items: list[Any], line: Callable[[Any], str]) -> list[str]:
+    if len(items) <= _LIMIT:
+        return [line(x) for x in items]
+    return [*map(line, items[:_LIMIT]), f"    ... and {len(items) - _LIMIT} more"]
 
 
 def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
@@ -194,8 +200,8 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
 
 
 def _check_prefix(reader: Reader, prefix: str | None) -> str:
-    base = (prefix or "").strip("/")
-    if base and _metadata.subtree(reader.structure, base) is None:
+    base = "/".join(p for p in (prefix or "").split("/") if p)
+    if base and reader.node(base) is None:
         raise StructureMismatchError(
             f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
             "prefix among the leading parts of jc.list_variables(path)."
@@ -203,17 +209,19 @@ def _check_prefix(reader: Reader, prefix: str | None) -> str:
     return base
 
 
-def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
+def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename, unused: bool):
+    """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
+    leaves the target lacks, so that only the records on the target's paths are read."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
     to_ckpt = _renamer(prefix, rename)
     base = _check_prefix(reader, prefix)
-    scope = [p for p in reader.records if not base or p == base or p.startswith(base + "/")]
-    entries, missing, mismatched, where, used = [], [], [], {}, set()
+    scope = reader.leaves(base) if unused else {}  # read in first: all group files at once
+    entries, missing, mismatched, keypaths, used = [], [], [], {}, set()
     for keypath, x in flat:
         cpath = to_ckpt(_paths.path_str(keypath))
-        rec = reader.records.get(cpath) if cpath is not None else None
+        rec = reader.find(cpath) if cpath is not None else None
         shown = cpath if cpath is not None else _paths.path_str(keypath)
-        where[shown] = _paths.keystr(keypath)
+        keypaths[shown] = keypath
         if rec is None:
             missing.append(shown)
         else:
@@ -222,11 +230,8 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename):
             if why is not None:
                 mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
         entries.append((keypath, x, cpath, rec))
-    unused = [p for p in scope if p not in used]
-    if unused:
-        saved = _metadata.keystrs(reader.structure)
-        where.update({p: saved[p] for p in unused})
-    status = MatchStatus(reader.path, missing, unused, mismatched, where)
+    left = [p for p in scope if p not in used]
+    status = MatchStatus(reader.path, missing, left, mismatched, keypaths, reader.keystr)
     return entries, treedef, status
 
 
@@ -252,7 +257,7 @@ def match(
         >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
         >>> status.assert_existing_objects_matched()  # doctest: +SKIP
     """
-    return _plan(Reader(path), target, prefix, rename)[2]
+    return _plan(Reader(path), target, prefix, rename, unused=True)[2]
 
 
 def restore(
@@ -295,7 +300,7 @@ def restore(
     reader = Reader(path)
     if target is None:
         return reader.tree(_check_prefix(reader, prefix))
-    entries, treedef, status = _plan(reader, target, prefix, rename)
+    entries, treedef, status = _plan(reader, target, prefix, rename, unused=not partial)
     if (
         status.mismatched
         or (status.missing and missing == "error")

@@ -37,6 +37,7 @@ from ._locations import occupied as occupied
 from ._locations import open_kv as open_kv
 from ._locations import read_bytes as read_bytes
 from ._locations import read_json as read_json
+from ._locations import read_jsons as read_jsons
 from ._locations import remove as remove
 from ._locations import remove_tree as remove_tree
 from ._locations import storage_error as storage_error

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _chunks, _metadata, _multihost, _storage
+from . import _chunks, _metadata, _multihost, _paths, _split, _storage
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -155,17 +155,18 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
     return record, arrays, packs
 
 
-def group_files(node: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A group ``zarr.json`` for each inner node but the root, keeping the records ``moved``
+    there by :func:`jaxckpt._split.split`."""
     files: dict[str, Any] = {}
     if node["t"] in ("array", "value", "state"):
         return files
     if prefix:
-        files[f"{prefix}/zarr.json"] = _storage.group_json()
-    from ._paths import name_of
-
+        attrs = _split.group_attributes(moved[prefix]) if prefix in moved else None
+        files[f"{prefix}/zarr.json"] = _storage.group_json(attrs)
     for kind, key, child in node["c"]:
-        name = name_of(kind, key)
-        files.update(group_files(child, f"{prefix}/{name}" if prefix else name))
+        name = _paths.name_of(kind, key)
+        files.update(group_files(child, moved, f"{prefix}/{name}" if prefix else name))
     return files
 
 

@@ -1,0 +1,169 @@
+"""Split structure records: a big tree's record spread over the ``zarr.json`` of its groups.
+
+When the root's record (see :mod:`jaxckpt._metadata`) would take more than ``SPLIT_BYTES`` of
+JSON, each inner child whose own record takes at least ``SPLIT_CHILD_BYTES`` moves into that
+child's group ``zarr.json``, as ``attributes["jaxckpt"] = {"tree": record}``; in the parent the
+child becomes a stub: its node keys except ``"c"``, plus ``"split": true``. A moved record is
+split the same way. Opening a checkpoint then parses a few KB, and :class:`Tree` reads a group
+file only when a lookup passes through its stub.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import _metadata, _paths, _storage
+from ._errors import CorruptCheckpointError
+
+SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
+SPLIT_CHILD_BYTES = 1024  # ... those whose own record takes at least this
+LEAVES = ("array", "value", "state")
+
+Record = dict[str, Any]
+Entry = list[Any]  # [kind, key, child record], an edge of a record's "c"
+
+
+def _json_len(x: Any) -> int:
+    return len(json.dumps(x, separators=(",", ":")))
+
+
+def split(record: Record) -> tuple[Record, dict[str, Record]]:
+    """The record kept in the root ``zarr.json``, and ``{group path: record}`` of the subtrees
+    moved into their group's ``zarr.json``. A small record comes back as it is, moving none."""
+    sizes: dict[int, int] = {}  # id(node) -> its JSON length (the nodes live through the call)
+
+    def size(n: Record) -> int:
+        if "c" not in n:
+            return _json_len(n)
+        if id(n) not in sizes:
+            head = _json_len({k: v for k, v in n.items() if k != "c"}) + len(',"c":[]')
+            kids = sum(_json_len([kind, key]) + 1 + size(child) for kind, key, child in n["c"])
+            sizes[id(n)] = head + kids + max(len(n["c"]) - 1, 0)
+        return sizes[id(n)]
+
+    moved: dict[str, Record] = {}
+
+    def cut(n: Record, at: str) -> Record:
+        if n["t"] in LEAVES or size(n) <= SPLIT_BYTES:
+            return n
+        kids = []
+        for kind, key, child in n["c"]:
+            if child["t"] not in LEAVES and size(child) >= SPLIT_CHILD_BYTES:
+                name = _paths.name_of(kind, key)
+                sub = f"{at}/{name}" if at else name
+                moved[sub] = cut(child, sub)
+                child = {**{k: v for k, v in child.items() if k != "c"}, "split": True}
+            kids.append([kind, key, child])
+        return {**n, "c": kids}
+
+    return cut(record, ""), moved
+
+
+def group_attributes(record: Record) -> dict[str, Any]:
+    """The attributes of the group ``zarr.json`` that keeps a moved subtree's record."""
+    return {_metadata.ATTR_KEY: {"tree": record}}
+
+
+class Tree:
+    """A structure record whose split subtrees are read from their group files when needed.
+
+    A stub is replaced in place by the record it stands for, so each file is read once.
+    """
+
+    def __init__(self, root: str, record: Record):
+        self.root = root  # the checkpoint's path
+        self.record = record
+        self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
+        self._whole = False  # every stub read
+
+    def entries(self, path: str) -> list[Entry] | None:
+        """The edges from the root to the node at ``path`` (``"a/b"``; ``""`` is the root), or
+        None if there is no such node. Reads only the group files of stubs on the way."""
+        node, out, at = self.record, [], ""
+        for name in path.split("/") if path else []:
+            if node["t"] in LEAVES:
+                return None
+            kids = self._kids.get(at)
+            if kids is None:
+                kids = self._kids[at] = {_paths.name_of(e[0], e[1]): e for e in node["c"]}
+            e = kids.get(name)
+            if e is None:
+                return None
+            at = f"{at}/{name}" if at else name
+            out.append(e)
+            if e[2].get("split"):
+                self._load([(at, out[:], e)])
+            node = e[2]
+        return out
+
+    def node(self, path: str) -> Record | None:
+        """The record at ``path`` (its split children may still be stubs), or None."""
+        es = self.entries(path)
+        return None if es is None else (es[-1][2] if es else self.record)
+
+    def whole(self, path: str = "") -> Record | None:
+        """The record at ``path`` with every stub under it read, or None if no such node.
+
+        The group files are read a level at a time, each level's files together.
+        """
+        if self._whole:
+            return self.node(path)
+        es = self.entries(path)
+        if es is None:
+            return None
+        node = es[-1][2] if es else self.record
+        pending = _stubs(node, path, es)
+        while pending:
+            self._load(pending)
+            pending = [s for at, ents, e in pending for s in _stubs(e[2], at, ents)]
+        self._whole = self._whole or not path
+        return node
+
+    def _load(self, stubs: list[tuple[str, list[Entry], Entry]]) -> None:
+        """Reads the records of ``stubs`` (path, edges from the root, entry) into place."""
+        files = [f"{at}/zarr.json" for at, _, _ in stubs]
+        try:
+            docs = _storage.read_jsons(self.root, files)
+        except FileNotFoundError as e:
+            named = [
+                s
+                for s, f in zip(stubs, files, strict=True)
+                if _storage.join(self.root, f) == e.filename
+            ]
+            at, ents, _ = (named or stubs)[0]
+            raise _damaged(self.root, at, ents, "is missing") from e
+        for (at, ents, e), doc in zip(stubs, docs, strict=True):
+            attrs = doc.get("attributes") if isinstance(doc, dict) else None
+            meta = attrs.get(_metadata.ATTR_KEY) if isinstance(attrs, dict) else None
+            rec = meta.get("tree") if isinstance(meta, dict) else None
+            if not isinstance(rec, dict) or rec.get("t") != e[2]["t"] or "c" not in rec:
+                raise _damaged(self.root, at, ents, "lacks that record")
+            e[2] = rec
+
+
+def _stubs(node: Record, at: str, ents: list[Entry]) -> list[tuple[str, list[Entry], Entry]]:
+    """``(path, edges from the root, entry)`` of every stub under ``node``, not below stubs."""
+    out = []
+    if node["t"] in LEAVES:
+        return out
+    for e in node["c"]:
+        child = e[2]
+        if child["t"] in LEAVES:
+            continue
+        name = _paths.name_of(e[0], e[1])
+        sub = f"{at}/{name}" if at else name
+        if child.get("split"):
+            out.append((sub, [*ents, e], e))
+        else:
+            out += _stubs(child, sub, [*ents, e])
+    return out
+
+
+def _damaged(root: str, at: str, ents: list[Entry], what: str) -> CorruptCheckpointError:
+    where = _paths.keystr([_paths.key_of(e[0], e[1]) for e in ents])
+    return CorruptCheckpointError(
+        f"{_storage.join(root, at)}/zarr.json {what}: it keeps the structure record of the "
+        f"subtree at {where} (split out of the root zarr.json), so the checkpoint's metadata "
+        "is damaged. Fix: restore an earlier checkpoint, or copy this checkpoint again in full."
+    )
