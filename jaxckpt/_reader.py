@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _chunks, _metadata, _paths, _split, _storage
-from ._errors import CheckpointNotFoundError
+from ._errors import CheckpointError, CheckpointNotFoundError
 
 PyTree = Any
 Index = tuple[slice | int, ...]
@@ -33,11 +33,16 @@ class Reader:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = _storage.normalize(path)
-        if not _storage.is_committed(self.path):
+        committed = _chunks.pool().submit(_storage.is_committed, self.path)  # both at once
+        try:
+            root: Any = _storage.read_json(self.path, "zarr.json")
+        except (OSError, CheckpointError) as e:
+            root = e
+        if not committed.result():
             raise _not_found(self.path)
-        meta = _metadata.parse_root(
-            _storage.read_json(self.path, "zarr.json").get("attributes", {}), self.path
-        )
+        if isinstance(root, Exception):
+            raise root
+        meta = _metadata.parse_root(root.get("attributes", {}), self.path)
         self.metadata: dict[str, Any] = meta
         self._tree = _split.Tree(self.path, meta["tree"])
         self._records: dict[str, dict[str, Any]] | None = None
