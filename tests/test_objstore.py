@@ -195,6 +195,19 @@ class TestStorage:
         with pytest.raises(jc.CorruptCheckpointError, match="'v'.*missing"):
             jc.open(path)["v"]
 
+    def test_split_structure_record(self, base):
+        """A big tree's record is split over its groups' zarr.json, read lazily (format.md)."""
+        tree = {f"b{i}": {f"w{k}": np.full(2, 100 * i + k, np.int32) for k in range(100)}
+                for i in range(20)}  # fmt: skip
+        path = jc.save(_locations.join(base, "ckpt"), tree)
+        assert '"split":true' in _storage.open_kv(path).read("zarr.json").result().value.decode()
+        assert_trees_equal(jc.restore(path), tree)  # every group file, read together
+        _storage.open_kv(path).write("b3/zarr.json", None).result()
+        got = jc.restore(path, {"b4": {"w7": np.zeros(2, np.int32)}}, partial=True)
+        np.testing.assert_array_equal(got["b4"]["w7"], [407, 407])
+        with pytest.raises(jc.CorruptCheckpointError, match=r"b3/zarr.json is missing: .*\['b3'\]"):
+            jc.restore(path)
+
     def test_manager_rotation_index_and_best(self, base):
         """max_to_keep, the index, best_metric, latest_checkpoint and async saves."""
         trees = {step: model_state(seed=step) for step in range(1, 6)}
