@@ -280,13 +280,15 @@ def save_async(
     _raise_earlier_errors()
     s = _prepare(path, tree, _extra(step, metrics))
     held = _write.snapshot_bytes(s.arrays, s.packs)
-    _reserve(held)
+    _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
         _write.snapshot(s.arrays, s.packs)
     except BaseException:
         _release(held)
         raise
-    h = SaveHandle(s, held)
+    kept = _write.snapshot_bytes(s.arrays, s.packs)
+    _release(held - kept)
+    h = SaveHandle(s, kept)
     _unfinished.add(h)
     return h
 

@@ -308,7 +308,7 @@ def test_newer_format_version(ckpt):
     _edit_root_meta(path, lambda r: r["attributes"]["jaxckpt"].update(format_version=99))
     with pytest.raises(
         jc.FormatVersionError,
-        match=r"was written in jaxckpt format version 99, but this jaxckpt reads versions up to 1\. Fix: upgrade jaxckpt",
+        match=r"was written in jaxckpt format version 99, but this jaxckpt reads versions up to 2\. Fix: upgrade jaxckpt",
     ):
         jc.restore(path)
 
