@@ -27,7 +27,7 @@ import google_crc32c
 import numpy as np
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
-ZERO_SCAN = 1 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
+ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
 _pools: dict[str, ThreadPoolExecutor] = {}
 
 
