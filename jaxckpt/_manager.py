@@ -256,9 +256,8 @@ class CheckpointManager:
         if step in self._entries or any(p.step == step for p in self._pending):
             raise CheckpointExistsError(
                 f"Step {step} is already saved (or being saved) in {self.directory} "
-                f"({self._path(step)}); a "
-                "manager never overwrites a checkpoint. Fix: save under a new step, or restore "
-                "from this one to continue the run."
+                f"({self._path(step)}); a manager never overwrites a checkpoint. Fix: save under "
+                "a new step, or restore from this one to continue the run."
             )
         if self.best_metric is not None and self.best_metric not in (metrics or {}):
             raise ValueError(
