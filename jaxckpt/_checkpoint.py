@@ -146,14 +146,20 @@ class SaveHandle:
     """A save in flight: ``wait()`` returns the final path or raises the save's error."""
 
     def __init__(self, save: _Save, held: int):
+        global _last
         self.path = save.final
         self._error: BaseException | None = None
         self._seen = False
         self._thread = threading.Thread(target=self._run, args=(save, held), daemon=True)
-        self._thread.start()
+        with _order:
+            self._after, _last = _last, self
+            self._thread.start()
 
     def _run(self, save: _Save, held: int) -> None:
         try:
+            if self._after is not None:  # writes go one save at a time, in call order
+                self._after._thread.join()
+                self._after = None
             _execute(save, budget=1 << 62)
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
@@ -182,6 +188,10 @@ class SaveHandle:
 
 
 _unfinished: set[SaveHandle] = set()
+# The latest save_async: the next one writes after it, so saves commit in the order they were
+# made (and do not split the disk between them) while their snapshots are taken at once.
+_last: SaveHandle | None = None
+_order = threading.Lock()
 
 
 def _finish_at_exit() -> None:
@@ -275,20 +285,23 @@ def save_async(
 
     Returns once the snapshot is taken: the caller may then donate, delete or mutate its
     arrays. ``handle.wait()`` blocks until the checkpoint is committed and raises the save's
-    error, if any; an error nobody waited for is raised by the next save. While the snapshots
+    error, if any; an error nobody waited for is raised by the next save. Saves in flight
+    write one at a time, in call order, so they commit in that order. While the snapshots
     of saves in flight would exceed :func:`async_host_bytes`, this call first waits for older
     saves to finish.
     """
     _raise_earlier_errors()
     s = _prepare(path, tree, _extra(step, metrics))
     held = _write.snapshot_bytes(s.arrays, s.packs)
-    _reserve(held)
+    _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
         _write.snapshot(s.arrays, s.packs)
     except BaseException:
         _release(held)
         raise
-    h = SaveHandle(s, held)
+    kept = _write.snapshot_bytes(s.arrays, s.packs)
+    _release(held - kept)
+    h = SaveHandle(s, kept)
     _unfinished.add(h)
     return h
 

@@ -6,6 +6,11 @@ endian), at the key ``c/i/j/...``. Writing and reading those files with plain ``
 a thread pool skips TensorStore's per-array open, its chunk cache copies and its per-file
 round trips; the files are byte for byte what TensorStore and zarr-python read and write.
 Edge chunks are full-sized and padded with the fill value (zero), as zarr v3 requires.
+
+A chunk whose bytes are all zero may be left unwritten (``write_piece(..., skip_zeros=True)``):
+zarr v3 reads an absent chunk as the fill value, zero. The leaf record lists such chunks
+(``"zero_chunks"``), so that :func:`read_whole` fills them in without a read and still reports
+any other missing chunk as damage.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import google_crc32c
 import numpy as np
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
+ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
 _pools: dict[str, ThreadPoolExecutor] = {}
 
 
@@ -37,11 +43,14 @@ def pool(kind: str = "io") -> ThreadPoolExecutor:
     return _pools[kind]
 
 
-def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-ordered array whose data is ``ALIGN``-byte aligned."""
+def aligned_empty(shape: Sequence[int], dtype: np.dtype, *, zeros: bool = False) -> np.ndarray:
+    """An uninitialised C-ordered array whose data is ``ALIGN``-byte aligned.
+
+    With ``zeros`` it is zero-filled (``calloc``: a large one gets fresh pages, touched later).
+    """
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(n + ALIGN, np.uint8)
+    buf = (np.zeros if zeros else np.empty)(n + ALIGN, np.uint8)
     off = (-buf.ctypes.data) % ALIGN
     return buf[off : off + n].view(dtype).reshape(tuple(shape))
 
@@ -49,6 +58,59 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
 def as_bytes(arr: np.ndarray) -> np.ndarray:
     """The bytes of a C-contiguous array as a flat uint8 view (no copy)."""
     return arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
+
+
+class Zeros:
+    """A piece known to be all zeros: what an async snapshot keeps instead of a copy."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape: Sequence[int], dtype: np.dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def array(self) -> np.ndarray:
+        return np.zeros(self.shape, self.dtype)
+
+
+def is_zero(arr: np.ndarray) -> bool:
+    """Whether every byte of the C-contiguous ``arr`` is zero (so ``-0.0`` and NaN are not).
+
+    The first 64 bytes are looked at first, so that most non-zero data costs nothing; then the
+    rest, ``ZERO_SCAN`` bytes at a time, as uint64 words (NumPy's ``max`` releases the GIL).
+    """
+    raw = as_bytes(arr)
+    if raw[:64].any():
+        return False
+    for lo in range(64, raw.size, ZERO_SCAN):
+        block = raw[lo : lo + ZERO_SCAN]
+        n = block.size // 8 * 8
+        if (n and block[:n].view(np.uint64).max()) or block[n:].any():
+            return False
+    return True
+
+
+def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
+    """The number of chunks along each dimension."""
+    return tuple(-(-int(n) // int(c)) for n, c in zip(shape, chunks, strict=True))
+
+
+def flat_index(coords: Sequence[int], grid: Sequence[int]) -> int:
+    """A chunk's index in C order over the chunk grid (what ``"zero_chunks"`` lists)."""
+    flat = 0
+    for k, g in zip(coords, grid, strict=True):
+        flat = flat * g + k
+    return flat
+
+
+def zero_set(zero: str | Sequence[int] | None, n_chunks: int) -> set[int]:
+    """The flat indices a record's ``"zero_chunks"`` (``"all"``, a list, or none) names."""
+    if zero is None:
+        return set()
+    return set(range(n_chunks)) if zero == "all" else {int(k) for k in zero}
 
 
 # ---------------------------------------------------------------------------- writing
@@ -156,27 +218,38 @@ def write_piece(
     chunks: Sequence[int],
     shape: Sequence[int],
     index: Sequence[slice],
-    host: Callable[[], np.ndarray],
-) -> bool:
-    """Writes the chunk files of one piece; False when the piece does not cover whole chunks
-    (the caller then writes it through TensorStore)."""
+    host: Callable[[], np.ndarray | Zeros],
+    skip_zeros: bool = False,
+) -> list[tuple[int, ...]] | None:
+    """Writes the chunk files of one piece; returns the coordinates of the all-zero chunks it
+    left unwritten (``skip_zeros``), or None when the piece does not cover whole chunks (the
+    caller then writes it through TensorStore)."""
     plan = piece_chunks(shape, chunks, index)
     if plan is None:
-        return False
+        return None
     data = host()
+    if isinstance(data, Zeros):
+        if skip_zeros:
+            return [coords for coords, _, _ in plan]
+        data = data.array()
     if data.dtype.name != dtype:
         data = data.view(dtype)
     base = os.path.join(root, loc)
+    skipped = []
     for coords, local, padded in plan:
         part = data[local]
         if padded:
             full = np.zeros(chunks, part.dtype)
             full[tuple(slice(0, n) for n in part.shape)] = part
             part = full
+        part = np.ascontiguousarray(part)
+        if skip_zeros and is_zero(part):
+            skipped.append(coords)
+            continue
         path = os.path.join(base, chunk_key(coords))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_chunk(path, np.ascontiguousarray(part))
-    return True
+        write_chunk(path, part)
+    return skipped
 
 
 # ---------------------------------------------------------------------------- reading
@@ -213,17 +286,31 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
 
 
 def read_whole(
-    root: str, loc: str, shape: Sequence[int], chunks: Sequence[int], dtype: np.dtype
+    root: str,
+    loc: str,
+    shape: Sequence[int],
+    chunks: Sequence[int],
+    dtype: np.dtype,
+    zero: str | Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Reads a whole array chunk by chunk into an aligned array (unaligned chunks copied)."""
-    out = aligned_empty(shape, dtype)
+    """Reads a whole array chunk by chunk into an aligned array (unaligned chunks copied).
+
+    The chunks ``zero`` lists (a record's ``"zero_chunks"``) are zeros and are not read.
+    """
+    if zero == "all":
+        return aligned_empty(shape, dtype, zeros=True)
+    out = aligned_empty(shape, dtype, zeros=bool(zero))
     if out.size == 0:
         return out
     base = os.path.join(root, loc)
     index = tuple(slice(0, n) for n in shape)
     plan = piece_chunks(shape, chunks, index)
     assert plan is not None
+    grid = chunk_grid(shape, chunks)
+    absent = zero_set(zero, 0)
     for coords, local, padded in plan:
+        if absent and flat_index(coords, grid) in absent:
+            continue
         dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
         path = os.path.join(base, chunk_key(coords))
         if not padded and dest.flags.c_contiguous:

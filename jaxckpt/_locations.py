@@ -200,7 +200,8 @@ def _read(root: str, key: str) -> bytes | None:
     return r.value if r.state == "value" else None
 
 
-def _keys(root: str) -> list[str]:
+def list_keys(root: str) -> list[str]:
+    """Every key under an object store prefix, relative to it."""
     return [k.decode() for k in _remote(root, lambda kv: kv.list().result())]
 
 
@@ -230,7 +231,7 @@ def is_committed(root: str) -> bool:
 def is_dir(root: str) -> bool:
     """A local directory, or a prefix holding at least one object."""
     if is_url(root):
-        return bool(_keys(root))
+        return bool(list_keys(root))
     return os.path.isdir(root)
 
 
@@ -241,7 +242,7 @@ def occupied(final: str) -> bool:
     debris of an interrupted save (``PENDING`` without ``COMMIT``).
     """
     if is_url(final):
-        keys = _keys(final)
+        keys = list_keys(final)
         return bool(keys) and (PENDING not in keys or COMMIT in keys)
     return os.path.isdir(final) and bool(os.listdir(final))
 
@@ -344,7 +345,7 @@ def list_names(root: str) -> list[str]:
     delimiter) and keeps their first segments.
     """
     if is_url(root):
-        return sorted({k.partition("/")[0] for k in _keys(root)})
+        return sorted({k.partition("/")[0] for k in list_keys(root)})
     try:
         return sorted(os.listdir(root))
     except (FileNotFoundError, NotADirectoryError):

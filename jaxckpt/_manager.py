@@ -8,6 +8,7 @@ them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -121,7 +122,7 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.async_save = async_save
         self._primary = _multihost.is_primary()
-        self._pending: _Pending | None = None
+        self._pending: collections.deque[_Pending] = collections.deque()  # in save order
         if self._primary:
             _storage.make_dirs(self.directory)
             self._remove_debris()
@@ -240,25 +241,23 @@ class CheckpointManager:
     ) -> bool:
         """Saves ``tree`` as ``step`` unless ``should_save(step)`` says no and not ``force``.
 
-        Returns whether it saved. With ``async_save`` it returns once the arrays are snapshotted
-        (after waiting for the previous save to commit); an earlier asynchronous save's error
-        is raised here.
+        Returns whether it saved. With ``async_save`` it returns once the arrays are snapshotted:
+        earlier saves still writing go on in the background (on several processes, it first
+        waits for them to commit); an earlier asynchronous save's error is raised here.
         """
         step = operator.index(step)
-        if (
-            self._pending is not None
-            and self._pending.handle.done()
-            and _multihost.process_count() == 1
-        ):
-            self._finish_pending()  # on several processes only at points every process shares
+        single = _multihost.process_count() == 1
+        if single:  # on several processes only at points every process shares
+            self._finish_pending(only_done=True)
         if not force and not self.should_save(step):
             return False
-        self.wait_until_finished()
-        if step in self._entries:
+        if not single:
+            self.wait_until_finished()
+        if step in self._entries or any(p.step == step for p in self._pending):
             raise CheckpointExistsError(
-                f"Step {step} is already saved in {self.directory} ({self._path(step)}); a "
-                "manager never overwrites a checkpoint. Fix: save under a new step, or restore "
-                "from this one to continue the run."
+                f"Step {step} is already saved (or being saved) in {self.directory} "
+                f"({self._path(step)}); a manager never overwrites a checkpoint. Fix: save under "
+                "a new step, or restore from this one to continue the run."
             )
         if self.best_metric is not None and self.best_metric not in (metrics or {}):
             raise ValueError(
@@ -267,25 +266,32 @@ class CheckpointManager:
             )
         if self.async_save:
             handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=metrics)
-            self._pending = _Pending(step, self._path(step), handle)
+            self._pending.append(_Pending(step, self._path(step), handle))
         else:
             _checkpoint.save(self._path(step), tree, step=step, metrics=metrics)
             self._committed(step)
         return True
 
-    def _finish_pending(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        try:
-            pending.handle.wait()
-        except Exception as e:
-            raise CheckpointError(
-                f"The asynchronous save of step {pending.step} to {pending.path} failed: "
-                f"{e}. That step was not saved; earlier checkpoints are intact. Fix: remove the "
-                "cause (disk space, permissions) and save again."
-            ) from e
-        self._committed(pending.step)
+    def _finish_pending(self, only_done: bool = False) -> None:
+        """Records the saves in flight that committed, in save order (with ``only_done``, up to
+        the first one still running); raises the first failure once all are handled."""
+        first: CheckpointError | None = None
+        while self._pending and not (only_done and not self._pending[0].handle.done()):
+            pending = self._pending.popleft()
+            try:
+                pending.handle.wait()
+            except Exception as e:
+                error = CheckpointError(
+                    f"The asynchronous save of step {pending.step} to {pending.path} failed: "
+                    f"{e}. That step was not saved; earlier checkpoints are intact. Fix: remove "
+                    "the cause (disk space, permissions) and save again."
+                )
+                error.__cause__ = e
+                first = first or error
+                continue
+            self._committed(pending.step)
+        if first is not None:
+            raise first from first.__cause__
 
     def _committed(self, step: int) -> None:
         """Records a committed save, then applies retention and rewrites the index."""
@@ -334,11 +340,11 @@ class CheckpointManager:
         return [s for s in steps if s not in keep]
 
     def wait_until_finished(self) -> None:
-        """Waits for the save in flight to commit and applies retention; raises its error."""
+        """Waits for the saves in flight to commit and applies retention; raises an error."""
         self._finish_pending()
 
     def close(self) -> None:
-        """Waits for the save in flight (raising its error); the manager holds nothing else."""
+        """Waits for the saves in flight (raising an error); the manager holds nothing else."""
         self.wait_until_finished()
 
     def __enter__(self) -> CheckpointManager:
@@ -387,7 +393,7 @@ class CheckpointManager:
 def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
     """A script that ends without ``close()`` still commits its last asynchronous save."""
     mngr = ref()
-    if mngr is not None and mngr._pending is not None:
+    if mngr is not None and mngr._pending:
         try:
             mngr.wait_until_finished()
         except Exception as e:

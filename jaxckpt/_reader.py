@@ -46,6 +46,7 @@ class Reader:
         self.metadata: dict[str, Any] = meta
         self._tree = _split.Tree(self.path, meta["tree"])
         self._records: dict[str, dict[str, Any]] | None = None
+        self._present: set[str] = set()  # arrays whose unlisted chunks were found on disk
 
     @property
     def structure(self) -> dict[str, Any]:
@@ -178,7 +179,9 @@ class Reader:
 
     def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
         stored = np.dtype(rec.get("stored", rec["dtype"]))
-        arr = _chunks.read_whole(self.path, rec["loc"], rec["shape"], rec["chunks"], stored)
+        arr = _chunks.read_whole(
+            self.path, rec["loc"], rec["shape"], rec["chunks"], stored, rec.get("zero_chunks")
+        )
         return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
 
     def _read_packed(
@@ -237,11 +240,16 @@ class Reader:
         for rec in recs:
             if rec["loc"] not in opened:
                 opened[rec["loc"]] = _storage.open_array(
-                    self.path, rec["loc"], _array_meta(rec), create=False
+                    self.path,
+                    rec["loc"],
+                    _array_meta(rec),
+                    create=False,
+                    fill_missing="zero_chunks" in rec,
                 )
         futures = []
         for (p, index), rec in zip(requests, recs, strict=True):
             try:
+                self._check_present(rec)
                 store = opened[rec["loc"]].result()
             except Exception as e:
                 raise _storage.read_error(self.path, p, e) from e
@@ -256,6 +264,33 @@ class Reader:
                 arr = arr.view(np.dtype(rec["dtype"]))
             out.append(arr)
         return out
+
+    def _check_present(self, rec: dict[str, Any]) -> None:
+        """Raises ``ChunkError`` when a chunk the record does not list as zeros is missing.
+
+        TensorStore reads an array with listed absent chunks filling every missing chunk with
+        zeros; this check keeps any other missing chunk an error (once per array and reader).
+        """
+        zero = rec.get("zero_chunks")
+        if zero is None or zero == "all" or rec["loc"] in self._present:
+            return
+        grid = _chunks.chunk_grid(rec["shape"], rec["chunks"])
+        absent = _chunks.zero_set(zero, 0)
+        want = [
+            _chunks.chunk_key(c)
+            for c in np.ndindex(*grid)
+            if _chunks.flat_index(c, grid) not in absent
+        ]
+        base = _storage.join(self.path, rec["loc"])
+        if _storage.is_local(self.path):
+            missing = [k for k in want if not os.path.isfile(os.path.join(base, k))]
+        else:
+            have = set(_storage.list_keys(base))
+            missing = [k for k in want if k not in have]
+        if missing:
+            where = f"{base}/{missing[0]}"
+            raise _chunks.ChunkError(f"the chunk file {where} is missing")
+        self._present.add(rec["loc"])
 
     def _value(self, rec: dict[str, Any]) -> Any:
         return _metadata.load_value(rec) if rec["t"] == "value" else _metadata.load_state(rec)

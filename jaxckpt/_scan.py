@@ -156,7 +156,7 @@ def verify(reader: Reader, progress: Progress) -> VerifyReport:
     return VerifyReport(n_arrays, progress.total, damaged)
 
 
-_OWN_ARRAY = {"t", "dtype", "shape", "chunks", "loc", "stored", "np_scalar"}
+_OWN_ARRAY = {"t", "dtype", "shape", "chunks", "loc", "stored", "np_scalar", "zero_chunks"}
 
 
 def _zarr_json_problem(root: str, rec: dict[str, Any]) -> str | None:

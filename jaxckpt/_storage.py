@@ -30,6 +30,7 @@ from ._locations import is_local as is_local
 from ._locations import is_url as is_url
 from ._locations import join as join
 from ._locations import kvstore as kvstore
+from ._locations import list_keys as list_keys
 from ._locations import list_names as list_names
 from ._locations import make_dirs as make_dirs
 from ._locations import normalize as normalize
@@ -135,13 +136,16 @@ def open_array(
     create: bool,
     peer_creates: bool = False,
     assume: bool = True,
+    fill_missing: bool = False,
 ) -> ts.Future:
     """Opens an array to read, or with ``create`` to write; ``peer_creates``: another process
     writes its ``zarr.json`` (a multi-process save), this one only writes chunks;
-    ``assume=False`` reads its zarr.json instead of trusting ``meta``."""
+    ``assume=False`` reads its zarr.json instead of trusting ``meta``; ``fill_missing`` reads
+    a missing chunk as zeros (an array whose record lists absent zero chunks), else it is an
+    error."""
     spec = _array_spec(root, rel, meta)
     if create:
-        # Every chunk is written, zeros included: a missing chunk then always means damage.
+        # Every chunk is written, zeros included: no record lists chunks TensorStore skipped.
         spec["store_data_equal_to_fill_value"] = True
         if peer_creates:
             return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
@@ -149,7 +153,7 @@ def open_array(
             return _create_remote(root, rel, meta, spec)
         # open=True too: the local fast path may have written this array's zarr.json already.
         return ts.open(spec, create=True, open=True, context=context())
-    spec["fill_missing_data_reads"] = False
+    spec["fill_missing_data_reads"] = fill_missing
     if not assume:
         del spec["metadata"]
     return ts.open(spec, open=True, assume_metadata=assume, read=True, context=context())

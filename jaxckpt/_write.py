@@ -4,6 +4,10 @@
 process writes) and the packs of small leaves; ``snapshot`` copies them into host memory an
 async save owns; ``write_arrays`` writes them, directly as zarr chunk files on a local disk
 and through TensorStore elsewhere.
+
+A single-process save to a local disk leaves all-zero chunks unwritten and lists them in the
+leaf record (``"zero_chunks"``); an async snapshot keeps an all-zero piece as a
+:class:`_chunks.Zeros` marker instead of a copy.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides wi
 @dataclasses.dataclass
 class Piece:
     index: tuple[slice, ...]
-    data: Any  # np.ndarray, or a single-device jax.Array not yet on the host
+    data: Any  # np.ndarray, a single-device jax.Array not yet on the host, or _chunks.Zeros
     nbytes: int
 
 
@@ -47,6 +51,7 @@ class Array:
     loc: str
     meta: dict[str, Any]
     pieces: list[Piece]
+    record: dict[str, Any]  # the leaf record, where the writer lists its absent zero chunks
 
 
 @dataclasses.dataclass
@@ -145,7 +150,8 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
         data_type = _storage.stored_dtype(dtype)
         chunks = _storage.chunk_shape(shape, dtype.itemsize, shard)
         loc = path or "%"
-        arrays.append(Array(loc, _storage.array_metadata(shape, data_type, chunks), pieces))
+        meta = _storage.array_metadata(shape, data_type, chunks)
+        arrays.append(Array(loc, meta, pieces, rec))
         rec["chunks"], rec["loc"] = chunks, loc
         if data_type != dtype.name:
             rec["stored"] = data_type
@@ -171,6 +177,8 @@ def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -
 
 
 def _to_host(data: Any, copy: bool) -> np.ndarray:
+    if isinstance(data, _chunks.Zeros):
+        return data.array()
     if isinstance(data, np.ndarray):
         return np.array(data, copy=True) if copy else data
     arr = np.asarray(data)
@@ -179,16 +187,18 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
 
 
 def snapshot_bytes(arrays: list[Array], packs: list[Pack]) -> int:
-    return sum(p.nbytes for a in arrays for p in a.pieces) + sum(
-        k.n_chunks * PACK_CHUNK for k in packs
-    )
+    """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none)."""
+    return sum(
+        p.nbytes for a in arrays for p in a.pieces if not isinstance(p.data, _chunks.Zeros)
+    ) + sum(k.n_chunks * PACK_CHUNK for k in packs)
 
 
 def snapshot(arrays: list[Array], packs: list[Pack]) -> None:
     """Copies every piece to host memory that this save owns (donation-safe).
 
     The copies run on the I/O threads (NumPy releases the GIL while copying); small leaves
-    are copied straight into the chunks of their pack.
+    are copied straight into the chunks of their pack. A piece whose bytes are all zero is
+    not copied: a :class:`_chunks.Zeros` marker takes its place.
     """
     for a in arrays:
         for p in a.pieces:
@@ -205,9 +215,13 @@ def snapshot(arrays: list[Array], packs: list[Pack]) -> None:
 
 def _copy_piece(p: Piece) -> None:
     if isinstance(p.data, jax.Array) and next(iter(p.data.devices())).platform != "cpu":
-        p.data = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
+        host = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
+        p.data = _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
         return
     src = _to_host(p.data, copy=False)
+    if src.flags.c_contiguous and _chunks.is_zero(src):
+        p.data = _chunks.Zeros(src.shape, src.dtype)
+        return
     dst = np.empty(src.shape, src.dtype)
     np.copyto(dst, src)
     p.data = dst
@@ -217,7 +231,9 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
     """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
 
     On a local disk the chunk files are written directly by the I/O threads (made durable
-    by :func:`durable`); anything else goes through TensorStore.
+    by :func:`durable`); anything else goes through TensorStore. A single-process save to a
+    local disk skips all-zero chunks and lists them in each array's record (multi-process
+    saves: process 0 writes the records but not the other processes' chunks).
     """
     if not _storage.is_local(root):
         _write_arrays_ts(root, arrays, budget)
@@ -234,6 +250,17 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
             jobs.append((io.submit(_chunks.write_json, path, meta), 0, None))
     held = 0
     fallback: dict[int, Array] = {}
+    skip_zeros = _multihost.process_count() == 1
+    zeros: dict[int, list[tuple[int, ...]]] = {}
+
+    def settle(owner: Array | str | None, result: Any) -> None:
+        if not isinstance(owner, Array):
+            return
+        if result is None:
+            fallback[id(owner)] = owner
+        elif result:
+            zeros.setdefault(id(owner), []).extend(result)
+
     for a in arrays:
         m = a.meta
         for p in a.pieces:
@@ -247,29 +274,45 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
                 m["chunk_grid"]["configuration"]["chunk_shape"],
                 m["shape"],
                 p.index,
-                functools.partial(_to_host, p.data, False),
+                _host_of(p.data),
+                skip_zeros,
             )
-            cost = 0 if isinstance(p.data, np.ndarray) else p.nbytes
+            cost = 0 if isinstance(p.data, (np.ndarray, _chunks.Zeros)) else p.nbytes
             jobs.append((job, cost, a))
             held += cost
             while held > budget and jobs:
                 done, n, owner = jobs.popleft()
-                if _wrap_os(root, owner, done.result) is False and isinstance(owner, Array):
-                    fallback[id(owner)] = owner
+                settle(owner, _wrap_os(root, owner, done.result))
                 held -= n
     for k in packs:
         for i in range(k.n_chunks):
             jobs.append((io.submit(_write_pack_chunk, root, k, i), 0, k.loc))
     try:
         for done, _, owner in jobs:
-            if _wrap_os(root, owner, done.result) is False and isinstance(owner, Array):
-                fallback[id(owner)] = owner
+            settle(owner, _wrap_os(root, owner, done.result))
     except BaseException:
         for done, _, _ in jobs:  # let every write land before the caller removes the directory
             done.exception()
         raise
-    if fallback:
+    if fallback:  # TensorStore writes every chunk of these, zeros included
         _write_arrays_ts(root, list(fallback.values()), budget)
+    for a in arrays:
+        if id(a) in zeros and id(a) not in fallback:
+            a.record["zero_chunks"] = _zero_list(a.meta, zeros[id(a)])
+
+
+def _host_of(data: Any) -> Any:
+    """What ``write_piece`` calls for a piece's host bytes (a ``Zeros`` marker as it is)."""
+    if isinstance(data, _chunks.Zeros):
+        return lambda: data
+    return functools.partial(_to_host, data, False)
+
+
+def _zero_list(meta: dict[str, Any], coords: list[tuple[int, ...]]) -> str | list[int]:
+    """A record's ``"zero_chunks"``: ``"all"``, or the sorted flat indices (C order)."""
+    grid = _chunks.chunk_grid(meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"])
+    flat = sorted({_chunks.flat_index(c, grid) for c in coords})
+    return "all" if len(flat) == math.prod(grid) else flat
 
 
 def _write_pack_chunk(root: str, k: Pack, i: int) -> None:

@@ -43,7 +43,8 @@ def main() -> None:
     print("start", step, time.monotonic(), flush=True)
     while True:
         mngr.save(step, tree_of(step, base, a, b), metrics={"loss": 1.0 / step})
-        print("saved", step, time.monotonic(), flush=True)
+        # Async: the save returned once snapshotted; latest_step is the newest known committed.
+        print("saved", step, time.monotonic(), mngr.latest_step, flush=True)
         step += 1
 
 

@@ -47,6 +47,7 @@ class Worker:
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         }
         env["JAX_PLATFORMS"] = "cpu"
+        env["JAXCKPT_ASYNC_HOST_BYTES"] = str(3 * 8 * N)  # at most 3 saves' snapshots in flight
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "_crash_worker.py"), directory, mode, str(N)],
             stdout=subprocess.PIPE,
@@ -93,6 +94,11 @@ class Worker:
     def saved(self) -> list[int]:
         return [int(line.split()[1]) for line in list(self.lines) if line.startswith("saved ")]
 
+    def committed(self) -> int | None:
+        """The newest step the worker's manager had recorded as committed, if any."""
+        steps = [line.split()[3] for line in list(self.lines) if line.startswith("saved ")]
+        return max((int(s) for s in steps if s != "None"), default=None)
+
 
 def check_step(mngr: jc.CheckpointManager, step: int, base: np.ndarray) -> None:
     got = mngr.restore(step)
@@ -138,14 +144,14 @@ def test_sigkill_at_random_moments_loses_nothing_committed(fast_dir, mode):
     base = base_of(N)
     for trial in range(TRIALS):
         with Worker(fast_dir, mode) as worker:
-            # Wait for two saves (so this trial committed a step: async "saved N" means N - 1
-            # is committed), then kill at a random moment of the next save or so.
-            worker.wait_for(lambda saved: len(saved) >= 2)
+            # Wait for two saves and a known commit (async saves return once snapshotted, with
+            # earlier ones maybe still writing), then kill at a random moment of a save or so.
+            worker.wait_for(lambda saved: len(saved) >= 2 and worker.committed() is not None)
             step_time = worker.times[-1] - worker.times[-2]
             time.sleep(rng.uniform(0.0, 1.5) * step_time)
             worker.kill()
         saved = worker.saved()
-        committed = saved[-1] if mode == "sync" else saved[-1] - 1
+        committed = saved[-1] if mode == "sync" else worker.committed()
         try:
             check_directory(fast_dir, committed, base)
         except AssertionError as e:

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _storage
+from jaxckpt import _checkpoint, _storage
 
 
 def tree_of(step):
@@ -76,8 +77,36 @@ def test_async_retention_applies_when_the_save_commits(tmp_path):
     d = os.fspath(tmp_path)
     m = jc.CheckpointManager(d, max_to_keep=1)
     m.save(1, tree_of(1))
-    m.save(2, tree_of(2))  # waits for step 1 to commit; step 2 is in flight
-    assert m.steps == [1]
+    m.save(2, tree_of(2))
+    while not all(p.handle.done() for p in m._pending):
+        time.sleep(0.01)
+    assert m.steps == [] and on_disk(d)[0] == [1, 2]  # committed, not yet recorded
+    m.wait_until_finished()
+    assert m.steps == [2] and on_disk(d) == ([2], ["checkpoint"])
+
+
+def test_a_save_does_not_wait_for_the_previous_write(tmp_path, monkeypatch):
+    gate = threading.Event()
+    execute = _checkpoint._execute
+
+    def held_back(s, budget):  # step 1's write waits until the test lets it go
+        if s.final.endswith("ckpt-1"):
+            assert gate.wait(60)
+        return execute(s, budget)
+
+    monkeypatch.setattr(_checkpoint, "_execute", held_back)
+    d = os.fspath(tmp_path)
+    m = jc.CheckpointManager(d, max_to_keep=1)
+    m.save(1, tree_of(1))
+    assert m.save(2, tree_of(2)) is True  # returned while step 1 is still writing
+    assert [p.step for p in m._pending] == [1, 2]
+    assert not m._pending[0].handle.done()
+    time.sleep(0.3)
+    assert not m._pending[1].handle.done()  # writes go in save order: step 2 after step 1
+    assert on_disk(d)[0] == []
+    with pytest.raises(jc.CheckpointExistsError, match="Step 2 is already saved"):
+        m.save(2, tree_of(2))
+    gate.set()
     m.wait_until_finished()
     assert m.steps == [2] and on_disk(d) == ([2], ["checkpoint"])
 
@@ -163,13 +192,14 @@ def test_saving_an_existing_step_is_an_error(tmp_path, async_save):
     m = jc.CheckpointManager(d, async_save=async_save)
     m.save(5, tree_of(5))
     msg = (
-        f"Step 5 is already saved in {d} ({d}/ckpt-5); a manager never overwrites a checkpoint. "
+        f"Step 5 is already saved (or being saved) in {d} ({d}/ckpt-5); a manager never "
+        "overwrites a checkpoint. "
         "Fix: save under a new step, or restore from this one to continue the run."
     )
     with pytest.raises(jc.CheckpointExistsError, match=msg.replace("(", r"\(").replace(")", r"\)")):
         m.save(5, tree_of(6))
     m.close()
-    with pytest.raises(FileExistsError, match="Step 5 is already saved"):
+    with pytest.raises(FileExistsError, match=r"Step 5 is already saved \(or being saved\)"):
         jc.CheckpointManager(d).save(5, tree_of(6))
     assert_tree_equal(m.restore(5), tree_of(5))
 
@@ -295,7 +325,7 @@ def test_an_async_error_is_never_lost(tmp_path, surfaces_from):
     m = jc.CheckpointManager(d)
     _break_directory(d)
     assert m.save(1, tree_of(1)) is True  # the failure happens in the background
-    while not m._pending.handle.done():
+    while not m._pending[0].handle.done():
         time.sleep(0.01)
     _repair_directory(d)
     msg = rf"The asynchronous save of step 1 to {d}/ckpt-1 failed: .*That step was not saved"
@@ -319,7 +349,7 @@ def test_skipped_saves_surface_an_async_error(tmp_path):
     m = jc.CheckpointManager(d, save_interval_steps=10)
     _break_directory(d)
     m.save(10, tree_of(10))
-    while not m._pending.handle.done():
+    while not m._pending[0].handle.done():
         time.sleep(0.01)
     _repair_directory(d)
     with pytest.raises(jc.CheckpointError, match="The asynchronous save of step 10"):

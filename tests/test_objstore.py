@@ -458,3 +458,31 @@ def test_local_write_error_names_path_and_array(tmp_path):
         str(e.value),
     )
     assert list(tmp_path.iterdir()) == []  # the failed save removed what it wrote
+
+
+def test_zero_chunks_in_a_bucket(s3_env, tmp_path, monkeypatch):
+    """A save to a bucket writes every chunk, zeros included; a local checkpoint (whose zero
+    chunks were left out) copied to a bucket reads the same; an unlisted missing chunk is damage."""
+    run = f"s3://{BUCKET}/{uuid.uuid4().hex[:10]}"
+    tree = model_state()  # Adam's slots are zeros
+    saved = jc.save(f"{run}/saved", tree)
+    assert "opt_state/0/mu/l1/kernel/c/0/0" in keys_of(saved)
+    assert all("zero_chunks" not in r for r in jc.open(saved).records.values())
+
+    monkeypatch.setattr(_storage, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
+    x = np.zeros((8, 1024), np.float32)
+    x[5] = np.arange(1024)
+    local = jc.save(tmp_path / "ckpt", {"x": x, "z": np.zeros(3, np.int8), "one": np.ones(2)})
+    assert jc.open(local).record("x")["zero_chunks"] == [0, 1, 2, 3, 4, 6, 7]
+    copied = f"{run}/copied"
+    kv = _storage.open_kv(copied)
+    for d, _, names in os.walk(local):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                kv.write(os.path.relpath(os.path.join(d, n), local), f.read()).result()
+    want = {"x": x, "z": np.zeros(3, np.int8), "one": np.ones(2)}
+    assert_trees_equal(jc.restore(copied), want)
+    np.testing.assert_array_equal(jc.open(copied).read("x", (slice(4, 7),)), x[4:7])
+    kv.write("x/c/5/0", None).result()
+    with pytest.raises(jc.CorruptCheckpointError, match="'x'.*x/c/5/0 is missing"):
+        jc.restore(copied)
