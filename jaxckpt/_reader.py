@@ -25,7 +25,8 @@ def _leaf_dtype(rec: dict[str, Any]) -> str:
 
 
 class Reader:
-    """A lazy view of one checkpoint: nothing but the metadata is read until asked.
+    """A lazy view of one checkpoint: nothing but the metadata is read until asked (of a big
+    tree's split metadata, only the root's and the group files on the paths looked up).
 
     ``reader.paths`` lists the leaves (``"params/l1/kernel"``); ``reader[path]`` reads one
     whole leaf, ``reader.read(path, index)`` a slice of it, ``reader.tree()`` everything.

@@ -30,29 +30,29 @@ def _json_len(x: Any) -> int:
 
 def split(record: Record) -> tuple[Record, dict[str, Record]]:
     """The record kept in the root ``zarr.json``, and ``{group path: record}`` of the subtrees
-    moved into their group's ``zarr.json``. A small record comes back as it is, moving none."""
-    sizes: dict[int, int] = {}  # id(node) -> its JSON length (the nodes live through the call)
+    moved into their group's ``zarr.json``. A small record comes back as it is, moving none.
 
-    def size(n: Record) -> int:
-        if "c" not in n:
-            return _json_len(n)
-        if id(n) not in sizes:
-            head = _json_len({k: v for k, v in n.items() if k != "c"}) + len(',"c":[]')
-            kids = sum(_json_len([kind, key]) + 1 + size(child) for kind, key, child in n["c"])
-            sizes[id(n)] = head + kids + max(len(n["c"]) - 1, 0)
-        return sizes[id(n)]
-
+    Each level that is cut encodes its children once to size them (the JSON of every child
+    subtree), so a tree split at one level costs about one extra encoding of its record.
+    """
     moved: dict[str, Record] = {}
 
-    def cut(n: Record, at: str) -> Record:
-        if n["t"] in LEAVES or size(n) <= SPLIT_BYTES:
+    def cut(n: Record, at: str, size: int | None = None) -> Record:
+        if n["t"] in LEAVES or (size is not None and size <= SPLIT_BYTES):
             return n
+        sizes = [_json_len(child) for _, _, child in n["c"]]
+        if size is None:  # n's own JSON: its keys, each edge's [kind, key, child] and commas
+            head = _json_len({k: v for k, v in n.items() if k != "c"}) + len(',"c":[]')
+            edges = sum(_json_len([kind, key]) + 2 for kind, key, _ in n["c"])
+            size = head + edges + sum(sizes)
+            if size <= SPLIT_BYTES:
+                return n
         kids = []
-        for kind, key, child in n["c"]:
-            if child["t"] not in LEAVES and size(child) >= SPLIT_CHILD_BYTES:
+        for (kind, key, child), child_size in zip(n["c"], sizes, strict=True):
+            if child["t"] not in LEAVES and child_size >= SPLIT_CHILD_BYTES:
                 name = _paths.name_of(kind, key)
                 sub = f"{at}/{name}" if at else name
-                moved[sub] = cut(child, sub)
+                moved[sub] = cut(child, sub, child_size)
                 child = {**{k: v for k, v in child.items() if k != "c"}, "split": True}
             kids.append([kind, key, child])
         return {**n, "c": kids}
