@@ -133,18 +133,18 @@ class Tree:
             ]
             at, ents, _ = (named or stubs)[0]
             raise _damaged(self.root, at, ents, "is missing") from e
-        for (at, ents, e), doc in zip(stubs, docs, strict=True):
+        for (at, ents, entry), doc in zip(stubs, docs, strict=True):
             attrs = doc.get("attributes") if isinstance(doc, dict) else None
             meta = attrs.get(_metadata.ATTR_KEY) if isinstance(attrs, dict) else None
             rec = meta.get("tree") if isinstance(meta, dict) else None
-            if not isinstance(rec, dict) or rec.get("t") != e[2]["t"] or "c" not in rec:
+            if not isinstance(rec, dict) or rec.get("t") != entry[2]["t"] or "c" not in rec:
                 raise _damaged(self.root, at, ents, "lacks that record")
-            e[2] = rec
+            entry[2] = rec
 
 
 def _stubs(node: Record, at: str, ents: list[Entry]) -> list[tuple[str, list[Entry], Entry]]:
     """``(path, edges from the root, entry)`` of every stub under ``node``, not below stubs."""
-    out = []
+    out: list[tuple[str, list[Entry], Entry]] = []
     if node["t"] in LEAVES:
         return out
     for e in node["c"]:
