@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _metadata, _multihost, _split, _storage, _write
+from . import _buffers, _metadata, _multihost, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError
 
 PyTree = Any
@@ -32,6 +32,7 @@ class _Save:
     packs: list[_write.Pack]
     extra: dict[str, Any]
     sync: _multihost.SaveSync
+    buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
 
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
@@ -164,7 +165,9 @@ class SaveHandle:
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
         finally:
-            save.arrays, save.packs = [], []  # the snapshot's memory goes back before release
+            save.arrays, save.packs = [], []  # nothing refers to the snapshot's buffers now
+            _buffers.give(save.buffers, async_host_bytes())
+            save.buffers = []
             _release(held)
 
     def done(self) -> bool:
@@ -295,7 +298,7 @@ def save_async(
     held = _write.snapshot_bytes(s.arrays, s.packs)
     _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
-        _write.snapshot(s.arrays, s.packs)
+        s.buffers = _write.snapshot(s.arrays, s.packs)
     except BaseException:
         _release(held)
         raise

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _chunks, _metadata, _multihost, _paths, _split, _storage
+from . import _buffers, _chunks, _metadata, _multihost, _paths, _split, _storage
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -72,12 +72,18 @@ class Pack:
     def n_chunks(self) -> int:
         return -(-self.nbytes // PACK_CHUNK)
 
-    def chunk(self, k: int) -> np.ndarray:
-        """The bytes of chunk ``k`` (the last one padded with zeros to a full chunk)."""
+    def chunk(self, k: int, taken: list[np.ndarray] | None = None) -> np.ndarray:
+        """The bytes of chunk ``k`` (the last one padded with zeros to a full chunk); with
+        ``taken`` (a snapshot), in a pooled buffer that is appended to it."""
         if self.chunks is not None:
             return self.chunks[k]
         lo, hi = k * PACK_CHUNK, min((k + 1) * PACK_CHUNK, self.nbytes)
-        buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
+        if taken is None:
+            buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
+        else:
+            buf = _buffers.take(PACK_CHUNK)
+            buf.fill(0)
+            taken.append(buf)
         i = max(0, bisect.bisect_right(self.starts, lo) - 1)
         while i < len(self.starts) and self.starts[i] < hi:
             off, raw = self.starts[i], _chunks.as_bytes(np.ascontiguousarray(self.leaves[i]))
@@ -193,27 +199,30 @@ def snapshot_bytes(arrays: list[Array], packs: list[Pack]) -> int:
     ) + sum(k.n_chunks * PACK_CHUNK for k in packs)
 
 
-def snapshot(arrays: list[Array], packs: list[Pack]) -> None:
+def snapshot(arrays: list[Array], packs: list[Pack]) -> list[np.ndarray]:
     """Copies every piece to host memory that this save owns (donation-safe).
 
-    The copies run on the I/O threads (NumPy releases the GIL while copying); small leaves
-    are copied straight into the chunks of their pack. A piece whose bytes are all zero is
-    not copied: a :class:`_chunks.Zeros` marker takes its place.
+    The copies run on the copy threads (NumPy releases the GIL while copying), into buffers
+    from :mod:`jaxckpt._buffers`, which are returned (the caller gives them back once the
+    save is done); small leaves are copied straight into the chunks of their pack. A piece
+    whose bytes are all zero is not copied: a :class:`_chunks.Zeros` marker takes its place.
     """
     for a in arrays:
         for p in a.pieces:
             if isinstance(p.data, jax.Array):
                 p.data.copy_to_host_async()
     cp = _chunks.pool("copy")
-    jobs = [cp.submit(_copy_piece, p) for a in arrays for p in a.pieces]
+    taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
+    jobs = [cp.submit(_copy_piece, p, taken) for a in arrays for p in a.pieces]
     for k in packs:
-        k.chunks = list(cp.map(k.chunk, range(k.n_chunks)))
+        k.chunks = list(cp.map(functools.partial(k.chunk, taken=taken), range(k.n_chunks)))
         k.leaves = []
     for j in jobs:
         j.result()
+    return taken
 
 
-def _copy_piece(p: Piece) -> None:
+def _copy_piece(p: Piece, taken: list[np.ndarray]) -> None:
     if isinstance(p.data, jax.Array) and next(iter(p.data.devices())).platform != "cpu":
         host = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
         p.data = _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
@@ -222,7 +231,9 @@ def _copy_piece(p: Piece) -> None:
     if src.flags.c_contiguous and _chunks.is_zero(src):
         p.data = _chunks.Zeros(src.shape, src.dtype)
         return
-    dst = np.empty(src.shape, src.dtype)
+    buf = _buffers.take(src.nbytes)
+    taken.append(buf)
+    dst = buf.view(src.dtype).reshape(src.shape)
     np.copyto(dst, src)
     p.data = dst
 

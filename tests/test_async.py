@@ -110,3 +110,38 @@ def test_failed_save_releases_its_memory(tmp_path):
     with pytest.raises(OSError):
         h.wait()
     assert _checkpoint._held == 0
+
+
+def _packed_tree(step):
+    """Non-zero leaves: a big array and 64 small ones (so a pack), all depending on ``step``."""
+    small = {f"s{i}": np.full(100 + i, step * 1000 + i, np.float32) for i in range(64)}
+    return {"big": np.arange(200_000, dtype=np.int64) * step, "small": small}
+
+
+def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
+    from jaxckpt import _buffers
+
+    monkeypatch.setattr(_buffers, "_free", {})
+    a, b = _packed_tree(1), _packed_tree(2)
+    first = jc.save_async(tmp_path / "a", a)
+    second = jc.save_async(tmp_path / "b", b)  # taken while the first may still be writing
+    a["big"][:] = -1  # the caller's arrays change at once: the snapshots hold their own bytes
+    b["small"]["s0"][:] = -1
+    first.wait(), second.wait()
+    kept = _buffers.pooled_bytes()
+    assert kept == 200_000 * 8 + _write.PACK_CHUNK  # the last save's buffers: big + one pack chunk
+    third = jc.save_async(tmp_path / "c", _packed_tree(3))
+    assert _buffers.pooled_bytes() == 0  # the third snapshot took every pooled buffer
+    third.wait()
+    assert _buffers.pooled_bytes() == kept
+    for name, step in (("a", 1), ("b", 2), ("c", 3)):
+        _assert_same(jc.restore(tmp_path / name), _packed_tree(step))
+
+
+def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
+    from jaxckpt import _buffers
+
+    monkeypatch.setattr(_buffers, "_free", {})
+    monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(1 << 20))  # under one snapshot
+    jc.save_async(tmp_path / "a", _packed_tree(1)).wait()
+    assert _buffers.pooled_bytes() == 0
