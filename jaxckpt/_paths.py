@@ -17,6 +17,7 @@ Rules, so that any key round-trips and nothing escapes the checkpoint directory:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,7 @@ def _quote_char(c: str) -> str:
     return "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a tree's keys repeat across saves and restores
 def escape(s: str) -> str:
     """Escapes a string key into a safe, reversible file name."""
     if s == "":

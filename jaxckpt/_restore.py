@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -154,6 +155,14 @@ def _describe(rec: dict[str, Any]) -> str:
 
 def _problem(x: Any, rec: dict[str, Any]) -> str | None:
     """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
+    if (  # the common case, first: an array of the very shape and dtype saved
+        rec["t"] == "array"
+        and "key" not in rec
+        and isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
+        and x.dtype == rec["dtype"]
+        and list(x.shape) == rec["shape"]
+    ):
+        return None
     kind = _kind(x)
     if kind == "state":
         return None if rec["t"] == "state" else "an object with get_state()/set_state()"
@@ -372,14 +381,22 @@ def _sharding(x: Any) -> jax.sharding.Sharding | None:
         return x.sharding
     if isinstance(x, jax.ShapeDtypeStruct):
         s = getattr(x, "sharding", None)
-        return s if s is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return s if s is not None else _default_sharding()
     return None
 
 
+@functools.cache
+def _default_sharding() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def _target_shards(x: Any, shape: tuple[int, ...]) -> dict[Any, Any]:
+    """``{device: index}`` of the slices the target's addressable devices need (None: all)."""
     sharding = _sharding(x)
     if sharding is None:
         return {None: None}
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return {next(iter(sharding.device_set)): None}  # the whole array, on one device
     return dict(sharding.addressable_devices_indices_map(shape))
 
 
