@@ -4,9 +4,9 @@ A training loop saves the same tree again and again, so its snapshots need buffe
 sizes each time. Fresh memory costs page faults on first touch, and on a VM whose host backs
 guest memory lazily that first touch can cost more than the copy itself (about 2 s/GiB on the
 2-core VM of ``benchmarks/README.md``, against ~0.1 s/GiB to copy). So when an async save
-finishes, its snapshot buffers are kept for the next snapshot: the pool holds at most the
-buffers of the last save that finished (the bytes of its non-zero pieces and packs), never
-more than ``JAXCKPT_ASYNC_HOST_BYTES``; buffers of another size are allocated anew.
+finishes, its snapshot buffers are kept for the next snapshots: the pool holds at most twice
+the bytes of the last save that finished (its non-zero pieces and packs: saves that overlap
+need two sets), never more than ``JAXCKPT_ASYNC_HOST_BYTES``; other sizes are allocated anew.
 """
 
 from __future__ import annotations
@@ -31,17 +31,23 @@ def take(nbytes: int) -> np.ndarray:
 
 
 def give(buffers: list[np.ndarray], limit: int) -> None:
-    """Keeps ``buffers`` (a finished snapshot's) for the next snapshot, in place of the pool's.
+    """Keeps ``buffers`` (a finished snapshot's) for the next snapshots.
 
-    Nothing is kept when they add up to more than ``limit`` bytes.
+    Buffers the pool still holds stay beside them up to twice their bytes (saves that overlap
+    need two sets: one being written, one for the next snapshot); older ones go first.
+    Nothing is kept past ``limit`` bytes.
     """
-    keep: dict[int, list[np.ndarray]] = {}
-    if sum(b.nbytes for b in buffers) <= limit:
-        for b in buffers:
-            keep.setdefault(b.nbytes, []).append(b)
+    new = sum(b.nbytes for b in buffers)
+    cap = min(2 * new, limit)
     global _free
     with _lock:
-        _free = keep
+        kept: dict[int, list[np.ndarray]] = {}
+        total = 0
+        for b in [*buffers, *(b for bufs in _free.values() for b in bufs)]:
+            if total + b.nbytes <= cap:
+                kept.setdefault(b.nbytes, []).append(b)
+                total += b.nbytes
+        _free = kept
 
 
 def pooled_bytes() -> int:

@@ -411,7 +411,11 @@ def read_bytes(root: str, key: str) -> bytes | None:
 
 
 def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
-    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes."""
+    """Replaces ``root/key`` with ``data`` atomically: readers see the old or the new bytes.
+
+    Not fsynced (for the manager's index, which is rebuilt from the checkpoints when it is
+    stale or unreadable): an fsync there waits for the writes of a save still in flight.
+    """
     if is_url(root):  # a PUT replaces an object atomically
         write_bytes_durable(root, key, data)
         return
@@ -420,10 +424,7 @@ def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, final)
     except BaseException:
         remove(tmp)
         raise
-    fsync_path(root)

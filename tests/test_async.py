@@ -1,6 +1,7 @@
 """save_async: snapshot then background write; errors surfaced; donation-safe; bounded memory."""
 
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -122,19 +123,36 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     from jaxckpt import _buffers
 
     monkeypatch.setattr(_buffers, "_free", {})
-    a, b = _packed_tree(1), _packed_tree(2)
-    first = jc.save_async(tmp_path / "a", a)
-    second = jc.save_async(tmp_path / "b", b)  # taken while the first may still be writing
-    a["big"][:] = -1  # the caller's arrays change at once: the snapshots hold their own bytes
+    one_set = 200_000 * 8 + _write.PACK_CHUNK  # a snapshot's buffers: big + one pack chunk
+    a = _packed_tree(1)
+    jc.save_async(tmp_path / "a", a).wait()
+    assert _buffers.pooled_bytes() == one_set
+    b = _packed_tree(2)
+    second = jc.save_async(tmp_path / "b", b)
+    assert _buffers.pooled_bytes() == 0  # the second snapshot took the first one's buffers
+    b["big"][:] = -1  # the caller's arrays change at once: the snapshot holds its own bytes
     b["small"]["s0"][:] = -1
-    first.wait(), second.wait()
-    kept = _buffers.pooled_bytes()
-    assert kept == 200_000 * 8 + _write.PACK_CHUNK  # the last save's buffers: big + one pack chunk
+    second.wait()
+    assert _buffers.pooled_bytes() == one_set
+    # Overlapping saves: the third is held back while the fourth snapshots into fresh buffers;
+    # then the pool keeps both sets (twice one save's bytes, no more).
+    gate = threading.Event()
+    execute = _checkpoint._execute
+
+    def held_back(s, budget):
+        if s.final.endswith("c"):
+            assert gate.wait(60)
+        return execute(s, budget)
+
+    monkeypatch.setattr(_checkpoint, "_execute", held_back)
     third = jc.save_async(tmp_path / "c", _packed_tree(3))
-    assert _buffers.pooled_bytes() == 0  # the third snapshot took every pooled buffer
-    third.wait()
-    assert _buffers.pooled_bytes() == kept
-    for name, step in (("a", 1), ("b", 2), ("c", 3)):
+    fourth = jc.save_async(tmp_path / "d", _packed_tree(4))
+    gate.set()
+    third.wait(), fourth.wait()
+    assert _buffers.pooled_bytes() == 2 * one_set
+    jc.save_async(tmp_path / "e", _packed_tree(5)).wait()
+    assert _buffers.pooled_bytes() == 2 * one_set  # never more
+    for name, step in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)):
         _assert_same(jc.restore(tmp_path / name), _packed_tree(step))
 
 
@@ -144,4 +162,4 @@ def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
     monkeypatch.setattr(_buffers, "_free", {})
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(1 << 20))  # under one snapshot
     jc.save_async(tmp_path / "a", _packed_tree(1)).wait()
-    assert _buffers.pooled_bytes() == 0
+    assert _buffers.pooled_bytes() == 1 << 20  # the pack chunk fits; the 1.6 MB array does not
