@@ -95,9 +95,15 @@ class Worker:
         return [int(line.split()[1]) for line in list(self.lines) if line.startswith("saved ")]
 
     def committed(self) -> int | None:
-        """The newest step the worker's manager had recorded as committed, if any."""
-        steps = [line.split()[3] for line in list(self.lines) if line.startswith("saved ")]
-        return max((int(s) for s in steps if s != "None"), default=None)
+        """The newest step this worker had seen committed (None before its first commit)."""
+        lines = list(self.lines)
+        if not lines:
+            return None
+        first = int(lines[0].split()[1])  # "start STEP TIME": the first step it saves
+        reported = [line.split()[3] for line in lines if line.startswith("saved ")]
+        steps = [int(s) for s in reported if s != "None"]
+        newest = max(steps, default=None)
+        return newest if newest is not None and newest >= first else None
 
 
 def check_step(mngr: jc.CheckpointManager, step: int, base: np.ndarray) -> None:
