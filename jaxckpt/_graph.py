@@ -16,7 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from . import _paths
+from . import _metadata, _paths
 from ._reader import Reader
 from ._scan import human_bytes
 
@@ -73,7 +73,7 @@ def _leaf(rec: dict[str, Any]) -> tuple[str, str]:
 
 def _count(node: dict[str, Any]) -> tuple[int, int]:
     """(leaves, bytes of array data) under a structure record."""
-    if node["t"] in ("array", "value", "state"):
+    if node["t"] in _metadata.LEAF_KINDS:
         size = (
             math.prod(node["shape"]) * np.dtype(node["dtype"]).itemsize
             if node["t"] == "array"
@@ -91,7 +91,7 @@ def _build(
     rec: dict[str, Any], name: str, kind: str, path: str, depth: int, max_depth: int | None
 ) -> _Node:
     t = rec["t"]
-    if t in ("array", "value", "state"):
+    if t in _metadata.LEAF_KINDS:
         label, k = _leaf(rec)
         return _Node(label, k, name, kind, path, depth=depth)
     label = _short(rec["cls"]) if t == "obj" else ("None" if t == "none" else t)

@@ -25,6 +25,7 @@ from . import _paths
 from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeafError
 
 FORMAT_VERSION = 2
+LEAF_KINDS = ("array", "value", "state")  # the "t" of a leaf record; any other is a node
 ATTR_KEY = "jaxckpt"
 MAX_NAME_BYTES = 255  # the longest file name common file systems take
 
@@ -245,7 +246,7 @@ def iter_leaves(
     node: dict[str, Any], names: tuple[str, ...] = ()
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
-    if node["t"] in ("array", "value", "state"):
+    if node["t"] in LEAF_KINDS:
         yield "/".join(names), node
         return
     for kind, key, child in node["c"]:
@@ -257,7 +258,7 @@ def rebuild(
 ) -> PyTree:
     """Rebuilds plain containers (dict, list, tuple, None) from a structure record."""
     t = node["t"]
-    if t in ("array", "value", "state"):
+    if t in LEAF_KINDS:
         return leaf("/".join(names), node)
     if t == "none":
         return None

@@ -96,7 +96,7 @@ class Reader:
         if self._records is not None:
             return self._records.get(path)
         node = self._tree.node(path) if isinstance(path, str) else None
-        return node if node is not None and node["t"] in _split.LEAVES else None
+        return node if node is not None and node["t"] in _metadata.LEAF_KINDS else None
 
     def node(self, path: str) -> dict[str, Any] | None:
         """The structure record at ``path`` (a leaf or an inner node), or None."""

@@ -18,7 +18,6 @@ from ._errors import CorruptCheckpointError
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
 SPLIT_CHILD_BYTES = 1024  # ... those whose own record takes at least this
-LEAVES = ("array", "value", "state")
 
 Record = dict[str, Any]
 Entry = list[Any]  # [kind, key, child record], an edge of a record's "c"
@@ -38,7 +37,7 @@ def split(record: Record) -> tuple[Record, dict[str, Record]]:
     moved: dict[str, Record] = {}
 
     def cut(n: Record, at: str, size: int | None = None) -> Record:
-        if n["t"] in LEAVES or (size is not None and size <= SPLIT_BYTES):
+        if n["t"] in _metadata.LEAF_KINDS or (size is not None and size <= SPLIT_BYTES):
             return n
         sizes = [_json_len(child) for _, _, child in n["c"]]
         if size is None:  # n's own JSON: its keys, each edge's [kind, key, child] and commas
@@ -49,7 +48,7 @@ def split(record: Record) -> tuple[Record, dict[str, Record]]:
                 return n
         kids = []
         for (kind, key, child), child_size in zip(n["c"], sizes, strict=True):
-            if child["t"] not in LEAVES and child_size >= SPLIT_CHILD_BYTES:
+            if child["t"] not in _metadata.LEAF_KINDS and child_size >= SPLIT_CHILD_BYTES:
                 name = _paths.name_of(kind, key)
                 sub = f"{at}/{name}" if at else name
                 moved[sub] = cut(child, sub, child_size)
@@ -82,7 +81,7 @@ class Tree:
         None if there is no such node. Reads only the group files of stubs on the way."""
         node, out, at = self.record, [], ""
         for name in path.split("/") if path else []:
-            if node["t"] in LEAVES:
+            if node["t"] in _metadata.LEAF_KINDS:
                 return None
             kids = self._kids.get(at)
             if kids is None:
@@ -145,11 +144,11 @@ class Tree:
 def _stubs(node: Record, at: str, ents: list[Entry]) -> list[tuple[str, list[Entry], Entry]]:
     """``(path, edges from the root, entry)`` of every stub under ``node``, not below stubs."""
     out: list[tuple[str, list[Entry], Entry]] = []
-    if node["t"] in LEAVES:
+    if node["t"] in _metadata.LEAF_KINDS:
         return out
     for e in node["c"]:
         child = e[2]
-        if child["t"] in LEAVES:
+        if child["t"] in _metadata.LEAF_KINDS:
             continue
         name = _paths.name_of(e[0], e[1])
         sub = f"{at}/{name}" if at else name

@@ -171,7 +171,7 @@ def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -
     """A group ``zarr.json`` for each inner node but the root, keeping the records ``moved``
     there by :func:`jaxckpt._split.split`."""
     files: dict[str, Any] = {}
-    if node["t"] in ("array", "value", "state"):
+    if node["t"] in _metadata.LEAF_KINDS:
         return files
     if prefix:
         attrs = _split.group_attributes(moved[prefix]) if prefix in moved else None
