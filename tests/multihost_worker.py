@@ -2,7 +2,8 @@
 
 Usage: ``python multihost_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIRECTORY``.
 Every process has 4 CPU devices and joins the others through ``jax.distributed.initialize``.
-It prints one ``RESULT {json}`` line per check for the test to assert on, and exits non-zero
+It appends one JSON line per check to the file ``$MULTIHOST_RESULTS`` for the test to assert on
+(and prints it after ``RESULT`` for people reading the log), and exits non-zero
 with a traceback when one of its own checks fails.
 
 Failures are injected by wrapping ``jaxckpt._write.write_arrays`` in this process only
@@ -161,7 +162,14 @@ def check_restored(out: dict, target: dict, step: int, saved_by: int = NPROC_) -
 
 
 def report(check: str, **fields) -> None:
-    print("RESULT " + json.dumps({"check": check, "process": PID_, **fields}), flush=True)
+    """Appends one JSON line to the file the test named (one write, so a kill cannot halve it)."""
+    line = json.dumps({"check": check, "process": PID_, **fields})
+    print("RESULT " + line, flush=True)
+    fd = os.open(os.environ["MULTIHOST_RESULTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def inject(kind: str, path_part: str) -> None:

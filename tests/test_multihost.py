@@ -1,7 +1,8 @@
 """Real multi-process jobs: 2 and 4 JAX processes of 4 CPU devices each on 127.0.0.1.
 
 Each launch runs tests/multihost_worker.py in every process, several checks per launch (they
-are slow to start); the worker prints ``RESULT`` lines asserted on here. Every launch has a
+are slow to start); the worker writes one result line per check to a
+file of its own, asserted on here. Every launch has a
 timeout, after which only the processes it started are killed.
 """
 
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -37,7 +39,7 @@ SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 class Proc:
     returncode: int
     output: str
-    results: dict[str, dict]  # check name -> the worker's RESULT fields
+    results: dict[str, dict]  # check name -> the fields the worker reported
     ended: float  # time.time() once it had exited (at most a moment later)
 
 
@@ -53,43 +55,49 @@ def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXCKPT_"))}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, WORKER, scenario, str(i), str(n), str(port), directory],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            start_new_session=True,  # its own process group: killing it reaches nothing else
-        )
-        for i in range(n)
-    ]
-    deadline = time.monotonic() + timeout
-    outputs, ended = [], []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outputs.append(out)
-            ended.append(time.time())
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        logs = "\n".join(
-            f"--- process {i}\n{_tail(p.communicate()[0])}" for i, p in enumerate(procs)
-        )
-        pytest.fail(f"{scenario}: the {n} processes did not finish within {timeout} s\n{logs}")
-    return [
-        Proc(p.returncode, out, _results(out), end)
-        for p, out, end in zip(procs, outputs, ended, strict=True)
-    ]
+    with tempfile.TemporaryDirectory() as results_dir:
+        # RESULT lines go to a file of their own: on the shared output, the C++ runtime's log
+        # lines (Gloo's) can land in the middle of one.
+        results = [os.path.join(results_dir, f"{i}.jsonl") for i in range(n)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, WORKER, scenario, str(i), str(n), str(port), directory],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**env, "MULTIHOST_RESULTS": results[i]},
+                start_new_session=True,  # its own process group: killing it reaches nothing else
+            )
+            for i in range(n)
+        ]
+        deadline = time.monotonic() + timeout
+        outputs, ended = [], []
+        try:
+            for p in procs:
+                out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                outputs.append(out)
+                ended.append(time.time())
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            logs = "\n".join(
+                f"--- process {i}\n{_tail(p.communicate()[0])}" for i, p in enumerate(procs)
+            )
+            pytest.fail(f"{scenario}: the {n} processes did not finish within {timeout} s\n{logs}")
+        return [
+            Proc(p.returncode, out, _results(path), end)
+            for p, out, path, end in zip(procs, outputs, results, ended, strict=True)
+        ]
 
 
-def _results(output: str) -> dict[str, dict]:
+def _results(path: str) -> dict[str, dict]:
     found: dict[str, dict] = {}
-    for line in output.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT ") :])
+    if not os.path.exists(path):
+        return found
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
             found.setdefault(r["check"], r)
             found[r["check"] + "@" + str(r.get("step", ""))] = r
     return found
