@@ -4,9 +4,11 @@ A training loop saves the same tree again and again, so its snapshots need buffe
 sizes each time. Fresh memory costs page faults on first touch, and on a VM whose host backs
 guest memory lazily that first touch can cost more than the copy itself (about 2 s/GiB on the
 2-core VM of ``benchmarks/README.md``, against ~0.1 s/GiB to copy). So when an async save
-finishes, its snapshot buffers are kept for the next snapshots: the pool holds at most twice
-the bytes of the last save that finished (its non-zero pieces and packs: saves that overlap
-need two sets), never more than ``JAXCKPT_ASYNC_HOST_BYTES``; other sizes are allocated anew.
+finishes, its snapshot buffers are kept for the next snapshots, with those of earlier saves of
+the same sizes: when the disk falls behind and saves overlap, each set that was in flight at
+once is kept, so the next pile-up takes no fresh memory either. Buffers of other sizes (of a
+tree no longer saved) are let go, and the pool never holds more than
+``JAXCKPT_ASYNC_HOST_BYTES``, the bound on what saves in flight hold anyway.
 """
 
 from __future__ import annotations
@@ -33,18 +35,16 @@ def take(nbytes: int) -> np.ndarray:
 def give(buffers: list[np.ndarray], limit: int) -> None:
     """Keeps ``buffers`` (a finished snapshot's) for the next snapshots.
 
-    Buffers the pool still holds stay beside them up to twice their bytes (saves that overlap
-    need two sets: one being written, one for the next snapshot); older ones go first.
-    Nothing is kept past ``limit`` bytes.
+    Buffers the pool already holds stay beside them if a snapshot of the same tree could use
+    them (same sizes); older ones go first past ``limit`` bytes.
     """
-    new = sum(b.nbytes for b in buffers)
-    cap = min(2 * new, limit)
+    sizes = {b.nbytes for b in buffers}
     global _free
     with _lock:
         kept: dict[int, list[np.ndarray]] = {}
         total = 0
-        for b in [*buffers, *(b for bufs in _free.values() for b in bufs)]:
-            if total + b.nbytes <= cap:
+        for b in [*buffers, *(b for n, bufs in _free.items() if n in sizes for b in bufs)]:
+            if total + b.nbytes <= limit:
                 kept.setdefault(b.nbytes, []).append(b)
                 total += b.nbytes
         _free = kept

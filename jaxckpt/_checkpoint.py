@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _buffers, _metadata, _multihost, _split, _storage, _write
+from . import _buffers, _chunks, _metadata, _multihost, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError
 
 PyTree = Any
@@ -33,6 +33,7 @@ class _Save:
     extra: dict[str, Any]
     sync: _multihost.SaveSync
     buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
+    time: float = 0.0  # when it was written, as its metadata says
 
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
@@ -117,9 +118,10 @@ def _execute(s: _Save, budget: int) -> str:
         elif states and s.sync.multi:
             _keep_every_state(s, states)
         _write.write_arrays(tmp, s.arrays, s.packs, budget)
+        s.time = time.time()
         if primary:
             record, moved = _split.split(s.record)
-            attrs = _metadata.root_attributes(record, {"time": time.time(), **s.extra})
+            attrs = _metadata.root_attributes(record, {"time": s.time, **s.extra})
             files = {"zarr.json": _storage.group_json(attrs)}
             files.update(_write.group_files(s.record, moved))
             if s.packs:
@@ -149,6 +151,7 @@ class SaveHandle:
     def __init__(self, save: _Save, held: int):
         global _last
         self.path = save.final
+        self._time = 0.0  # when it was written, as its metadata says (a manager indexes it)
         self._error: BaseException | None = None
         self._seen = False
         self._thread = threading.Thread(target=self._run, args=(save, held), daemon=True)
@@ -162,6 +165,7 @@ class SaveHandle:
                 self._after._thread.join()
                 self._after = None
             _execute(save, budget=1 << 62)
+            self._time = save.time
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
         finally:
@@ -273,7 +277,7 @@ def save(
         '/tmp/ckpt-1'
     """
     _raise_earlier_errors()
-    s = _prepare(path, tree, _extra(step, metrics))
+    s = _prepare(path, tree, extra_attributes(step, metrics))
     return _execute(s, budget=_write.STREAM_BYTES)
 
 
@@ -294,11 +298,12 @@ def save_async(
     saves to finish.
     """
     _raise_earlier_errors()
-    s = _prepare(path, tree, _extra(step, metrics))
+    s = _prepare(path, tree, extra_attributes(step, metrics))
     held = _write.snapshot_bytes(s.arrays, s.packs)
     _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
-        s.buffers = _write.snapshot(s.arrays, s.packs)
+        with _chunks.writes_paused():
+            s.buffers = _write.snapshot(s.arrays, s.packs)
     except BaseException:
         _release(held)
         raise
@@ -309,7 +314,8 @@ def save_async(
     return h
 
 
-def _extra(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
+def extra_attributes(step: int | None, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """The root attributes a save adds for ``step`` and ``metrics`` (metrics as JSON values)."""
     out: dict[str, Any] = {}
     if step is not None:
         out["step"] = int(step)

@@ -15,10 +15,12 @@ any other missing chunk as damage.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,14 +33,15 @@ ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data
 _pools: dict[str, ThreadPoolExecutor] = {}
 
 
-def pool(kind: str = "io") -> ThreadPoolExecutor:
+def pool(kind: str) -> ThreadPoolExecutor:
     """Shared worker threads (``os`` calls and large copies release the GIL).
 
-    ``"io"`` reads and writes files; ``"copy"`` takes async snapshots, so that a snapshot never
-    queues behind the writes of an earlier save still in flight.
+    ``"write"`` writes and syncs files, ``"read"`` reads them and ``"copy"`` takes async
+    snapshots: neither a snapshot nor a read (a restore, a manager looking at a checkpoint)
+    queues behind the writes of a save still in flight.
     """
     if kind not in _pools:
-        n = 8 if kind == "io" else 4
+        n = 4 if kind == "copy" else 8
         _pools[kind] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"jaxckpt-{kind}")
     return _pools[kind]
 
@@ -115,6 +118,34 @@ def zero_set(zero: str | Sequence[int] | None, n_chunks: int) -> set[int]:
 
 # ---------------------------------------------------------------------------- writing
 
+WRITE_STEP = 8 << 20  # bytes per os.write: a snapshot waits at most about one of these
+_snapshots = 0  # async snapshots being taken now
+_snapshots_cv = threading.Condition()
+
+
+@contextlib.contextmanager
+def writes_paused() -> Any:
+    """While a snapshot is taken, file writes (of earlier saves still in flight) wait.
+
+    The training loop waits for the snapshot, and on a host with few cores the writes' copies
+    into the page cache would take CPU time from it.
+    """
+    global _snapshots
+    with _snapshots_cv:
+        _snapshots += 1
+    try:
+        yield
+    finally:
+        with _snapshots_cv:
+            _snapshots -= 1
+            _snapshots_cv.notify_all()
+
+
+def _after_snapshots() -> None:
+    if _snapshots:
+        with _snapshots_cv:
+            _snapshots_cv.wait_for(lambda: _snapshots == 0)
+
 
 def write_file(path: str, parts: Iterable[Any]) -> None:
     """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it."""
@@ -123,7 +154,8 @@ def write_file(path: str, parts: Iterable[Any]) -> None:
         for part in parts:
             mv = memoryview(part).cast("B")
             while mv:
-                mv = mv[os.write(fd, mv) :]
+                _after_snapshots()
+                mv = mv[os.write(fd, mv[:WRITE_STEP]) :]
     finally:
         os.close(fd)
 
@@ -157,7 +189,7 @@ def make_durable(root: str) -> None:
     finally:
         os.close(fd)
     paths = [os.path.join(d, n) for d, _, files in os.walk(root) for n in [*files, "."]]
-    list(pool().map(fsync_path, paths))
+    list(pool("write").map(fsync_path, paths))
 
 
 def fsync_path(path: str) -> None:

@@ -299,7 +299,9 @@ def read_jsons(root: str, keys: list[str]) -> list[Any]:
         datas = [r.value if r.state == "value" else None for r in found]
     else:
         paths = [os.path.join(root, k) for k in keys]
-        datas = list(pool().map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
+        datas = (
+            list(pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
+        )
     return [_parse_json(join(root, k), d) for k, d in zip(keys, datas, strict=True)]
 
 
@@ -377,26 +379,27 @@ def remove(path: str) -> None:
             pass
 
 
-def delete_checkpoint(path: str) -> None:
-    """Deletes a committed checkpoint so that no crash leaves it half-deleted but listed.
+def retire(path: str) -> str | None:
+    """Makes a committed checkpoint stop being one, so that no crash leaves it half-deleted but
+    listed; returns what is left to remove, if anything.
 
-    Locally it is first renamed to a debris name (one atomic step: it stops being a
-    checkpoint), then removed. On an object store it is marked ``PENDING`` and loses its
-    ``COMMIT`` before its other objects are deleted. A crash in between leaves debris that the
-    next manager removes.
+    Locally it is renamed to a debris name (one atomic step), which is returned: the caller may
+    remove it later. On an object store it is marked ``PENDING`` and loses its ``COMMIT``
+    before its other objects are deleted, all before this returns (a save may reuse the name).
+    A crash in between leaves debris that the next manager removes.
     """
     if is_url(path):
         if is_committed(path):
             write_bytes_durable(path, PENDING, b"")
             _remote(path, lambda kv: kv.write(COMMIT, None).result())
         remove_tree(path)
-        return
+        return None
     doomed = tmp_sibling(path)
     try:
         os.rename(path, doomed)
     except FileNotFoundError:
-        return
-    remove(doomed)
+        return None
+    return doomed
 
 
 def read_bytes(root: str, key: str) -> bytes | None:

@@ -71,6 +71,7 @@ class _Pending:
     step: int
     path: str
     handle: _checkpoint.SaveHandle
+    metrics: dict[str, Any]  # as its metadata holds them
 
 
 class CheckpointManager:
@@ -123,6 +124,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._primary = _multihost.is_primary()
         self._pending: collections.deque[_Pending] = collections.deque()  # in save order
+        self._removals: list[threading.Thread] = []  # deleted checkpoints' files going
         if self._primary:
             _storage.make_dirs(self.directory)
             self._remove_debris()
@@ -266,10 +268,11 @@ class CheckpointManager:
             )
         if self.async_save:
             handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=metrics)
-            self._pending.append(_Pending(step, self._path(step), handle))
+            as_saved = _checkpoint.extra_attributes(step, metrics).get("metrics", {})
+            self._pending.append(_Pending(step, self._path(step), handle, as_saved))
         else:
             _checkpoint.save(self._path(step), tree, step=step, metrics=metrics)
-            self._committed(step)
+            self._committed(self._entry_from_metadata(step))
         return True
 
     def _finish_pending(self, only_done: bool = False) -> None:
@@ -289,23 +292,36 @@ class CheckpointManager:
                 error.__cause__ = e
                 first = first or error
                 continue
-            self._committed(pending.step)
+            # Not read back from the checkpoint: while the next save writes, even a small read
+            # waits behind it.
+            self._committed(_Entry(pending.step, pending.handle._time, pending.metrics))
         if first is not None:
             raise first from first.__cause__
 
-    def _committed(self, step: int) -> None:
+    def _committed(self, entry: _Entry) -> None:
         """Records a committed save, then applies retention and rewrites the index."""
-        self._entries[step] = self._entry_from_metadata(step)  # its time and metrics as saved
+        self._entries[entry.step] = entry
         for doomed in self._doomed():
             if self._primary:
-                _storage.delete_checkpoint(self._path(doomed))
+                self._delete(doomed)
             del self._entries[doomed]
         if self._primary:
             self._write_index()
-        where = f"the retention after step {step} in {self.directory}"
+        where = f"the retention after step {entry.step} in {self.directory}"
         _multihost.barrier(
             f"{self._barrier}-{next(self._commits)}", what="the manager", where=where
         )
+
+    def _delete(self, step: int) -> None:
+        """Deletes a checkpoint; with ``async_save`` its files go in the background (while a
+        save writes, a local directory's unlinks can take a second)."""
+        rest = _storage.retire(self._path(step))
+        if rest is not None and not self.async_save:
+            _storage.remove(rest)
+        elif rest is not None:
+            removal = threading.Thread(target=_storage.remove, args=(rest,), daemon=True)
+            removal.start()
+            self._removals.append(removal)
 
     def _ranked(self) -> list[int]:
         """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""
@@ -341,7 +357,11 @@ class CheckpointManager:
 
     def wait_until_finished(self) -> None:
         """Waits for the saves in flight to commit and applies retention; raises an error."""
-        self._finish_pending()
+        try:
+            self._finish_pending()
+        finally:
+            while self._removals:
+                self._removals.pop().join()
 
     def close(self) -> None:
         """Waits for the saves in flight (raising an error); the manager holds nothing else."""

@@ -34,7 +34,7 @@ class Reader:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = _storage.normalize(path)
-        committed = _chunks.pool().submit(_storage.is_committed, self.path)  # both at once
+        committed = _chunks.pool("read").submit(_storage.is_committed, self.path)  # both at once
         try:
             root: Any = _storage.read_json(self.path, "zarr.json")
         except (OSError, CheckpointError) as e:
@@ -160,7 +160,7 @@ class Reader:
                 direct.append(i)
             else:
                 rest.append(i)
-        io = _chunks.pool()
+        io = _chunks.pool("read")
         jobs = {i: io.submit(self._read_direct, recs[i]) for i in direct}
         for loc, idx in packed.items():
             leaves = self._read_packed(loc, [recs[i] for i in idx], [requests[i][0] for i in idx])
@@ -221,7 +221,7 @@ class Reader:
                 for (a, b), buf in zip(runs, bufs, strict=True)
                 for k in range(a, b)
             ]
-            list(_chunks.pool().map(lambda j: j[0](*j[1:]), jobs))
+            list(_chunks.pool("read").map(lambda j: j[0](*j[1:]), jobs))
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
             raise _storage.read_error(self.path, paths[0] if len(paths) == 1 else loc, e) from e
         starts = [a * size for a, _ in runs]

@@ -21,7 +21,6 @@ from ._locations import TMP_MARK as TMP_MARK
 from ._locations import begin as begin
 from ._locations import commit as commit
 from ._locations import context as context
-from ._locations import delete_checkpoint as delete_checkpoint
 from ._locations import exists as exists
 from ._locations import is_committed as is_committed
 from ._locations import is_debris as is_debris
@@ -41,6 +40,7 @@ from ._locations import read_json as read_json
 from ._locations import read_jsons as read_jsons
 from ._locations import remove as remove
 from ._locations import remove_tree as remove_tree
+from ._locations import retire as retire
 from ._locations import storage_error as storage_error
 from ._locations import tmp_sibling as tmp_sibling
 from ._locations import write_bytes_atomic as write_bytes_atomic

@@ -253,7 +253,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
             store = _result(root, k.loc, _storage.open_array(root, k.loc, k.meta, create=True))
             _result(root, k.loc, store.write(whole))
         return
-    io = _chunks.pool()
+    io = _chunks.pool("write")
     jobs: deque[tuple[Any, int, Array | str | None]] = deque()
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
@@ -336,7 +336,7 @@ def write_json_files(root: str, files: dict[str, Any]) -> None:
     """The metadata files: written by the I/O threads on a local disk, else by TensorStore."""
     if _storage.is_local(root):
         write = lambda kv: _chunks.write_json(os.path.join(root, kv[0]), kv[1])  # noqa: E731
-        _wrap_os(root, "", lambda: list(_chunks.pool().map(write, files.items())))
+        _wrap_os(root, "", lambda: list(_chunks.pool("write").map(write, files.items())))
         return
     kv = _storage.open_kv(root)
     for f in _storage.write_json_files(kv, files):

@@ -1,6 +1,7 @@
 """save_async: snapshot then background write; errors surfaced; donation-safe; bounded memory."""
 
 import functools
+import os
 import threading
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _write
+from jaxckpt import _checkpoint, _chunks, _write
 
 
 def _tree():
@@ -135,7 +136,7 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     second.wait()
     assert _buffers.pooled_bytes() == one_set
     # Overlapping saves: the third is held back while the fourth snapshots into fresh buffers;
-    # then the pool keeps both sets (twice one save's bytes, no more).
+    # then the pool keeps both sets, and the next save takes no fresh memory.
     gate = threading.Event()
     execute = _checkpoint._execute
 
@@ -151,9 +152,14 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     third.wait(), fourth.wait()
     assert _buffers.pooled_bytes() == 2 * one_set
     jc.save_async(tmp_path / "e", _packed_tree(5)).wait()
-    assert _buffers.pooled_bytes() == 2 * one_set  # never more
+    assert _buffers.pooled_bytes() == 2 * one_set  # one set taken and given back: no more
+    # Another tree: buffers no snapshot of it could use are let go (both pack chunks fit it).
+    other = {"big": np.arange(300_000, dtype=np.int64) + 1, "small": _packed_tree(6)["small"]}
+    jc.save_async(tmp_path / "f", other).wait()
+    assert _buffers.pooled_bytes() == 300_000 * 8 + 2 * _write.PACK_CHUNK
     for name, step in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)):
         _assert_same(jc.restore(tmp_path / name), _packed_tree(step))
+    _assert_same(jc.restore(tmp_path / "f"), other)
 
 
 def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
@@ -163,3 +169,42 @@ def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(1 << 20))  # under one snapshot
     jc.save_async(tmp_path / "a", _packed_tree(1)).wait()
     assert _buffers.pooled_bytes() == 1 << 20  # the pack chunk fits; the 1.6 MB array does not
+
+
+def test_file_writes_wait_while_a_snapshot_is_taken(tmp_path, monkeypatch):
+    """The training loop waits for a snapshot: earlier saves' writes leave it the CPU."""
+    path, done = os.fspath(tmp_path / "f"), threading.Event()
+    with _chunks.writes_paused():
+        writer = threading.Thread(target=lambda: (_chunks.write_file(path, [b"abc"]), done.set()))
+        writer.start()
+        assert not done.wait(0.3) and os.path.getsize(path) == 0
+    assert done.wait(30) and open(path, "rb").read() == b"abc"
+    seen = []
+    snapshot = _write.snapshot
+    monkeypatch.setattr(
+        _write, "snapshot", lambda *a: seen.append(_chunks._snapshots) or snapshot(*a)
+    )
+    jc.save_async(tmp_path / "c", _packed_tree(1)).wait()
+    assert seen == [1] and _chunks._snapshots == 0
+
+
+def test_a_restore_does_not_queue_behind_a_save_in_flight(tmp_path, monkeypatch):
+    jc.save(tmp_path / "old", _packed_tree(1))
+    gate, write_file = threading.Event(), _chunks.write_file
+
+    def held_back(path, parts):
+        assert gate.wait(60)
+        write_file(path, parts)
+
+    monkeypatch.setattr(_chunks, "write_file", held_back)
+    many = {f"a{i}": np.full(300_000, i, np.int32) for i in range(20)}  # more files than threads
+    handle = jc.save_async(tmp_path / "new", many)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(jc.restore(tmp_path / "old")))
+    reader.start()
+    reader.join(30)
+    gate.set()
+    assert got, "the restore waited for the save's writes"
+    _assert_same(got[0], _packed_tree(1))
+    handle.wait()
+    _assert_same(jc.restore(tmp_path / "new"), many)

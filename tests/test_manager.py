@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def on_disk(d):
     """The committed steps found on disk, and every other name in the directory."""
     steps, other = [], []
     for name in sorted(os.listdir(d)):
-        if name.startswith("ckpt-") and os.path.isfile(os.path.join(d, name, "COMMIT")):
+        if re.fullmatch(r"ckpt-\d+", name) and os.path.isfile(os.path.join(d, name, "COMMIT")):
             steps.append(int(name[5:]))
         else:
             other.append(name)
@@ -109,6 +110,30 @@ def test_a_save_does_not_wait_for_the_previous_write(tmp_path, monkeypatch):
     gate.set()
     m.wait_until_finished()
     assert m.steps == [2] and on_disk(d) == ([2], ["checkpoint"])
+
+
+def test_retention_removes_the_files_in_the_background(tmp_path, monkeypatch):
+    """A deleted checkpoint stops being one at once; its files go while training goes on."""
+    gate = threading.Event()
+    remove = _storage.remove
+
+    def held_back(path):
+        assert gate.wait(60)
+        remove(path)
+
+    monkeypatch.setattr(_storage, "remove", held_back)
+    d = os.fspath(tmp_path)
+    m = jc.CheckpointManager(d, max_to_keep=1)
+    m.save(1, tree_of(1))
+    m.save(2, tree_of(2))
+    m._pending[-1].handle.wait()
+    m.save(3, tree_of(3))  # records steps 1 and 2: step 1 is deleted, its files held back
+    assert m.steps == [2] and on_disk(d)[0][0] == 2
+    assert jc.latest_checkpoint(d) == f"{d}/ckpt-2"
+    assert [n for n in on_disk(d)[1] if _storage.is_debris(n)]  # renamed, not yet removed
+    gate.set()
+    m.wait_until_finished()
+    assert m.steps == [3] and on_disk(d) == ([3], ["checkpoint"])
 
 
 @pytest.mark.parametrize("mode, best", [("min", [3, 5]), ("max", [1, 4])])
@@ -250,13 +275,13 @@ def test_index_is_rebuilt_when_missing_stale_or_damaged(tmp_path):
     d = os.fspath(tmp_path)
     with jc.CheckpointManager(d, max_to_keep=None) as m:
         for step in (1, 2, 3):
-            m.save(step, tree_of(step), metrics={"loss": float(step)})
+            m.save(step, tree_of(step), metrics={"loss": float(step), "acc": np.float32(0.5)})
     index = index_of(d)
     assert index["latest_step"] == 3
     assert [(c["step"], c["path"], c["metrics"]) for c in index["checkpoints"]] == [
-        (1, "ckpt-1", {"loss": 1.0}),
-        (2, "ckpt-2", {"loss": 2.0}),
-        (3, "ckpt-3", {"loss": 3.0}),
+        (1, "ckpt-1", {"loss": 1.0, "acc": 0.5}),
+        (2, "ckpt-2", {"loss": 2.0, "acc": 0.5}),
+        (3, "ckpt-3", {"loss": 3.0, "acc": 0.5}),
     ]
 
     os.remove(os.path.join(d, "checkpoint"))
@@ -270,7 +295,7 @@ def test_index_is_rebuilt_when_missing_stale_or_damaged(tmp_path):
     with open(os.path.join(d, "checkpoint"), "w") as f:
         f.write('{"checkpoints": [{"step": 1,')
     m = jc.CheckpointManager(d, max_to_keep=None)
-    assert m.steps == [1, 3] and m.metrics(3) == {"loss": 3.0}
+    assert m.steps == [1, 3] and m.metrics(3) == {"loss": 3.0, "acc": 0.5}
     assert index_of(d)["latest_step"] == 3
 
 
@@ -371,8 +396,10 @@ def test_storage_helpers(tmp_path):
     assert _storage.read_bytes(d, "f") == b"two" and _storage.read_bytes(d, "g") is None
     assert _storage.list_names(d) == ["f"]
     jc.save(f"{d}/ckpt-1", tree_of(1))
-    _storage.delete_checkpoint(f"{d}/ckpt-1")
-    _storage.delete_checkpoint(f"{d}/ckpt-1")  # already gone: nothing to do
+    debris = _storage.retire(f"{d}/ckpt-1")
+    assert _storage.is_debris(os.path.basename(debris)) and not jc.latest_checkpoint(d)
+    _storage.remove(debris)
+    assert _storage.retire(f"{d}/ckpt-1") is None  # already gone: nothing to do
     _storage.remove(f"{d}/f")
     _storage.remove(f"{d}/f")
     assert _storage.list_names(d) == []
