@@ -298,7 +298,8 @@ def save_async(
     saves to finish.
     """
     _raise_earlier_errors()
-    s = _prepare(path, tree, extra_attributes(step, metrics))
+    with _chunks.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
+        s = _prepare(path, tree, extra_attributes(step, metrics))
     held = _write.snapshot_bytes(s.arrays, s.packs)
     _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:

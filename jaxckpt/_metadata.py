@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -125,6 +126,18 @@ def load_key(rec: dict[str, Any], data: np.ndarray) -> jax.Array:
     return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=rec["key"])
 
 
+@functools.cache
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, which NumPy computes anew on every call (a save asks once per leaf)."""
+    return dtype.name
+
+
+@functools.cache
+def _unsupported(dtype: np.dtype) -> bool:
+    odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
+    return odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1))
+
+
 def check_array(x: Any, where: str) -> None:
     """Raises ``UnsupportedLeafError`` for an array leaf jaxckpt cannot store bit-exactly."""
     if isinstance(x, jax.core.Tracer):
@@ -136,8 +149,7 @@ def check_array(x: Any, where: str) -> None:
     if is_key(x):
         return
     dtype = np.dtype(x.dtype)
-    odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
-    if odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1)):
+    if _unsupported(dtype):
         raise UnsupportedLeafError(
             f"The array at {where} has dtype {dtype}, which jaxckpt cannot save: it expects a "
             "numeric or bool dtype (the dtypes JAX uses, bfloat16/float8/int4 included). Fix: "

@@ -78,6 +78,7 @@ def _zarr3_supports(data_type: str) -> bool:
     return True
 
 
+@functools.cache
 def stored_dtype(dtype: np.dtype) -> str:
     """The zarr ``data_type`` an array of ``dtype`` is stored as (same bytes, else a uint view)."""
     if dtype.kind != "V" and dtype.name.isidentifier() and _zarr3_supports(dtype.name):
@@ -89,14 +90,19 @@ def chunk_shape(
     shape: Sequence[int], itemsize: int, shard: Sequence[int] | None = None
 ) -> list[int]:
     """Chunks follow the shards; a chunk over ``CHUNK_BYTES`` is cut along its first dims."""
-    chunk = [max(1, int(d)) for d in (shard if shard is not None else shape)]
+    return list(_chunk_shape(tuple(shard if shard is not None else shape), itemsize, CHUNK_BYTES))
+
+
+@functools.lru_cache(maxsize=4096)  # a training loop saves the same shapes every time
+def _chunk_shape(shape: tuple[int, ...], itemsize: int, most: int) -> tuple[int, ...]:
+    chunk = [max(1, int(d)) for d in shape]
     for axis in range(len(chunk)):
-        while int(np.prod(chunk)) * itemsize > CHUNK_BYTES and chunk[axis] > 1:
+        while int(np.prod(chunk)) * itemsize > most and chunk[axis] > 1:
             # halve while it still divides, to keep chunk boundaries on shard boundaries
             if chunk[axis] % 2:
                 break
             chunk[axis] //= 2
-    return chunk
+    return tuple(chunk)
 
 
 def array_metadata(shape: Sequence[int], data_type: str, chunks: Sequence[int]) -> dict[str, Any]:

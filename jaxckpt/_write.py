@@ -138,7 +138,8 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
         dtype = np.dtype(x.dtype)
         shape = tuple(int(d) for d in np.shape(x))
         nbytes = math.prod(shape) * dtype.itemsize
-        rec: dict[str, Any] = {"t": "array", "dtype": dtype.name, "shape": list(shape)}
+        name = _metadata.dtype_name(dtype)
+        rec: dict[str, Any] = {"t": "array", "dtype": name, "shape": list(shape)}
         if isinstance(x, np.generic):
             rec["np_scalar"] = True
         if pack and _packable(x):
@@ -159,7 +160,7 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
         meta = _storage.array_metadata(shape, data_type, chunks)
         arrays.append(Array(loc, meta, pieces, rec))
         rec["chunks"], rec["loc"] = chunks, loc
-        if data_type != dtype.name:
+        if data_type != name:
             rec["stored"] = data_type
         return rec
 
