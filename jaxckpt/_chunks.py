@@ -163,7 +163,7 @@ def write_file(path: str, parts: Iterable[Any]) -> None:
 def write_chunk(path: str, data: np.ndarray) -> None:
     """One chunk file: ``data``'s bytes (C-contiguous) then their CRC-32C."""
     raw = as_bytes(data)
-    crc = google_crc32c.value(raw) if raw.size else 0
+    crc = crc32c(raw)
     write_file(path, [raw, crc.to_bytes(4, "little")])
 
 
@@ -287,6 +287,12 @@ def write_piece(
 # ---------------------------------------------------------------------------- reading
 
 
+def crc32c(raw: np.ndarray) -> int:
+    """The CRC-32C of ``raw`` (uint8): what a chunk file ends with, and a packed leaf's record
+    holds."""
+    return google_crc32c.value(raw) if raw.size else 0
+
+
 class ChunkError(ValueError):
     """A chunk file is missing, truncated or fails its checksum."""
 
@@ -313,8 +319,26 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
         crc = os.read(fd, 4)
     finally:
         os.close(fd)
-    if int.from_bytes(crc, "little") != (google_crc32c.value(raw) if raw.size else 0):
+    if int.from_bytes(crc, "little") != crc32c(raw):
         raise ChunkError(f"the chunk file {path} fails its crc32c checksum")
+
+
+def read_range_into(path: str, offset: int, out: np.ndarray) -> None:
+    """Reads ``out.size`` bytes of the chunk file at ``path`` from ``offset`` (no checksum: the
+    caller checks what it reads against its own)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkError(f"the chunk file {path} is missing") from None
+    try:
+        mv = memoryview(as_bytes(out))  # type: ignore[arg-type]
+        while mv:
+            n = os.preadv(fd, [mv], offset)
+            if n == 0:
+                raise ChunkError(f"the chunk file {path} ended early")
+            mv, offset = mv[n:], offset + n
+    finally:
+        os.close(fd)
 
 
 def read_whole(

@@ -302,7 +302,7 @@ def read_jsons(root: str, keys: list[str]) -> list[Any]:
         datas = (
             list(pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
         )
-    return [_parse_json(join(root, k), d) for k, d in zip(keys, datas, strict=True)]
+    return [parse_json(join(root, k), d) for k, d in zip(keys, datas, strict=True)]
 
 
 def _read_file(path: str) -> bytes | None:
@@ -313,7 +313,7 @@ def _read_file(path: str) -> bytes | None:
         return None
 
 
-def _parse_json(where: str, data: bytes | None) -> Any:
+def parse_json(where: str, data: bytes | None) -> Any:
     if data is None:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", where)
     try:

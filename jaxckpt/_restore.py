@@ -218,16 +218,39 @@ def _check_prefix(reader: Reader, prefix: str | None) -> str:
     return base
 
 
-def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename, unused: bool):
+@dataclasses.dataclass
+class _Target:
+    """A target tree flattened, with the checkpoint path each leaf maps to (None: none)."""
+
+    flat: list[tuple[Any, Any]]
+    treedef: Any
+    cpaths: list[str | None]
+
+    @classmethod
+    def of(cls, target: PyTree, prefix: str | None, rename: Rename) -> _Target:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+        to_ckpt = _renamer(prefix, rename)
+        return cls(flat, treedef, [to_ckpt(_paths.path_str(k)) for k, _ in flat])
+
+    def groups(self, most: int = 32) -> list[str]:
+        """The nodes above the target's leaves (``"a"``, ``"a/b"``), if at most ``most``."""
+        out: dict[str, None] = {}
+        for p in self.cpaths:
+            parts = p.split("/") if p else []
+            for i in range(1, len(parts)):
+                out["/".join(parts[:i])] = None
+            if len(out) > most:
+                return []
+        return list(out)
+
+
+def _plan(reader: Reader, target: _Target, prefix: str | None, unused: bool):
     """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
     leaves the target lacks, so that only the records on the target's paths are read."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-    to_ckpt = _renamer(prefix, rename)
     base = _check_prefix(reader, prefix)
     scope = reader.leaves(base) if unused else {}  # read in first: all group files at once
     entries, missing, mismatched, keypaths, used = [], [], [], {}, set()
-    for keypath, x in flat:
-        cpath = to_ckpt(_paths.path_str(keypath))
+    for (keypath, x), cpath in zip(target.flat, target.cpaths, strict=True):
         rec = reader.find(cpath) if cpath is not None else None
         shown = cpath if cpath is not None else _paths.path_str(keypath)
         keypaths[shown] = keypath
@@ -241,7 +264,7 @@ def _plan(reader: Reader, target: PyTree, prefix: str | None, rename: Rename, un
         entries.append((keypath, x, cpath, rec))
     left = [p for p in scope if p not in used]
     status = MatchStatus(reader.path, missing, left, mismatched, keypaths, reader.keystr)
-    return entries, treedef, status
+    return entries, target.treedef, status
 
 
 def match(
@@ -266,7 +289,7 @@ def match(
         >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
         >>> status.assert_existing_objects_matched()  # doctest: +SKIP
     """
-    return _plan(Reader(path), target, prefix, rename, unused=True)[2]
+    return _plan(Reader(path), _Target.of(target, prefix, rename), prefix, unused=True)[2]
 
 
 def restore(
@@ -306,10 +329,13 @@ def restore(
     """
     if missing not in ("error", "keep"):
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
-    reader = Reader(path)
     if target is None:
+        reader = Reader(path)
         return reader.tree(_check_prefix(reader, prefix))
-    entries, treedef, status = _plan(reader, target, prefix, rename, unused=not partial)
+    want = _Target.of(target, prefix, rename)
+    # A partial restore looks up few paths: their group files are read beside the root's.
+    reader = Reader(path, prefetch=want.groups() if partial else ())
+    entries, treedef, status = _plan(reader, want, prefix, unused=not partial)
     if (
         status.mismatched
         or (status.missing and missing == "error")

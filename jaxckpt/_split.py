@@ -11,6 +11,7 @@ file only when a lookup passes through its stub.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 from typing import Any
 
 from . import _metadata, _paths, _storage
@@ -70,9 +71,10 @@ class Tree:
     A stub is replaced in place by the record it stands for, so each file is read once.
     """
 
-    def __init__(self, root: str, record: Record):
+    def __init__(self, root: str, record: Record, early: dict[str, Future] | None = None):
         self.root = root  # the checkpoint's path
         self.record = record
+        self._early = early or {}  # group file -> its bytes (or None), read ahead in parallel
         self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
         self._whole = False  # every stub read
 
@@ -122,8 +124,15 @@ class Tree:
     def _load(self, stubs: list[tuple[str, list[Entry], Entry]]) -> None:
         """Reads the records of ``stubs`` (path, edges from the root, entry) into place."""
         files = [f"{at}/zarr.json" for at, _, _ in stubs]
+        early = [self._early.pop(f, None) for f in files]
         try:
-            docs = _storage.read_jsons(self.root, files)
+            if all(f is not None and f.exception() is None and f.result() for f in early):
+                docs = [
+                    _storage.parse_json(_storage.join(self.root, name), f.result())  # type: ignore[union-attr]
+                    for name, f in zip(files, early, strict=True)
+                ]
+            else:  # read (again): a file missing or unreadable is reported as such
+                docs = _storage.read_jsons(self.root, files)
         except FileNotFoundError as e:
             named = [
                 s

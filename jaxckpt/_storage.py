@@ -35,6 +35,7 @@ from ._locations import make_dirs as make_dirs
 from ._locations import normalize as normalize
 from ._locations import occupied as occupied
 from ._locations import open_kv as open_kv
+from ._locations import parse_json as parse_json
 from ._locations import read_bytes as read_bytes
 from ._locations import read_json as read_json
 from ._locations import read_jsons as read_jsons

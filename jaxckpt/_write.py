@@ -62,6 +62,7 @@ class Pack:
     nbytes: int = 0
     starts: list[int] = dataclasses.field(default_factory=list)
     leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the leaves'
     chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
 
     @property
@@ -90,6 +91,8 @@ class Pack:
             a, b = max(lo, off), min(hi, off + raw.size)
             if b > a:
                 buf[a - lo : b - lo] = raw[a - off : b - off]
+            if off >= lo:  # the leaf starts here: its own checksum, for reading it alone
+                self.records[i]["crc32c"] = _chunks.crc32c(raw)
             i += 1
         return buf
 
@@ -151,6 +154,7 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
             if nbytes:
                 p.starts.append(start)
                 p.leaves.append(x)
+                p.records.append(rec)
                 p.nbytes = start + nbytes
             return rec
         pieces, shard = _pieces(x)

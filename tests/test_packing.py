@@ -3,6 +3,7 @@
 import json
 import os
 
+import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,52 @@ def test_partial_restore_reads_only_the_chunks_asked_for(tmp_path, monkeypatch):
         jc.CorruptCheckpointError, match=r"Reading the array 'a' .* fails its crc32c checksum"
     ):
         jc.open(path)["a"]
+
+
+def test_one_packed_leaf_is_read_alone_and_checked_against_its_own_crc(tmp_path, monkeypatch):
+    monkeypatch.setattr(_write, "PACK_CHUNK", 4096)
+    tree = {f"k{i}": np.arange(100, dtype=np.float32) + i for i in range(40)}  # 400 B each
+    path = jc.save(tmp_path / "ckpt", tree)
+    recs = _leaf_records(path)
+    assert all(r["crc32c"] == google_crc32c.value(tree[n].tobytes()) for n, r in recs.items())
+    straddler = next(
+        n for n, r in recs.items() if r["packed"][0] // 4096 != (sum(r["packed"][:2]) - 1) // 4096
+    )
+    with monkeypatch.context() as m:  # one leaf: only its bytes are read, no whole chunk
+        m.setattr(_chunks, "read_chunk_into", lambda *a: pytest.fail("read a whole chunk"))
+        for name in ("k3", straddler):
+            np.testing.assert_array_equal(jc.open(path)[name], tree[name])
+            got = jc.restore(path, {name: np.zeros(100, np.float32)}, partial=True)
+            np.testing.assert_array_equal(got[name], tree[name])
+    offset = recs["k3"]["packed"][0]
+    chunk = os.path.join(path, "~pack/0/c", str(offset // 4096))
+    data = bytearray(open(chunk, "rb").read())
+    data[offset % 4096 + 5] ^= 1
+    open(chunk, "wb").write(bytes(data))
+    with pytest.raises(jc.CorruptCheckpointError, match=r"Reading the array 'k3' .* crc32c"):
+        jc.open(path)["k3"]
+    np.testing.assert_array_equal(jc.open(path)["k4"], tree["k4"])  # same chunk, intact leaf
+    with pytest.raises(jc.CorruptCheckpointError, match="crc32c"):
+        jc.restore(path)  # whole chunks: the chunk's own checksum
+
+
+def test_packed_leaves_without_their_own_crc_are_read_by_chunk(tmp_path, monkeypatch):
+    """Checkpoints written before packed leaves had a ``crc32c`` still read (whole chunks)."""
+    monkeypatch.setattr(_write, "PACK_CHUNK", 4096)
+    tree = {f"k{i}": np.arange(100, dtype=np.float32) + i for i in range(40)}
+    path = jc.save(tmp_path / "ckpt", tree)
+    root = os.path.join(path, "zarr.json")
+    text = open(root).read()
+    doc = json.loads(text)
+    for _, rec in jc._metadata.iter_leaves(doc["attributes"]["jaxckpt"]["tree"]):
+        del rec["crc32c"]
+    open(root, "w").write(json.dumps(doc))
+    read = []
+    real = _chunks.read_chunk_into
+    monkeypatch.setattr(_chunks, "read_chunk_into", lambda *a: read.append(a[0]) or real(*a))
+    np.testing.assert_array_equal(jc.open(path)["k3"], tree["k3"])
+    offset = _leaf_records(path)["k3"]["packed"][0]  # 400 B inside one 4 KiB chunk
+    assert read == [os.path.join(path, "~pack/0/c", str(offset // 4096))]
 
 
 def test_damaged_or_missing_chunk_of_a_large_array_is_reported(tmp_path):

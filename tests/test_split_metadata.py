@@ -147,6 +147,21 @@ def test_lookups_read_only_the_group_files_on_their_path(saved, tmp_path):
         list(jc.open(path))
 
 
+def test_a_partial_restore_reads_its_group_files_beside_the_root(saved, monkeypatch):
+    """The group files on the target's paths are read together with the root's zarr.json."""
+    from jaxckpt import _storage
+
+    path, _ = saved
+    batches = []
+    read_jsons = _storage.read_jsons
+    monkeypatch.setattr(_storage, "read_jsons", lambda r, k: batches.append(k) or read_jsons(r, k))
+    part = jc.restore(path, {"enc": {"b7": {"s2": {"w3": _spec(_leaf(723))}}}}, partial=True)
+    np.testing.assert_array_equal(np.asarray(part["enc"]["b7"]["s2"]["w3"]), _leaf(723))
+    assert batches == []  # no group file read waited for the root's: they went together
+    jc.open(path)["enc/b7/s2/w3"]  # without a target to look ahead: a level at a time
+    assert batches == [["enc/zarr.json"], ["enc/b7/zarr.json"]]
+
+
 def test_a_group_file_without_its_record_is_named(saved, tmp_path):
     _, tree = saved
     path = str(jc.save(tmp_path / "c", tree))
