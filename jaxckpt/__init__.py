@@ -14,11 +14,11 @@ from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._locations import set_storage_options as set_storage_options
 from ._manager import CheckpointManager as CheckpointManager
 from ._manager import latest_checkpoint as latest_checkpoint
+from ._match import MatchStatus as MatchStatus
+from ._match import match as match
 from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open
-from ._restore import MatchStatus as MatchStatus
-from ._restore import match as match
 from ._restore import restore as restore
 
 __version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""Matching a target tree against a checkpoint: ``jc.match``, and the plan a restore follows.
+
+Each target leaf is paired with the saved record at its checkpoint path (after ``prefix`` and
+``rename``); what is missing, unused or mismatched is collected into a :class:`MatchStatus`,
+whose message names every such leaf by its key path, with the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _metadata, _paths
+from ._errors import StructureMismatchError
+from ._reader import Reader
+
+PyTree = Any
+Rename = Mapping[str, str] | Callable[[str], str | None] | None
+
+_LIMIT = 20  # paths listed per section of a mismatch message
+_FIX_MISSING = (
+    '  Fix: pass missing="keep" to keep the target\'s own value for these (e.g. a fresh head '
+    "on a pretrained backbone), or map them to saved paths with prefix= or rename= "
+    "(jc.list_variables(path) lists the saved paths)."
+)
+_FIX_MISMATCHED = (
+    "  Fix: build the target with the saved shapes (the same model config), and dtypes the "
+    "saved ones cast to safely (bool -> int -> float -> complex; float32 -> bfloat16 is fine, "
+    "float -> int is not); or leave these leaves out of the target and pass partial=True."
+)
+_FIX_UNUSED = (
+    "  Fix: pass partial=True to restore only the leaves the target asks for (the others "
+    "are not read), or add these leaves to the target."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    path: str  # the checkpoint path
+    where: str  # the target key path, keystr form
+    expected: str  # what the target asks for
+    found: str  # what the checkpoint holds
+
+    def __str__(self) -> str:
+        return f"{self.where}: the target expects {self.expected}, the checkpoint has {self.found}"
+
+
+@dataclasses.dataclass
+class MatchStatus:
+    """How a target matches a checkpoint, found from the metadata alone.
+
+    ``missing``: target leaves the checkpoint lacks (checkpoint paths); ``unused``: saved
+    leaves the target does not ask for; ``mismatched``: leaves in both whose shape or dtype
+    the target cannot take.
+    """
+
+    path: str
+    missing: list[str]
+    unused: list[str]
+    mismatched: list[Mismatch]
+    # The key paths shown in messages, computed only for the paths listed: target key paths
+    # of the missing leaves, and the saved key path of a checkpoint path.
+    _target: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    _saved: Callable[[str], str] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def assert_existing_objects_matched(self) -> MatchStatus:
+        """Every leaf of the target was found in the checkpoint with a compatible shape/dtype."""
+        if self.missing or self.mismatched:
+            raise StructureMismatchError(self._message(unused=False))
+        return self
+
+    def assert_consumed(self) -> MatchStatus:
+        """As above, and every saved leaf was used by the target."""
+        if self.missing or self.mismatched or self.unused:
+            raise StructureMismatchError(self._message())
+        return self
+
+    def _message(self, *, missing: bool = True, unused: bool = True) -> str:
+        lines = [f"The checkpoint at {self.path} does not match the target."]
+        if missing and self.missing:
+            lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")
+            lines += _listed(
+                self.missing, lambda p: f"    {self._target_where(p)}  (looked for {p!r})"
+            )
+            lines.append(_FIX_MISSING)
+        if self.mismatched:
+            lines.append(
+                f"  Leaves whose shape or dtype the target cannot take ({len(self.mismatched)}):"
+            )
+            lines += _listed(self.mismatched, lambda m: f"    {m}")
+            lines.append(_FIX_MISMATCHED)
+        if unused and self.unused:
+            saved = self._saved or (lambda p: p)
+            lines.append(f"  Saved leaves the target lacks ({len(self.unused)}):")
+            lines += _listed(self.unused, lambda p: f"    {saved(p)}  (saved as {p!r})")
+            lines.append(_FIX_UNUSED)
+        return "\n".join(lines)
+
+    def _target_where(self, p: str) -> str:
+        keypath = self._target.get(p)
+        return p if keypath is None else _paths.keystr(keypath)
+
+
+def _listed(items: list[Any], line: Callable[[Any], str]) -> list[str]:
+    if len(items) <= _LIMIT:
+        return [line(x) for x in items]
+    return [*map(line, items[:_LIMIT]), f"    ... and {len(items) - _LIMIT} more"]
+
+
+def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
+    base = (prefix or "").strip("/")
+    if rename is None:
+        fn: Callable[[str], str | None] = lambda p: p  # noqa: E731
+    elif callable(rename):
+        fn = rename
+    else:
+        rules = [(re.compile(k), v) for k, v in rename.items()]
+
+        def fn(p: str) -> str | None:
+            for pattern, repl in rules:
+                p = pattern.sub(repl, p)
+            return p
+
+    def mapped(p: str) -> str | None:
+        q = fn(p)
+        if q is None:
+            return None
+        return f"{base}/{q}" if base and q else (base or q)
+
+    return mapped
+
+
+def leaf_kind(x: Any) -> str:
+    if _metadata.is_stateful(x):
+        return "state"
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+        return "array"
+    if isinstance(x, (bool, int, float, complex)):
+        return "scalar"
+    if isinstance(x, (str, bytes)):
+        return "text"
+    return "any"
+
+
+def _describe(rec: dict[str, Any]) -> str:
+    if rec["t"] == "array":
+        return f"{rec.get('key_dtype', rec['dtype'])}{list(rec.get('key_shape', rec['shape']))}"
+    return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
+
+
+def _problem(x: Any, rec: dict[str, Any]) -> str | None:
+    """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
+    if (  # the common case, first: an array of the very shape and dtype saved
+        rec["t"] == "array"
+        and "key" not in rec
+        and isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
+        and x.dtype == rec["dtype"]
+        and list(x.shape) == rec["shape"]
+    ):
+        return None
+    kind = leaf_kind(x)
+    if kind == "state":
+        return None if rec["t"] == "state" else "an object with get_state()/set_state()"
+    if kind == "text":
+        ok = rec["t"] == "value" and rec["py"] == type(x).__name__
+        return None if ok else f"a Python {type(x).__name__}"
+    if kind == "any":
+        return None
+    if "key" in rec or _metadata.is_key(x):  # typed PRNG keys take only the same key type
+        if kind != "array":
+            return f"a Python {type(x).__name__}"
+        expected = f"{x.dtype}{list(np.shape(x))}"
+        same = str(x.dtype) == rec.get("key_dtype") and list(np.shape(x)) == rec.get("key_shape")
+        return None if same else expected
+    if kind == "array":
+        shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
+        expected = f"{dtype.name}{list(shape)}"
+    else:
+        shape, dtype = (), np.dtype(type(x))
+        expected = f"a Python {type(x).__name__}"
+    if rec["t"] == "value" and rec["py"] in ("bool", "int", "float", "complex") and shape == ():
+        src = np.dtype(rec["py"] if rec["py"] != "float" else "float64")
+    elif rec["t"] == "array":
+        src = np.dtype(rec["dtype"])
+        if tuple(rec["shape"]) != shape:
+            return expected
+    else:
+        return expected
+    if not _castable(src, dtype):
+        return expected + f" (no safe cast from {src.name})"
+    return None
+
+
+def _category(dtype: np.dtype) -> int:
+    for i, cat in enumerate((np.bool_, jnp.integer, jnp.floating, jnp.complexfloating)):
+        if jnp.issubdtype(dtype, cat):
+            return i
+    return 9
+
+
+def _castable(src: np.dtype, dst: np.dtype) -> bool:
+    """Same dtype, or a cast within or up the order bool -> int -> float -> complex."""
+    return src == dst or _category(src) <= _category(dst) < 9
+
+
+def check_prefix(reader: Reader, prefix: str | None) -> str:
+    base = "/".join(p for p in (prefix or "").split("/") if p)
+    if base and reader.node(base) is None:
+        raise StructureMismatchError(
+            f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
+            "prefix among the leading parts of jc.list_variables(path)."
+        )
+    return base
+
+
+@dataclasses.dataclass
+class Target:
+    """A target tree flattened, with the checkpoint path each leaf maps to (None: none)."""
+
+    flat: list[tuple[Any, Any]]
+    treedef: Any
+    cpaths: list[str | None]
+
+    @classmethod
+    def of(cls, target: PyTree, prefix: str | None, rename: Rename) -> Target:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
+        to_ckpt = _renamer(prefix, rename)
+        return cls(flat, treedef, [to_ckpt(_paths.path_str(k)) for k, _ in flat])
+
+    def groups(self, most: int = 32) -> list[str]:
+        """The nodes above the target's leaves (``"a"``, ``"a/b"``), if at most ``most``."""
+        out: dict[str, None] = {}
+        for p in self.cpaths:
+            parts = p.split("/") if p else []
+            for i in range(1, len(parts)):
+                out["/".join(parts[:i])] = None
+            if len(out) > most:
+                return []
+        return list(out)
+
+
+def plan(reader: Reader, target: Target, prefix: str | None, unused: bool):
+    """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
+    leaves the target lacks, so that only the records on the target's paths are read."""
+    base = check_prefix(reader, prefix)
+    scope = reader.leaves(base) if unused else {}  # read in first: all group files at once
+    entries, missing, mismatched, keypaths, used = [], [], [], {}, set()
+    for (keypath, x), cpath in zip(target.flat, target.cpaths, strict=True):
+        rec = reader.find(cpath) if cpath is not None else None
+        shown = cpath if cpath is not None else _paths.path_str(keypath)
+        keypaths[shown] = keypath
+        if rec is None:
+            missing.append(shown)
+        else:
+            used.add(cpath)
+            why = _problem(x, rec)
+            if why is not None:
+                mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
+        entries.append((keypath, x, cpath, rec))
+    left = [p for p in scope if p not in used]
+    status = MatchStatus(reader.path, missing, left, mismatched, keypaths, reader.keystr)
+    return entries, target.treedef, status
+
+
+def match(
+    path: str | os.PathLike[str],
+    target: PyTree,
+    *,
+    prefix: str | None = None,
+    rename: Rename = None,
+) -> MatchStatus:
+    """Compares ``target`` with the checkpoint at ``path`` without reading any array.
+
+    Args:
+        path: a checkpoint directory.
+        target: the tree a restore would fill; only its structure, shapes and dtypes matter.
+        prefix: as in :func:`restore`.
+        rename: as in :func:`restore`.
+
+    Returns:
+        A :class:`MatchStatus` with ``missing``, ``unused`` and ``mismatched`` leaves.
+
+    Example:
+        >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
+        >>> status.assert_existing_objects_matched()  # doctest: +SKIP
+    """
+    return plan(Reader(path), Target.of(target, prefix, rename), prefix, unused=True)[2]
