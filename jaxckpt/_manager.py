@@ -316,12 +316,14 @@ class CheckpointManager:
         """Deletes a checkpoint; with ``async_save`` its files go in the background (while a
         save writes, a local directory's unlinks can take a second)."""
         rest = _storage.retire(self._path(step))
-        if rest is not None and not self.async_save:
+        if rest is None:
+            return
+        if not self.async_save:
             _storage.remove(rest)
-        elif rest is not None:
-            removal = threading.Thread(target=_storage.remove, args=(rest,), daemon=True)
-            removal.start()
-            self._removals.append(removal)
+            return
+        removal = threading.Thread(target=_storage.remove, args=(rest,), daemon=True)
+        removal.start()
+        self._removals.append(removal)
 
     def _ranked(self) -> list[int]:
         """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""

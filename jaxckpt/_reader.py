@@ -212,9 +212,7 @@ class Reader:
             size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
             if all("crc32c" in r for r in recs) and sum(n for _, n in spans) * 8 < len(need) * size:
-                return list(
-                    _chunks.pool("read").map(self._read_one_packed, [loc] * len(recs), recs)
-                )
+                return list(_chunks.pool("read").map(self._read_one_packed, recs))
             runs: list[list[int]] = []
             for k in need:
                 if runs and runs[-1][1] == k:
@@ -245,11 +243,11 @@ class Reader:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
-    def _read_one_packed(self, loc: str, rec: dict[str, Any]) -> np.ndarray:
+    def _read_one_packed(self, rec: dict[str, Any]) -> np.ndarray:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC."""
         offset, n, size = (int(v) for v in rec["packed"])
         buf = _chunks.aligned_empty([n], np.dtype(np.uint8))
-        base = os.path.join(self.path, loc, "c")
+        base = os.path.join(self.path, rec["loc"], "c")
         for k in range(offset // size, -(-(offset + n) // size)):  # the chunks it spans
             a, b = max(offset, k * size), min(offset + n, (k + 1) * size)
             _chunks.read_range_into(
