@@ -148,19 +148,21 @@ def _execute(s: _Save, budget: int) -> str:
 class SaveHandle:
     """A save in flight: ``wait()`` returns the final path or raises the save's error."""
 
-    def __init__(self, save: _Save, held: int):
+    def __init__(self, save: _Save, held: int, on_device: list[_write.Piece]):
         global _last
         self.path = save.final
         self._time = 0.0  # when it was written, as its metadata says (a manager indexes it)
         self._error: BaseException | None = None
         self._seen = False
-        self._thread = threading.Thread(target=self._run, args=(save, held), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(save, held, on_device), daemon=True)
         with _order:
             self._after, _last = _last, self
             self._thread.start()
 
-    def _run(self, save: _Save, held: int) -> None:
+    def _run(self, save: _Save, held: int, on_device: list[_write.Piece]) -> None:
         try:
+            _write.fetch(on_device, save.buffers)  # frees the device copies first
+            on_device.clear()
             if self._after is not None:  # writes go one save at a time, in call order
                 self._after._thread.join()
                 self._after = None
@@ -288,10 +290,12 @@ def save_async(
     step: int | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> SaveHandle:
-    """Snapshots ``tree`` to host memory, then saves it in the background.
+    """Snapshots ``tree``, then saves it in the background.
 
     Returns once the snapshot is taken: the caller may then donate, delete or mutate its
-    arrays. ``handle.wait()`` blocks until the checkpoint is committed and raises the save's
+    arrays. The snapshot is a host copy, except for arrays on an accelerator with room for
+    them twice over: those are copied in the device's own memory, and moved to the host in
+    the background (see docs/speed.md). ``handle.wait()`` blocks until the checkpoint is committed and raises the save's
     error, if any; an error nobody waited for is raised by the next save. Saves in flight
     write one at a time, in call order, so they commit in that order. While the snapshots
     of saves in flight would exceed :func:`async_host_bytes`, this call first waits for older
@@ -304,13 +308,14 @@ def save_async(
     _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
         with _chunks.writes_paused():
-            s.buffers = _write.snapshot(s.arrays, s.packs)
+            on_device = _write.copy_on_device(s.arrays)
+            s.buffers = _write.snapshot(s.arrays, s.packs, skip=on_device)
     except BaseException:
         _release(held)
         raise
     kept = _write.snapshot_bytes(s.arrays, s.packs)
     _release(held - kept)
-    h = SaveHandle(s, kept)
+    h = SaveHandle(s, kept, on_device)
     _unfinished.add(h)
     return h
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -146,13 +146,21 @@ class Reader:
             return self._value(rec)
         return self.read_many([(path, index)])[0]
 
-    def read_many(self, requests: Sequence[tuple[str, Index | None]]) -> list[np.ndarray]:
+    def read_many(
+        self,
+        requests: Sequence[tuple[str, Index | None]],
+        then: Callable[[int, np.ndarray], Any] | None = None,
+    ) -> list[Any]:
         """Reads many array slices with all their I/O issued together.
 
         Whole arrays of a local checkpoint are read chunk file by chunk file on the I/O
         threads, into 64-byte aligned arrays (which ``jax.device_put`` on CPU adopts without a
         copy); packed leaves are cut out of the chunks of their pack, each chunk read once;
         other slices and other stores go through TensorStore. Every chunk's crc32c is checked.
+
+        ``then(i, array)`` is called on the I/O thread that read request ``i`` whole and
+        directly, and its result takes the array's place: a restore starts moving an array
+        to its device while others are still being read.
         """
         recs = [self.record(p) for p, _ in requests]
         out: list[np.ndarray | None] = [None] * len(requests)
@@ -168,7 +176,7 @@ class Reader:
             else:
                 rest.append(i)
         io = _chunks.pool("read")
-        jobs = {i: io.submit(self._read_direct, recs[i]) for i in direct}
+        jobs = {i: io.submit(self._read_direct, recs[i], i, then) for i in direct}
         for loc, idx in packed.items():
             leaves = self._read_packed(loc, [recs[i] for i in idx], [requests[i][0] for i in idx])
             for i, arr in zip(idx, leaves, strict=True):
@@ -185,12 +193,15 @@ class Reader:
                 raise _storage.read_error(self.path, requests[i][0], e) from e
         return out  # type: ignore[return-value]
 
-    def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+    def _read_direct(
+        self, rec: dict[str, Any], i: int, then: Callable[[int, np.ndarray], Any] | None
+    ) -> Any:
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
             self.path, rec["loc"], rec["shape"], rec["chunks"], stored, rec.get("zero_chunks")
         )
-        return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
+        arr = arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
+        return arr if then is None else then(i, arr)
 
     def _read_packed(
         self, loc: str, recs: list[dict[str, Any]], paths: list[str]

@@ -81,6 +81,7 @@ def restore(
     # One read per distinct slice any addressable device needs, all issued together.
     requests: list[tuple[str, Any]] = []
     plans: list[Any] = []
+    to_device: dict[int, tuple[np.dtype, Any]] = {}  # whole arrays for one device each
     for _, x, cpath, rec in entries:
         if rec is None or rec["t"] != "array":
             plans.append(None)
@@ -93,7 +94,17 @@ def restore(
                 slots[key] = len(requests)
                 requests.append((cpath, idx))
         plans.append((shards, slots))
-    arrays = reader.read_many(requests)
+        sharding = _sharding(x)
+        if sharding is not None and len(sharding.device_set) == 1 and "key" not in rec:
+            to_device[len(requests) - 1] = (np.dtype(x.dtype), sharding)
+
+    def put(i: int, host: np.ndarray) -> Any:  # on the I/O thread that read it
+        if i not in to_device:
+            return host
+        dtype, sharding = to_device[i]
+        return _device.put_many([host.astype(dtype, copy=False)], [sharding])[0]
+
+    arrays = reader.read_many(requests, then=put)
 
     leaves: list[Any] = []
     states = []
@@ -114,16 +125,19 @@ def restore(
             pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
             sharding = _sharding(x)
             single = sharding is not None and len(sharding.device_set) == 1
-            if single and len(pieces) == 1 and "key" not in rec:
-                # One device_put for all single-device leaves: per-call overhead dominates.
-                host = next(iter(pieces.values())).astype(np.dtype(x.dtype), copy=False)
-                batch.append((len(leaves), host, sharding))
+            got = next(iter(pieces.values()))
+            if isinstance(got, jax.Array):  # put on its device as soon as it was read
+                leaves.append(got)
+            elif single and len(pieces) == 1 and "key" not in rec:
+                # One device_put for the other single-device leaves (packed ones): per-call
+                # overhead dominates.
+                batch.append((len(leaves), got.astype(np.dtype(x.dtype), copy=False), sharding))
                 leaves.append(None)
             else:
                 leaves.append(_assemble(x, rec, pieces))
     if batch:
-        put = _device.put_many([b[1] for b in batch], [b[2] for b in batch])
-        for (i, _, _), y in zip(batch, put, strict=True):
+        placed = _device.put_many([b[1] for b in batch], [b[2] for b in batch])
+        for (i, _, _), y in zip(batch, placed, strict=True):
             leaves[i] = y
     for obj, state in states:
         obj.set_state(state)

@@ -18,9 +18,11 @@ import functools
 import math
 import os
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from . import _buffers, _chunks, _metadata, _multihost, _paths, _split, _storage
@@ -204,21 +206,71 @@ def snapshot_bytes(arrays: list[Array], packs: list[Pack]) -> int:
     ) + sum(k.n_chunks * PACK_CHUNK for k in packs)
 
 
-def snapshot(arrays: list[Array], packs: list[Pack]) -> list[np.ndarray]:
-    """Copies every piece to host memory that this save owns (donation-safe).
+def copy_on_device(arrays: list[Array]) -> list[Piece]:
+    """Copies the pieces held on an accelerator within its own memory, where it has room.
+
+    The caller of an async save then waits for device-to-device copies (memory bandwidth,
+    milliseconds for gigabytes), not for the transfer to the host; :func:`fetch` moves the
+    copies to the host in the background, which frees them. A device whose free memory is
+    under twice its pieces' bytes (or that reports none, like the CPU) is left to
+    :func:`snapshot`. Returns the pieces copied.
+    """
+    by_device: dict[Any, list[Piece]] = {}
+    for a in arrays:
+        for p in a.pieces:
+            if isinstance(p.data, jax.Array):
+                by_device.setdefault(next(iter(p.data.devices())), []).append(p)
+    copied = [
+        p
+        for d, ps in by_device.items()
+        if _device_has_room(d, sum(p.nbytes for p in ps))
+        for p in ps
+    ]
+    for p in copied:
+        p.data = jnp.copy(p.data)
+    jax.block_until_ready([p.data for p in copied])
+    return copied
+
+
+def _device_has_room(device: Any, nbytes: int) -> bool:
+    """Whether ``device`` is an accelerator with ``2 * nbytes`` of free memory."""
+    if device.platform == "cpu":
+        return False  # a copy on the CPU is the host copy itself
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # a backend without memory statistics
+        return False
+    if "bytes_limit" not in stats:
+        return False
+    return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def fetch(pieces: list[Piece], taken: list[np.ndarray]) -> None:
+    """Moves the device copies of :func:`copy_on_device` to host memory (on the copy threads)."""
+    for p in pieces:
+        p.data.copy_to_host_async()
+    for j in [_chunks.pool("copy").submit(_copy_piece, p, taken) for p in pieces]:
+        j.result()
+
+
+def snapshot(
+    arrays: list[Array], packs: list[Pack], skip: Sequence[Piece] = ()
+) -> list[np.ndarray]:
+    """Copies every piece but ``skip`` to host memory that this save owns (donation-safe).
 
     The copies run on the copy threads (NumPy releases the GIL while copying), into buffers
     from :mod:`jaxckpt._buffers`, which are returned (the caller gives them back once the
     save is done); small leaves are copied straight into the chunks of their pack. A piece
     whose bytes are all zero is not copied: a :class:`_chunks.Zeros` marker takes its place.
     """
-    for a in arrays:
-        for p in a.pieces:
-            if isinstance(p.data, jax.Array):
-                p.data.copy_to_host_async()
+    skipped = {id(p) for p in skip}
+    pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
+    for p in pieces:
+        if isinstance(p.data, jax.Array):
+            p.data.copy_to_host_async()
     cp = _chunks.pool("copy")
     taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
-    jobs = [cp.submit(_copy_piece, p, taken) for a in arrays for p in a.pieces]
+    jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]
     for k in packs:
         k.chunks = list(cp.map(functools.partial(k.chunk, taken=taken), range(k.n_chunks)))
         k.leaves = []

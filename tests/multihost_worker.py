@@ -207,12 +207,12 @@ def count_reads():
     read: dict[str, int] = {}
     real = _reader.Reader.read_many
 
-    def counting(self, requests):
+    def counting(self, requests, then=None):
         for path, index in requests:
             shape = self.record(path)["shape"]
             n = np.empty(shape, np.bool_)[index].size if index is not None else int(np.prod(shape))
             read[path] = read.get(path, 0) + n
-        return real(self, requests)
+        return real(self, requests, then)
 
     _reader.Reader.read_many = counting
     try:

@@ -182,7 +182,7 @@ def test_file_writes_wait_while_a_snapshot_is_taken(tmp_path, monkeypatch):
     seen = []
     snapshot = _write.snapshot
     monkeypatch.setattr(
-        _write, "snapshot", lambda *a: seen.append(_chunks._snapshots) or snapshot(*a)
+        _write, "snapshot", lambda *a, **k: seen.append(_chunks._snapshots) or snapshot(*a, **k)
     )
     jc.save_async(tmp_path / "c", _packed_tree(1)).wait()
     assert seen == [1] and _chunks._snapshots == 0
@@ -208,3 +208,50 @@ def test_a_restore_does_not_queue_behind_a_save_in_flight(tmp_path, monkeypatch)
     _assert_same(got[0], _packed_tree(1))
     handle.wait()
     _assert_same(jc.restore(tmp_path / "new"), many)
+
+
+def test_on_an_accelerator_with_room_the_caller_waits_only_for_device_copies(tmp_path, monkeypatch):
+    """Arrays on an accelerator are copied in its memory; their host transfer runs later."""
+    monkeypatch.setattr(_write, "_device_has_room", lambda device, nbytes: True)  # the CPU: no
+    gate, fetch, fetched = threading.Event(), _write.fetch, []
+
+    def held_back(pieces, taken):
+        fetched.append([p.data.unsafe_buffer_pointer() for p in pieces])
+        assert gate.wait(60)
+        fetch(pieces, taken)
+
+    monkeypatch.setattr(_write, "fetch", held_back)
+    params = {"w": jnp.full((512, 1024), 1.0, jnp.float32), "b": jnp.full((300_000,), 2.0)}
+    expected = jax.tree_util.tree_map(np.array, params)
+    given = {p.unsafe_buffer_pointer() for p in jax.tree_util.tree_leaves(params)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(p):
+        return jax.tree_util.tree_map(lambda x: x * 0 - 1, p)
+
+    h = jc.save_async(tmp_path / "c", params)
+    params = step(params)  # donated while the snapshot is still on the device
+    for _ in range(100):
+        if fetched:
+            break
+        threading.Event().wait(0.05)
+    assert len(fetched[0]) == 2 and not given & set(fetched[0]) and not h.done()
+    gate.set()
+    _assert_same(jc.restore(h.wait()), expected)
+
+
+def test_device_copies_need_twice_their_bytes_free():
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    has_room = _write._device_has_room
+    assert has_room(Device({"bytes_limit": 100, "bytes_in_use": 60}), 20)
+    assert not has_room(Device({"bytes_limit": 100, "bytes_in_use": 61}), 20)
+    assert not has_room(Device(None), 1) and not has_room(Device({"bytes_in_use": 0}), 1)
+    assert not has_room(jax.devices()[0], 1)  # on the CPU the host copy is the snapshot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import flax.linen as nn
 import jax
@@ -219,3 +220,28 @@ def test_reader_api(seed_ckpt):
     assert_tree_equal(reader.tree("params"), jax.tree_util.tree_map(np.asarray, state["params"]))
     with pytest.raises(KeyError, match="'params/l2' is not a leaf of the checkpoint"):
         reader["params/l2"]
+
+
+def test_each_array_goes_to_its_device_as_soon_as_it_is_read(tmp_path, monkeypatch):
+    """Whole arrays are put on their device by the thread that read them, cast on the way."""
+    from jaxckpt import _device
+
+    tree = {f"w{i}": np.full((300_000,), i, np.float32) for i in range(6)}
+    jc.save(tmp_path / "c", tree)
+    threads, put_many = [], _device.put_many
+
+    def recording(arrays, shardings):
+        threads.append(threading.current_thread().name)
+        return put_many(arrays, shardings)
+
+    monkeypatch.setattr(_device, "put_many", recording)
+    dev = jax.devices()[0]
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=SingleDeviceSharding(dev))
+        for k, v in tree.items()
+    }
+    out = jc.restore(tmp_path / "c", target)
+    assert len(threads) == 6 and all(t.startswith("jaxckpt-read") for t in threads)
+    for k, v in tree.items():
+        assert isinstance(out[k], jax.Array) and out[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(out[k], np.float32), v)
