@@ -161,7 +161,7 @@ class SaveHandle:
 
     def _run(self, save: _Save, held: int, on_device: list[_write.Piece]) -> None:
         try:
-            _write.fetch(on_device, save.buffers)  # frees the device copies first
+            _write.fetch(on_device, save.buffers)  # under way before any earlier save ends
             on_device.clear()
             if self._after is not None:  # writes go one save at a time, in call order
                 self._after._thread.join()

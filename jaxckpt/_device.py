@@ -1,4 +1,5 @@
-"""Host arrays onto single devices, many at once, with as little per-array Python as possible.
+"""Moving arrays between host and devices: many onto single devices at once, with as little
+per-array Python as possible, and device arrays to the host at the bus's speed.
 
 ``jax.device_put`` spends ~100-200 us of Python per array; restoring 10,000 small leaves then
 costs seconds. XLA's own ``batched_device_put`` makes the same ``jax.Array`` (adopting a 64-byte
@@ -45,3 +46,21 @@ def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax
         ):
             out[i] = y
     return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A host copy of ``x``, an array on one accelerator, that the caller owns.
+
+    It goes through the device's pinned host memory when the backend has it: the transfer
+    then runs at the bus's speed (a pageable one, what ``np.asarray`` does, ran ~30 times
+    slower on an H100 VM), and JAX's pinned allocator reuses that memory from one save to
+    the next. The NumPy array is a view of the pinned buffer (DLPack), which it keeps alive.
+    """
+    try:
+        pinned = jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+    except Exception:  # no pinned host memory here
+        return np.asarray(x)
+    try:
+        return np.from_dlpack(pinned)
+    except Exception:  # no DLPack view of it: a copy out of the pinned buffer
+        return np.asarray(pinned)

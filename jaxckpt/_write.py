@@ -19,13 +19,14 @@ import math
 import os
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _buffers, _chunks, _metadata, _multihost, _paths, _split, _storage
+from . import _buffers, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -44,7 +45,9 @@ PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides wi
 @dataclasses.dataclass
 class Piece:
     index: tuple[slice, ...]
-    data: Any  # np.ndarray, a single-device jax.Array not yet on the host, or _chunks.Zeros
+    # np.ndarray, a single-device jax.Array not yet on the host, _chunks.Zeros, or a Future of
+    # one of those on its way from a device copy (fetch)
+    data: Any
     nbytes: int
 
 
@@ -190,10 +193,14 @@ def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -
 
 
 def _to_host(data: Any, copy: bool) -> np.ndarray:
+    if isinstance(data, Future):  # a device copy on its way to the host (fetch)
+        data = data.result()
     if isinstance(data, _chunks.Zeros):
         return data.array()
     if isinstance(data, np.ndarray):
         return np.array(data, copy=True) if copy else data
+    if isinstance(data, jax.Array) and next(iter(data.devices())).platform != "cpu":
+        return _device.to_host(data)  # a fresh host copy already
     arr = np.asarray(data)
     # On the CPU backend np.asarray may alias the device buffer: a snapshot must own its bytes.
     return np.array(arr, copy=True) if copy and not arr.flags.owndata else arr
@@ -246,11 +253,14 @@ def _device_has_room(device: Any, nbytes: int) -> bool:
 
 
 def fetch(pieces: list[Piece], taken: list[np.ndarray]) -> None:
-    """Moves the device copies of :func:`copy_on_device` to host memory (on the copy threads)."""
+    """Starts moving the device copies of :func:`copy_on_device` to host memory.
+
+    The copy threads move them (each device copy is freed once on the host, however slow
+    the disk): each piece's data becomes a ``Future`` of its host bytes, which its write
+    waits for, so the first writes start while later pieces are still on their way.
+    """
     for p in pieces:
-        p.data.copy_to_host_async()
-    for j in [_chunks.pool("copy").submit(_copy_piece, p, taken) for p in pieces]:
-        j.result()
+        p.data = _chunks.pool("copy").submit(_host_copy, p.data, taken)
 
 
 def snapshot(
@@ -265,9 +275,6 @@ def snapshot(
     """
     skipped = {id(p) for p in skip}
     pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
-    for p in pieces:
-        if isinstance(p.data, jax.Array):
-            p.data.copy_to_host_async()
     cp = _chunks.pool("copy")
     taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
     jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]
@@ -280,19 +287,22 @@ def snapshot(
 
 
 def _copy_piece(p: Piece, taken: list[np.ndarray]) -> None:
-    if isinstance(p.data, jax.Array) and next(iter(p.data.devices())).platform != "cpu":
-        host = np.asarray(p.data)  # a fresh host copy already (not a view of the device)
-        p.data = _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
-        return
-    src = _to_host(p.data, copy=False)
+    p.data = _host_copy(p.data, taken)
+
+
+def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _chunks.Zeros:
+    """A host copy of ``data`` this save owns (a ``Zeros`` marker if its bytes are all zero)."""
+    if isinstance(data, jax.Array) and next(iter(data.devices())).platform != "cpu":
+        host = _device.to_host(data)  # a fresh host copy already
+        return _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
+    src = _to_host(data, copy=False)
     if src.flags.c_contiguous and _chunks.is_zero(src):
-        p.data = _chunks.Zeros(src.shape, src.dtype)
-        return
+        return _chunks.Zeros(src.shape, src.dtype)
     buf = _buffers.take(src.nbytes)
     taken.append(buf)
     dst = buf.view(src.dtype).reshape(src.shape)
     np.copyto(dst, src)
-    p.data = dst
+    return dst
 
 
 def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int) -> None:
@@ -373,6 +383,8 @@ def _host_of(data: Any) -> Any:
     """What ``write_piece`` calls for a piece's host bytes (a ``Zeros`` marker as it is)."""
     if isinstance(data, _chunks.Zeros):
         return lambda: data
+    if isinstance(data, Future):  # a device copy on its way to the host: it may be Zeros
+        return data.result
     return functools.partial(_to_host, data, False)
 
 

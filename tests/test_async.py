@@ -221,7 +221,11 @@ def test_on_an_accelerator_with_room_the_caller_waits_only_for_device_copies(tmp
         fetch(pieces, taken)
 
     monkeypatch.setattr(_write, "fetch", held_back)
-    params = {"w": jnp.full((512, 1024), 1.0, jnp.float32), "b": jnp.full((300_000,), 2.0)}
+    params = {
+        "w": jnp.full((512, 1024), 1.0, jnp.float32),
+        "b": jnp.full((300_000,), 2.0),
+        "z": jnp.zeros((300_000,)),  # found all-zero on its way to the host: not written
+    }
     expected = jax.tree_util.tree_map(np.array, params)
     given = {p.unsafe_buffer_pointer() for p in jax.tree_util.tree_leaves(params)}
 
@@ -235,9 +239,10 @@ def test_on_an_accelerator_with_room_the_caller_waits_only_for_device_copies(tmp
         if fetched:
             break
         threading.Event().wait(0.05)
-    assert len(fetched[0]) == 2 and not given & set(fetched[0]) and not h.done()
+    assert len(fetched[0]) == 3 and not given & set(fetched[0]) and not h.done()
     gate.set()
     _assert_same(jc.restore(h.wait()), expected)
+    assert jc.open(h.path).record("z")["zero_chunks"] == "all"
 
 
 def test_device_copies_need_twice_their_bytes_free():
@@ -255,3 +260,13 @@ def test_device_copies_need_twice_their_bytes_free():
     assert not has_room(Device({"bytes_limit": 100, "bytes_in_use": 61}), 20)
     assert not has_room(Device(None), 1) and not has_room(Device({"bytes_in_use": 0}), 1)
     assert not has_room(jax.devices()[0], 1)  # on the CPU the host copy is the snapshot
+
+
+def test_a_device_array_reaches_the_host_as_a_copy_the_save_owns():
+    from jaxckpt import _device
+
+    x = jnp.arange(1000, dtype=jnp.float32) * 3
+    host = _device.to_host(x)  # through pinned host memory (on the CPU backend too)
+    assert host.ctypes.data != x.unsafe_buffer_pointer()
+    x.delete()
+    np.testing.assert_array_equal(host, np.arange(1000, dtype=np.float32) * 3)
