@@ -295,11 +295,11 @@ def save_async(
     Returns once the snapshot is taken: the caller may then donate, delete or mutate its
     arrays. The snapshot is a host copy, except for arrays on an accelerator with room for
     them twice over: those are copied in the device's own memory, and moved to the host in
-    the background (see docs/speed.md). ``handle.wait()`` blocks until the checkpoint is committed and raises the save's
-    error, if any; an error nobody waited for is raised by the next save. Saves in flight
-    write one at a time, in call order, so they commit in that order. While the snapshots
-    of saves in flight would exceed :func:`async_host_bytes`, this call first waits for older
-    saves to finish.
+    the background (see docs/speed.md). ``handle.wait()`` blocks until the checkpoint is
+    committed and raises the save's error, if any; an error nobody waited for is raised by
+    the next save. Saves in flight write one at a time, in call order, so they commit in
+    that order. While the snapshots of saves in flight would exceed :func:`async_host_bytes`,
+    this call first waits for older saves to finish.
     """
     _raise_earlier_errors()
     with _chunks.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU

@@ -36,12 +36,13 @@ _pools: dict[str, ThreadPoolExecutor] = {}
 def pool(kind: str) -> ThreadPoolExecutor:
     """Shared worker threads (``os`` calls and large copies release the GIL).
 
-    ``"write"`` writes and syncs files, ``"read"`` reads them and ``"copy"`` takes async
-    snapshots: neither a snapshot nor a read (a restore, a manager looking at a checkpoint)
-    queues behind the writes of a save still in flight.
+    ``"write"`` writes and syncs files, ``"read"`` reads them, ``"copy"`` takes async
+    snapshots and ``"fetch"`` moves an async snapshot taken on an accelerator to the host:
+    neither a snapshot nor a read (a restore, a manager looking at a checkpoint) queues
+    behind the writes, or the device-to-host transfers, of a save still in flight.
     """
     if kind not in _pools:
-        n = 4 if kind == "copy" else 8
+        n = 4 if kind in ("copy", "fetch") else 8
         _pools[kind] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"jaxckpt-{kind}")
     return _pools[kind]
 

@@ -222,8 +222,13 @@ class Reader:
                 ]
             size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
-            if all("crc32c" in r for r in recs) and sum(n for _, n in spans) * 8 < len(need) * size:
-                return list(_chunks.pool("read").map(self._read_one_packed, recs))
+            if (
+                all("crc32c" in r for r, (_, n) in zip(recs, spans, strict=True) if n)
+                and sum(n for _, n in spans) * 8 < len(need) * size
+            ):
+                if len(recs) == 1:  # no thread hand-off for a single leaf
+                    return [self._read_one_packed(recs[0], paths[0])]
+                return list(_chunks.pool("read").map(self._read_one_packed, recs, paths))
             runs: list[list[int]] = []
             for k in need:
                 if runs and runs[-1][1] == k:
@@ -254,18 +259,24 @@ class Reader:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
-    def _read_one_packed(self, rec: dict[str, Any]) -> np.ndarray:
-        """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC."""
+    def _read_one_packed(self, rec: dict[str, Any], path: str) -> np.ndarray:
+        """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
+        a failure names the leaf's ``path``."""
         offset, n, size = (int(v) for v in rec["packed"])
         buf = _chunks.aligned_empty([n], np.dtype(np.uint8))
         base = os.path.join(self.path, rec["loc"], "c")
-        for k in range(offset // size, -(-(offset + n) // size)):  # the chunks it spans
-            a, b = max(offset, k * size), min(offset + n, (k + 1) * size)
-            _chunks.read_range_into(
-                os.path.join(base, str(k)), a - k * size, buf[a - offset : b - offset]
-            )
-        if _chunks.crc32c(buf) != rec["crc32c"]:
-            raise _chunks.ChunkError(f"the bytes of this leaf in {base} fail its crc32c checksum")
+        try:
+            for k in range(offset // size, -(-(offset + n) // size)):  # the chunks it spans
+                a, b = max(offset, k * size), min(offset + n, (k + 1) * size)
+                _chunks.read_range_into(
+                    os.path.join(base, str(k)), a - k * size, buf[a - offset : b - offset]
+                )
+            if n and _chunks.crc32c(buf) != rec["crc32c"]:
+                raise _chunks.ChunkError(
+                    f"the bytes of this leaf in {base} fail its crc32c checksum"
+                )
+        except (OSError, _chunks.ChunkError) as e:
+            raise _storage.read_error(self.path, path, e) from e
         return _view(buf, 0, n, rec)
 
     def _read_ts(

@@ -227,16 +227,19 @@ def copy_on_device(arrays: list[Array]) -> list[Piece]:
         for p in a.pieces:
             if isinstance(p.data, jax.Array):
                 by_device.setdefault(next(iter(p.data.devices())), []).append(p)
-    copied = [
+    chosen = [
         p
         for d, ps in by_device.items()
         if _device_has_room(d, sum(p.nbytes for p in ps))
         for p in ps
     ]
-    for p in copied:
-        p.data = jnp.copy(p.data)
-    jax.block_until_ready([p.data for p in copied])
-    return copied
+    try:
+        copies = jax.block_until_ready([jnp.copy(p.data) for p in chosen])
+    except Exception:  # out of device memory after all (another process, say): host snapshot
+        return []
+    for p, c in zip(chosen, copies, strict=True):
+        p.data = c
+    return chosen
 
 
 def _device_has_room(device: Any, nbytes: int) -> bool:
@@ -255,12 +258,13 @@ def _device_has_room(device: Any, nbytes: int) -> bool:
 def fetch(pieces: list[Piece], taken: list[np.ndarray]) -> None:
     """Starts moving the device copies of :func:`copy_on_device` to host memory.
 
-    The copy threads move them (each device copy is freed once on the host, however slow
-    the disk): each piece's data becomes a ``Future`` of its host bytes, which its write
-    waits for, so the first writes start while later pieces are still on their way.
+    The fetch threads move them: each device copy is freed once it is on the host, however
+    slow the disk, and the next snapshot's copy threads never wait behind them. Each piece's
+    data becomes a ``Future`` of its host bytes, which its write waits for, so the first
+    writes start while later pieces are still on their way.
     """
     for p in pieces:
-        p.data = _chunks.pool("copy").submit(_host_copy, p.data, taken)
+        p.data = _chunks.pool("fetch").submit(_host_copy, p.data, taken)
 
 
 def snapshot(

@@ -270,3 +270,23 @@ def test_a_device_array_reaches_the_host_as_a_copy_the_save_owns():
     assert host.ctypes.data != x.unsafe_buffer_pointer()
     x.delete()
     np.testing.assert_array_equal(host, np.arange(1000, dtype=np.float32) * 3)
+
+
+def test_a_device_copy_that_fails_falls_back_to_the_host_snapshot(tmp_path, monkeypatch):
+    """Out of device memory after all: the call still snapshots, on the host."""
+    import types
+
+    def no_room(x):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(_write, "_device_has_room", lambda device, nbytes: True)
+    monkeypatch.setattr(_write, "jnp", types.SimpleNamespace(copy=no_room))
+    params = {"w": jnp.full((512, 1024), 1.0, jnp.float32)}
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(p):
+        return jax.tree_util.tree_map(lambda x: x * 0 - 1, p)
+
+    h = jc.save_async(tmp_path / "c", params)
+    params = step(params)
+    _assert_same(jc.restore(h.wait()), {"w": np.full((512, 1024), 1.0, np.float32)})

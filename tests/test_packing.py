@@ -128,18 +128,23 @@ def test_partial_restore_reads_only_the_chunks_asked_for(tmp_path, monkeypatch):
 def test_one_packed_leaf_is_read_alone_and_checked_against_its_own_crc(tmp_path, monkeypatch):
     monkeypatch.setattr(_write, "PACK_CHUNK", 4096)
     tree = {f"k{i}": np.arange(100, dtype=np.float32) + i for i in range(40)}  # 400 B each
+    tree["empty"] = np.zeros(0, np.float32)  # no bytes, no crc32c
     path = jc.save(tmp_path / "ckpt", tree)
     recs = _leaf_records(path)
+    assert "crc32c" not in recs.pop("empty")
     assert all(r["crc32c"] == google_crc32c.value(tree[n].tobytes()) for n, r in recs.items())
     straddler = next(
         n for n, r in recs.items() if r["packed"][0] // 4096 != (sum(r["packed"][:2]) - 1) // 4096
     )
-    with monkeypatch.context() as m:  # one leaf: only its bytes are read, no whole chunk
+    with monkeypatch.context() as m:  # a few leaves: only their bytes are read, no whole chunk
         m.setattr(_chunks, "read_chunk_into", lambda *a: pytest.fail("read a whole chunk"))
         for name in ("k3", straddler):
             np.testing.assert_array_equal(jc.open(path)[name], tree[name])
             got = jc.restore(path, {name: np.zeros(100, np.float32)}, partial=True)
             np.testing.assert_array_equal(got[name], tree[name])
+        want = {"k3": np.zeros(100, np.float32), "empty": np.zeros(0, np.float32)}
+        got = jc.restore(path, want, partial=True)
+        assert got["k3"].tolist() == tree["k3"].tolist() and got["empty"].shape == (0,)
     offset = recs["k3"]["packed"][0]
     chunk = os.path.join(path, "~pack/0/c", str(offset // 4096))
     data = bytearray(open(chunk, "rb").read())
@@ -147,6 +152,9 @@ def test_one_packed_leaf_is_read_alone_and_checked_against_its_own_crc(tmp_path,
     open(chunk, "wb").write(bytes(data))
     with pytest.raises(jc.CorruptCheckpointError, match=r"Reading the array 'k3' .* crc32c"):
         jc.open(path)["k3"]
+    several = {n: np.zeros(100, np.float32) for n in ("k12", "k3", "k5")}  # 3 chunks
+    with pytest.raises(jc.CorruptCheckpointError, match=r"Reading the array 'k3' .* crc32c"):
+        jc.restore(path, several, partial=True)  # the damaged leaf named, not its pack
     np.testing.assert_array_equal(jc.open(path)["k4"], tree["k4"])  # same chunk, intact leaf
     with pytest.raises(jc.CorruptCheckpointError, match="crc32c"):
         jc.restore(path)  # whole chunks: the chunk's own checksum
