@@ -628,27 +628,13 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
         "s",
     )
     # W3 (a GPU): the aims, from Orbax 0.12.4 on an H200, and Orbax in the same run.
-    w3_block = m("W3", "async_block", "orbax")
-    check(
-        "W3 async block <= 0.19 s and <= Orbax",
-        m("W3", "async_block", "jaxckpt"),
-        None if w3_block is None else min(0.19, w3_block),
-        "s",
-    )
-    w3_total = m("W3", "async_total", "orbax")
-    check(
-        "W3 async save, durable <= 4.0 s and <= Orbax",
-        m("W3", "async_total", "jaxckpt"),
-        None if w3_total is None else min(4.0, w3_total),
-        "s",
-    )
-    w3_restore = m("W3", "restore_warm", "orbax")
-    check(
-        "W3 restore to the device <= 1.0 s and <= Orbax",
-        m("W3", "restore_warm", "jaxckpt"),
-        None if w3_restore is None else min(1.0, w3_restore),
-        "s",
-    )
+    for desc, op, aim in (
+        ("W3 async block <= 0.19 s and <= Orbax", "async_block", 0.19),
+        ("W3 async save, durable <= 4.0 s and <= Orbax", "async_total", 4.0),
+        ("W3 restore to the device <= 1.0 s and <= Orbax", "restore_warm", 1.0),
+    ):
+        peer = m("W3", op, "orbax")
+        check(desc, m("W3", op, "jaxckpt"), None if peer is None else min(aim, peer), "s")
     return [c for c in out if c[0].split()[0] in res.notes]  # the workloads run
 
 

@@ -176,7 +176,12 @@ class Reader:
             else:
                 rest.append(i)
         io = _chunks.pool("read")
-        jobs = {i: io.submit(self._read_direct, recs[i], i, then) for i in direct}
+
+        def read_direct(i: int) -> Any:
+            arr = self._read_direct(recs[i])
+            return arr if then is None else then(i, arr)
+
+        jobs = {i: io.submit(read_direct, i) for i in direct}
         for loc, idx in packed.items():
             leaves = self._read_packed(loc, [recs[i] for i in idx], [requests[i][0] for i in idx])
             for i, arr in zip(idx, leaves, strict=True):
@@ -193,15 +198,12 @@ class Reader:
                 raise _storage.read_error(self.path, requests[i][0], e) from e
         return out  # type: ignore[return-value]
 
-    def _read_direct(
-        self, rec: dict[str, Any], i: int, then: Callable[[int, np.ndarray], Any] | None
-    ) -> Any:
+    def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
             self.path, rec["loc"], rec["shape"], rec["chunks"], stored, rec.get("zero_chunks")
         )
-        arr = arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
-        return arr if then is None else then(i, arr)
+        return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
 
     def _read_packed(
         self, loc: str, recs: list[dict[str, Any]], paths: list[str]

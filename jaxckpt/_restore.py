@@ -96,7 +96,7 @@ def restore(
         plans.append((shards, slots))
         sharding = _sharding(x)
         if sharding is not None and len(sharding.device_set) == 1 and "key" not in rec:
-            to_device[len(requests) - 1] = (np.dtype(x.dtype), sharding)
+            to_device[slots[None]] = (np.dtype(x.dtype), sharding)
 
     def put(i: int, host: np.ndarray) -> Any:  # on the I/O thread that read it
         if i not in to_device:
@@ -122,18 +122,18 @@ def restore(
             )
         else:
             shards, slots = plan
-            pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
-            sharding = _sharding(x)
-            single = sharding is not None and len(sharding.device_set) == 1
-            got = next(iter(pieces.values()))
-            if isinstance(got, jax.Array):  # put on its device as soon as it was read
+            whole = slots.get(None)  # a whole array for one device: read via ``put``
+            if whole in to_device:
+                got = arrays[whole]
+                if isinstance(got, np.ndarray):
+                    # Not put as it was read (a packed leaf, say): one device_put for all such
+                    # leaves, as per-call overhead dominates.
+                    dtype, sharding = to_device[whole]
+                    batch.append((len(leaves), got.astype(dtype, copy=False), sharding))
+                    got = None
                 leaves.append(got)
-            elif single and len(pieces) == 1 and "key" not in rec:
-                # One device_put for the other single-device leaves (packed ones): per-call
-                # overhead dominates.
-                batch.append((len(leaves), got.astype(np.dtype(x.dtype), copy=False), sharding))
-                leaves.append(None)
             else:
+                pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
                 leaves.append(_assemble(x, rec, pieces))
     if batch:
         placed = _device.put_many([b[1] for b in batch], [b[2] for b in batch])

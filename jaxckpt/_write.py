@@ -192,6 +192,11 @@ def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -
     return files
 
 
+def _on_accelerator(data: Any) -> bool:
+    """Whether ``data`` is a ``jax.Array`` outside host memory (its host copy is fresh)."""
+    return isinstance(data, jax.Array) and next(iter(data.devices())).platform != "cpu"
+
+
 def _to_host(data: Any, copy: bool) -> np.ndarray:
     if isinstance(data, Future):  # a device copy on its way to the host (fetch)
         data = data.result()
@@ -199,7 +204,7 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
         return data.array()
     if isinstance(data, np.ndarray):
         return np.array(data, copy=True) if copy else data
-    if isinstance(data, jax.Array) and next(iter(data.devices())).platform != "cpu":
+    if _on_accelerator(data):
         return _device.to_host(data)  # a fresh host copy already
     arr = np.asarray(data)
     # On the CPU backend np.asarray may alias the device buffer: a snapshot must own its bytes.
@@ -296,7 +301,7 @@ def _copy_piece(p: Piece, taken: list[np.ndarray]) -> None:
 
 def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _chunks.Zeros:
     """A host copy of ``data`` this save owns (a ``Zeros`` marker if its bytes are all zero)."""
-    if isinstance(data, jax.Array) and next(iter(data.devices())).platform != "cpu":
+    if _on_accelerator(data):
         host = _device.to_host(data)  # a fresh host copy already
         return _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
     src = _to_host(data, copy=False)
