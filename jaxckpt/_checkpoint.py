@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _buffers, _chunks, _metadata, _multihost, _split, _storage, _write
+from . import _buffers, _chunks, _metadata, _multihost, _snapshot, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError
 
 PyTree = Any
@@ -161,7 +161,7 @@ class SaveHandle:
 
     def _run(self, save: _Save, held: int, on_device: list[_write.Piece]) -> None:
         try:
-            _write.fetch(on_device, save.buffers)  # under way before any earlier save ends
+            _snapshot.fetch(on_device, save.buffers)  # under way before any earlier save ends
             on_device.clear()
             if self._after is not None:  # writes go one save at a time, in call order
                 self._after._thread.join()
@@ -304,16 +304,16 @@ def save_async(
     _raise_earlier_errors()
     with _chunks.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
         s = _prepare(path, tree, extra_attributes(step, metrics))
-    held = _write.snapshot_bytes(s.arrays, s.packs)
+    held = _snapshot.snapshot_bytes(s.arrays, s.packs)
     _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
         with _chunks.writes_paused():
-            on_device = _write.copy_on_device(s.arrays)
-            s.buffers = _write.snapshot(s.arrays, s.packs, skip=on_device)
+            on_device = _snapshot.copy_on_device(s.arrays)
+            s.buffers = _snapshot.snapshot(s.arrays, s.packs, skip=on_device)
     except BaseException:
         _release(held)
         raise
-    kept = _write.snapshot_bytes(s.arrays, s.packs)
+    kept = _snapshot.snapshot_bytes(s.arrays, s.packs)
     _release(held - kept)
     h = SaveHandle(s, kept, on_device)
     _unfinished.add(h)

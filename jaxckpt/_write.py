@@ -1,9 +1,9 @@
-"""Planning and writing a tree's arrays: pieces, packs of small leaves, snapshots, chunk writes.
+"""Planning and writing a tree's arrays: pieces, packs of small leaves, chunk writes.
 
 ``plan`` walks the tree once into a structure record, the arrays (each with the pieces this
-process writes) and the packs of small leaves; ``snapshot`` copies them into host memory an
-async save owns; ``write_arrays`` writes them, directly as zarr chunk files on a local disk
-and through TensorStore elsewhere.
+process writes) and the packs of small leaves; an async save snapshots them first
+(:mod:`jaxckpt._snapshot`); ``write_arrays`` writes them, directly as zarr chunk files on a
+local disk and through TensorStore elsewhere.
 
 A single-process save to a local disk leaves all-zero chunks unwritten and lists them in the
 leaf record (``"zero_chunks"``); an async snapshot keeps an all-zero piece as a
@@ -18,12 +18,10 @@ import functools
 import math
 import os
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from . import _buffers, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
@@ -209,109 +207,6 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
     arr = np.asarray(data)
     # On the CPU backend np.asarray may alias the device buffer: a snapshot must own its bytes.
     return np.array(arr, copy=True) if copy and not arr.flags.owndata else arr
-
-
-def snapshot_bytes(arrays: list[Array], packs: list[Pack]) -> int:
-    """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none)."""
-    return sum(
-        p.nbytes for a in arrays for p in a.pieces if not isinstance(p.data, _chunks.Zeros)
-    ) + sum(k.n_chunks * PACK_CHUNK for k in packs)
-
-
-def copy_on_device(arrays: list[Array]) -> list[Piece]:
-    """Copies the pieces held on an accelerator within its own memory, where it has room.
-
-    The caller of an async save then waits for device-to-device copies (memory bandwidth,
-    milliseconds for gigabytes), not for the transfer to the host; :func:`fetch` moves the
-    copies to the host in the background, which frees them. A device whose free memory is
-    under twice its pieces' bytes (or that reports none, like the CPU) is left to
-    :func:`snapshot`. Returns the pieces copied.
-    """
-    by_device: dict[Any, list[Piece]] = {}
-    for a in arrays:
-        for p in a.pieces:
-            if isinstance(p.data, jax.Array):
-                by_device.setdefault(next(iter(p.data.devices())), []).append(p)
-    chosen = [
-        p
-        for d, ps in by_device.items()
-        if _device_has_room(d, sum(p.nbytes for p in ps))
-        for p in ps
-    ]
-    try:
-        copies = jax.block_until_ready([jnp.copy(p.data) for p in chosen])
-    except Exception:  # out of device memory after all (another process, say): host snapshot
-        return []
-    for p, c in zip(chosen, copies, strict=True):
-        p.data = c
-    return chosen
-
-
-def _device_has_room(device: Any, nbytes: int) -> bool:
-    """Whether ``device`` is an accelerator with ``2 * nbytes`` of free memory."""
-    if device.platform == "cpu":
-        return False  # a copy on the CPU is the host copy itself
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # a backend without memory statistics
-        return False
-    if "bytes_limit" not in stats:
-        return False
-    return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-
-
-def fetch(pieces: list[Piece], taken: list[np.ndarray]) -> None:
-    """Starts moving the device copies of :func:`copy_on_device` to host memory.
-
-    The fetch threads move them: each device copy is freed once it is on the host, however
-    slow the disk, and the next snapshot's copy threads never wait behind them. Each piece's
-    data becomes a ``Future`` of its host bytes, which its write waits for, so the first
-    writes start while later pieces are still on their way.
-    """
-    for p in pieces:
-        p.data = _chunks.pool("fetch").submit(_host_copy, p.data, taken)
-
-
-def snapshot(
-    arrays: list[Array], packs: list[Pack], skip: Sequence[Piece] = ()
-) -> list[np.ndarray]:
-    """Copies every piece but ``skip`` to host memory that this save owns (donation-safe).
-
-    The copies run on the copy threads (NumPy releases the GIL while copying), into buffers
-    from :mod:`jaxckpt._buffers`, which are returned (the caller gives them back once the
-    save is done); small leaves are copied straight into the chunks of their pack. A piece
-    whose bytes are all zero is not copied: a :class:`_chunks.Zeros` marker takes its place.
-    """
-    skipped = {id(p) for p in skip}
-    pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
-    cp = _chunks.pool("copy")
-    taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
-    jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]
-    for k in packs:
-        k.chunks = list(cp.map(functools.partial(k.chunk, taken=taken), range(k.n_chunks)))
-        k.leaves = []
-    for j in jobs:
-        j.result()
-    return taken
-
-
-def _copy_piece(p: Piece, taken: list[np.ndarray]) -> None:
-    p.data = _host_copy(p.data, taken)
-
-
-def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _chunks.Zeros:
-    """A host copy of ``data`` this save owns (a ``Zeros`` marker if its bytes are all zero)."""
-    if _on_accelerator(data):
-        host = _device.to_host(data)  # a fresh host copy already
-        return _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
-    src = _to_host(data, copy=False)
-    if src.flags.c_contiguous and _chunks.is_zero(src):
-        return _chunks.Zeros(src.shape, src.dtype)
-    buf = _buffers.take(src.nbytes)
-    taken.append(buf)
-    dst = buf.view(src.dtype).reshape(src.shape)
-    np.copyto(dst, src)
-    return dst
 
 
 def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int) -> None:

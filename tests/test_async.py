@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _chunks, _write
+from jaxckpt import _checkpoint, _chunks, _snapshot, _write
 
 
 def _tree():
@@ -85,7 +85,7 @@ def test_background_error_nobody_waited_for_is_raised_by_the_next_save(tmp_path)
 
 def test_async_host_memory_is_bounded(tmp_path, monkeypatch):
     tree = {"x": np.ones((1024, 1024), np.float32), "s": np.ones(10, np.float32)}  # ~5 MiB
-    size = _write.snapshot_bytes(*_write.plan(tree)[1:])
+    size = _snapshot.snapshot_bytes(*_write.plan(tree)[1:])
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(size + size // 2))
     assert _checkpoint.async_host_bytes() == size + size // 2
     handles = []
@@ -180,9 +180,9 @@ def test_file_writes_wait_while_a_snapshot_is_taken(tmp_path, monkeypatch):
         assert not done.wait(0.3) and os.path.getsize(path) == 0
     assert done.wait(30) and open(path, "rb").read() == b"abc"
     seen = []
-    snapshot = _write.snapshot
+    snapshot = _snapshot.snapshot
     monkeypatch.setattr(
-        _write, "snapshot", lambda *a, **k: seen.append(_chunks._snapshots) or snapshot(*a, **k)
+        _snapshot, "snapshot", lambda *a, **k: seen.append(_chunks._snapshots) or snapshot(*a, **k)
     )
     jc.save_async(tmp_path / "c", _packed_tree(1)).wait()
     assert seen == [1] and _chunks._snapshots == 0
@@ -212,15 +212,15 @@ def test_a_restore_does_not_queue_behind_a_save_in_flight(tmp_path, monkeypatch)
 
 def test_on_an_accelerator_with_room_the_caller_waits_only_for_device_copies(tmp_path, monkeypatch):
     """Arrays on an accelerator are copied in its memory; their host transfer runs later."""
-    monkeypatch.setattr(_write, "_device_has_room", lambda device, nbytes: True)  # the CPU: no
-    gate, fetch, fetched = threading.Event(), _write.fetch, []
+    monkeypatch.setattr(_snapshot, "_device_has_room", lambda device, nbytes: True)  # the CPU: no
+    gate, fetch, fetched = threading.Event(), _snapshot.fetch, []
 
     def held_back(pieces, taken):
         fetched.append([p.data.unsafe_buffer_pointer() for p in pieces])
         assert gate.wait(60)
         fetch(pieces, taken)
 
-    monkeypatch.setattr(_write, "fetch", held_back)
+    monkeypatch.setattr(_snapshot, "fetch", held_back)
     params = {
         "w": jnp.full((512, 1024), 1.0, jnp.float32),
         "b": jnp.full((300_000,), 2.0),
@@ -255,7 +255,7 @@ def test_device_copies_need_twice_their_bytes_free():
         def memory_stats(self):
             return self.stats
 
-    has_room = _write._device_has_room
+    has_room = _snapshot._device_has_room
     assert has_room(Device({"bytes_limit": 100, "bytes_in_use": 60}), 20)
     assert not has_room(Device({"bytes_limit": 100, "bytes_in_use": 61}), 20)
     assert not has_room(Device(None), 1) and not has_room(Device({"bytes_in_use": 0}), 1)
@@ -279,8 +279,8 @@ def test_a_device_copy_that_fails_falls_back_to_the_host_snapshot(tmp_path, monk
     def no_room(x):
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
 
-    monkeypatch.setattr(_write, "_device_has_room", lambda device, nbytes: True)
-    monkeypatch.setattr(_write, "jnp", types.SimpleNamespace(copy=no_room))
+    monkeypatch.setattr(_snapshot, "_device_has_room", lambda device, nbytes: True)
+    monkeypatch.setattr(_snapshot, "jnp", types.SimpleNamespace(copy=no_room))
     params = {"w": jnp.full((512, 1024), 1.0, jnp.float32)}
 
     @functools.partial(jax.jit, donate_argnums=0)

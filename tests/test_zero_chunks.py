@@ -23,7 +23,7 @@ from core_helpers import assert_tree_equal, files_under
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _scan, _write
+from jaxckpt import _chunks, _scan, _snapshot, _write
 from jaxckpt.cli import main
 
 P = PartitionSpec
@@ -193,11 +193,11 @@ def test_async_snapshot_keeps_no_copy_of_a_zero_piece_and_is_donation_safe(tmp_p
     expected = jax.tree_util.tree_map(np.array, tree)
 
     _, arrays, packs = _write.plan(tree)
-    full = _write.snapshot_bytes(arrays, packs)
-    _write.snapshot(arrays, packs)
+    full = _snapshot.snapshot_bytes(arrays, packs)
+    _snapshot.snapshot(arrays, packs)
     kept = [p for a in arrays for p in a.pieces if not isinstance(p.data, _chunks.Zeros)]
     assert len(kept) == 2  # the shard with a 1 and the int8 range: nothing else is copied
-    assert _write.snapshot_bytes(arrays, packs) == 64 + 10 < full
+    assert _snapshot.snapshot_bytes(arrays, packs) == 64 + 10 < full
 
     @functools.partial(jax.jit, donate_argnums=0)
     def step(p):
