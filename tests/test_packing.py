@@ -1,7 +1,10 @@
 """Small leaves packed into shared zarr arrays; large ones written chunk file by chunk file."""
 
+import gc
 import json
 import os
+import threading
+import time
 
 import google_crc32c
 import jax
@@ -12,7 +15,7 @@ import tensorstore as ts
 import zarr
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _write
+from jaxckpt import _chunks, _metadata, _write
 
 
 @pytest.fixture(autouse=True)
@@ -262,3 +265,56 @@ def test_small_trees_keep_a_zarr_array_per_leaf_and_many_small_leaves_are_packed
     assert out.keys() == many.keys()
     for k in many:
         np.testing.assert_array_equal(out[k], many[k])
+
+
+def test_a_synchronous_save_builds_few_pack_chunks_ahead_of_the_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(_write, "PACK_CHUNK", 256)
+    monkeypatch.setattr(_write, "PACK_FLIGHT", 4 * 256)
+    built, written, ahead, lock = [0], [0], [], threading.Lock()
+    chunk, write_chunk = _write.Pack.chunk, _chunks.write_chunk
+
+    def counting_chunk(self, k, taken=None):
+        built[0] += 1
+        ahead.append(built[0] - written[0])
+        return chunk(self, k, taken)
+
+    def slow_write_chunk(path, data):
+        time.sleep(0.002)  # a slow disk: the builder would run far ahead if it were not held
+        write_chunk(path, data)
+        with lock:
+            written[0] += 1
+
+    monkeypatch.setattr(_write.Pack, "chunk", counting_chunk)
+    monkeypatch.setattr(_chunks, "write_chunk", slow_write_chunk)
+    tree = {f"k{i}": np.full(60, i, np.float32) for i in range(100)}  # 240 B each: ~100 chunks
+    path = jc.save(tmp_path / "ckpt", tree)
+    assert built[0] >= 90 and written[0] == built[0]
+    assert max(ahead) <= 4 + 1  # PACK_FLIGHT / PACK_CHUNK chunks in flight, and the one built
+    _assert_same(jc.restore(path), tree)
+
+
+def test_planning_pauses_the_garbage_collector_and_restores_it(tmp_path):
+    seen = []
+    tree = {"a": np.zeros(3), "b": {"c": np.ones(2)}}
+
+    def record(path, x):
+        seen.append(gc.isenabled())
+        return {"t": "array"}
+
+    assert gc.isenabled()
+    _metadata.describe(tree, record)
+    assert seen == [False, False] and gc.isenabled()
+
+    def broken(path, x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        _metadata.describe(tree, broken)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _metadata.describe(tree, record)
+        assert not gc.isenabled()  # a caller's own pause is left alone
+    finally:
+        gc.enable()
+    _assert_same(jc.restore(jc.save(tmp_path / "ckpt", tree)), tree)
