@@ -152,17 +152,11 @@ def write_file(path: str, parts: Iterable[Any]) -> None:
     """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        n = 0
         for part in parts:
             mv = memoryview(part).cast("B")
-            n += mv.nbytes
             while mv:
                 _after_snapshots()
                 mv = mv[os.write(fd, mv[:WRITE_STEP]) :]
-        if n >= EARLY_WRITEBACK and _sync_file_range is not None:
-            # The disk works while the rest of the save is written, and the final sync
-            # (make_durable) has less left to wait for. Only a hint: errors are ignored.
-            _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
     finally:
         os.close(fd)
 
@@ -218,12 +212,6 @@ def _libc(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
 
 
 _syncfs = _libc("syncfs", [ctypes.c_int])
-# Linux: start writing a file's dirty pages to disk now, without waiting for them.
-_sync_file_range = _libc(
-    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-)
-SYNC_FILE_RANGE_WRITE = 2
-EARLY_WRITEBACK = 1 << 20  # files this big start on their way to the disk as soon as written
 
 
 def chunk_key(coords: Sequence[int]) -> str:
