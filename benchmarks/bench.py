@@ -392,9 +392,7 @@ def run_workload(
     for rep in range(args.repeats):
         for tool in tools:
             path = os.path.join(base, f"{tool.name}-{rep}")
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.exists(path):
-                os.remove(path)
+            remove(path)
             os.makedirs(base, exist_ok=True)
             drop_caches()
             dt, _ = timed(tool.save, path, tree)
@@ -445,14 +443,19 @@ class Scratch:
 
     def flush(self) -> None:
         for path in self.pending:
-            shutil.rmtree(path, ignore_errors=True)
-            if os.path.isfile(path):
-                os.remove(path)
+            remove(path)
         self.pending.clear()
 
 
+def remove(path: str) -> None:
+    """Removes a checkpoint: a directory, or a file (Flax msgpack)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
 def memory_use(wl: str, tree: Any, tools: list[Tool], res: Results, base: str) -> None:
-    """Peak extra host RAM of one save and one warm restore per tool, untimed and after every
+    """Peak extra host RAM of one save and one restore per tool, untimed and after every
     timed run: measuring it returns freed memory to the OS (malloc_trim), which this VM then
     charges for again at the next touch."""
     size = sum(x.nbytes for x in jax.tree_util.tree_leaves(tree))
@@ -466,9 +469,7 @@ def memory_use(wl: str, tree: Any, tools: list[Tool], res: Results, base: str) -
                 out = tool.restore(path, tree)
             del out
             res.add(wl, "restore_extra_ram_x", tool.name, mem.extra / size)
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.isfile(path):
-            os.remove(path)
+        remove(path)
 
 
 def async_and_manager(

@@ -202,16 +202,16 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _libc(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+def _find_syncfs() -> Callable[[int], int] | None:
     try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (AttributeError, OSError):
         return None
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn
 
 
-_syncfs = _libc("syncfs", [ctypes.c_int])
+_syncfs = _find_syncfs()
 
 
 def chunk_key(coords: Sequence[int]) -> str:

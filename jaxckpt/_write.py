@@ -252,6 +252,16 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
         elif result:
             zeros.setdefault(id(owner), []).extend(result)
 
+    def queue(job: Future[Any], cost: int, owner: Array | str, bound: int) -> None:
+        """Adds a write costing ``cost`` bytes in flight; waits for the oldest past ``bound``."""
+        nonlocal held
+        jobs.append((job, cost, owner))
+        held += cost
+        while held > bound and jobs:
+            done, n, first = jobs.popleft()
+            settle(first, _wrap_os(root, first, done.result))
+            held -= n
+
     for a in arrays:
         m = a.meta
         for p in a.pieces:
@@ -269,24 +279,14 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
                 skip_zeros,
             )
             cost = 0 if isinstance(p.data, (np.ndarray, _chunks.Zeros)) else p.nbytes
-            jobs.append((job, cost, a))
-            held += cost
-            while held > budget and jobs:
-                done, n, owner = jobs.popleft()
-                settle(owner, _wrap_os(root, owner, done.result))
-                held -= n
+            queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
         d = os.path.join(root, k.loc, "c")
         _wrap_os(root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
         for i in range(k.n_chunks):
             job = io.submit(_chunks.write_chunk, os.path.join(d, str(i)), k.chunk(i))
             cost = 0 if k.chunks is not None else PACK_CHUNK
-            jobs.append((job, cost, k.loc))
-            held += cost
-            while held > min(budget, PACK_FLIGHT) and jobs:
-                done, n, owner = jobs.popleft()
-                settle(owner, _wrap_os(root, owner, done.result))
-                held -= n
+            queue(job, cost, k.loc, min(budget, PACK_FLIGHT))
     try:
         for done, _, owner in jobs:
             settle(owner, _wrap_os(root, owner, done.result))
