@@ -121,16 +121,23 @@ def pick(tree: Any, keypath: tuple[Any, ...]) -> Any:
 DROP = True  # --no-drop turns it off (the smoke test: other tests run beside it)
 
 
-def drop_caches() -> bool:
+def drop_caches(warm: str | None = None) -> bool:
+    """Empties the page cache (and the kernel's directory and inode caches), then looks up
+    ``warm`` again: the directory holding the checkpoints. A cold restore then reads each
+    checkpoint's own directories and files from the disk, but not the path down to them, whose
+    cold lookups (about 1 ms per level here) would make a figure depend on how deep ``--dir``
+    lies (W2's partial restore: 6-7 ms with it looked up, 10 ms without)."""
     if not DROP:
         return False
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
     except OSError:
         return False
+    if warm is not None:
+        os.stat(warm)
+    return True
 
 
 def fsync_tree(path: str) -> None:
@@ -390,11 +397,13 @@ def run_workload(
     base = os.path.join(args.dir, wl)
     scratch = Scratch(keep_all=size * 30 * args.repeats < shutil.disk_usage(args.dir).free // 2)
     for rep in range(args.repeats):
+        if DROP:  # a real disk being measured, not the smoke test
+            settle()
         for tool in tools:
             path = os.path.join(base, f"{tool.name}-{rep}")
             remove(path)
             os.makedirs(base, exist_ok=True)
-            drop_caches()
+            drop_caches(base)
             dt, _ = timed(tool.save, path, tree)
             res.add(wl, "save", tool.name, dt)
             res.add(wl, "files", tool.name, file_count(path))
@@ -403,11 +412,11 @@ def run_workload(
                 dt, out = timed(tool.restore, path, tree)
                 del out
                 res.add(wl, "restore_warm", tool.name, dt)
-                drop_caches()
+                drop_caches(base)
                 dt, out = timed(tool.restore, path, tree)
                 del out
                 res.add(wl, "restore_cold", tool.name, dt)
-                drop_caches()
+                drop_caches(base)
                 dt, out = timed(tool.partial, path, tree, keypath, leaf)
                 np.testing.assert_array_equal(np.asarray(out), np.asarray(leaf))
                 del out
@@ -432,7 +441,8 @@ class Scratch:
     creating a file scans past every inode deleted in the last 60 s (360 s while its inode
     table block is dirty), so deleting one tool's checkpoint just before the next tool saves
     charges the next tool for it: 1,100 empty files took 0.4 s to create on a quiet disk and
-    2-5 s after deletes (perf: ``recently_deleted`` in ``ext4_create``/``ext4_mkdir``)."""
+    2-5 s after deletes (perf: ``recently_deleted`` in ``ext4_create``/``ext4_mkdir``). Each
+    repeat then starts once the deletions are a minute old (:func:`settle`)."""
 
     def __init__(self, keep_all: bool):
         self.keep_all = keep_all
@@ -449,9 +459,27 @@ class Scratch:
 
 def remove(path: str) -> None:
     """Removes a checkpoint: a directory, or a file (Flax msgpack)."""
+    global LAST_DELETE
+    if os.path.lexists(path):
+        LAST_DELETE = time.monotonic()
     shutil.rmtree(path, ignore_errors=True)
     if os.path.isfile(path):
         os.remove(path)
+
+
+LAST_DELETE = -1e9  # when remove() last deleted something (time.monotonic())
+RECENT = 61.0  # s: ext4 without a journal skips inodes deleted this recently (60 s, clean)
+
+
+def settle() -> None:
+    """Waits until no deleted inode is recent to ext4 (see ``Scratch``), so that no tool's save
+    is charged for the deletions of the checkpoints before it. After a ``sync`` the inode
+    table is clean and ext4's window is 60 s (360 s while dirty)."""
+    left = LAST_DELETE + RECENT - time.monotonic()
+    if left > 0:
+        os.sync()
+        print(f"  (waiting {left:.0f} s after deleting checkpoints)", flush=True)
+        time.sleep(left)
 
 
 def memory_use(wl: str, tree: Any, tools: list[Tool], res: Results, base: str) -> None:

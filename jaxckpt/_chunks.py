@@ -44,7 +44,9 @@ def pool(kind: str) -> ThreadPoolExecutor:
     ``"write"`` writes and syncs files, ``"read"`` reads them, ``"copy"`` takes async
     snapshots and ``"fetch"`` moves an async snapshot taken on an accelerator to the host:
     neither a snapshot nor a read (a restore, a manager looking at a checkpoint) queues
-    behind the writes, or the device-to-host transfers, of a save still in flight.
+    behind the writes, or the device-to-host transfers, of a save still in flight. ``"save"``
+    runs each async save's background work, one worker per save in flight (more wait in
+    call order, as they would behind the writes of the saves before them anyway).
     """
     if kind not in _pools:
         n = 4 if kind in ("copy", "fetch") else 8
@@ -183,9 +185,13 @@ def write_chunk(path: str, data: np.ndarray) -> None:
     write_file(path, parts())
 
 
+def json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_file(path, [json.dumps(obj, separators=(",", ":")).encode()])
+    write_file(path, [json_bytes(obj)])
 
 
 def make_durable(root: str) -> None:

@@ -318,10 +318,21 @@ def _zero_list(meta: dict[str, Any], coords: list[tuple[int, ...]]) -> str | lis
 
 
 def write_json_files(root: str, files: dict[str, Any]) -> None:
-    """The metadata files: written by the I/O threads on a local disk, else by TensorStore."""
+    """The metadata files: written on this thread on a local disk, else by TensorStore.
+
+    One thread, the directories first: W2's 1,101 group files (and their directories) took
+    0.22 s so and 0.77 s from the eight I/O threads, which contend for the directories' and
+    the file system's locks (and the GIL) more than they overlap.
+    """
     if _storage.is_local(root):
-        write = lambda kv: _chunks.write_json(os.path.join(root, kv[0]), kv[1])  # noqa: E731
-        _wrap_os(root, "", lambda: list(_chunks.pool("write").map(write, files.items())))
+
+        def write() -> None:
+            for d in sorted({os.path.dirname(k) for k in files} - {""}):
+                os.makedirs(os.path.join(root, d), exist_ok=True)
+            for k, obj in files.items():
+                _chunks.write_file(os.path.join(root, k), [_chunks.json_bytes(obj)])
+
+        _wrap_os(root, "", write)
         return
     kv = _storage.open_kv(root)
     for f in _storage.write_json_files(kv, files):
