@@ -318,7 +318,7 @@ def crc32c(raw: np.ndarray, crc: int = 0) -> int:
     library called through ``ctypes`` runs without the GIL; small buffers, where the call's
     own cost dominates, stay with the extension.
     """
-    if raw.size >= GIL_FREE_CRC and _crc32c_extend is not None:
+    if raw.size >= GIL_FREE_CRC and _crc32c_extend is not None and raw.flags.c_contiguous:
         return int(_crc32c_extend(crc, raw.ctypes.data, raw.size))
     return google_crc32c.extend(crc, raw) if raw.size else crc
 
