@@ -309,6 +309,9 @@ def write_piece(
 # ---------------------------------------------------------------------------- reading
 
 
+GIL_FREE_CRC = 64 << 10  # bytes from which a checksum is taken without the GIL
+
+
 def crc32c(raw: np.ndarray, crc: int = 0) -> int:
     """The CRC-32C of ``raw`` (uint8), extending ``crc``: what a chunk file ends with, and a
     packed leaf's record holds.
@@ -321,9 +324,6 @@ def crc32c(raw: np.ndarray, crc: int = 0) -> int:
     if raw.size >= GIL_FREE_CRC and _crc32c_extend is not None and raw.flags.c_contiguous:
         return int(_crc32c_extend(crc, raw.ctypes.data, raw.size))
     return google_crc32c.extend(crc, raw) if raw.size else crc
-
-
-GIL_FREE_CRC = 64 << 10  # bytes from which a checksum is taken without the GIL
 
 
 def _find_crc32c_extend() -> Callable[[int, int, int], int] | None:
@@ -364,9 +364,9 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
         size = os.fstat(fd).st_size
         if size != raw.size + 4:
             raise ChunkError(f"the chunk file {path} has {size} bytes, expected {raw.size + 4}")
-        crc, lo, mv = 0, 0, memoryview(raw)  # type: ignore[arg-type]
+        crc, lo = 0, 0
         while lo < raw.size:
-            n = os.readv(fd, [mv[lo : lo + STEP]])
+            n = os.readv(fd, [raw[lo : lo + STEP]])  # type: ignore[list-item]
             if n == 0:
                 raise ChunkError(f"the chunk file {path} ended early")
             crc = crc32c(raw[lo : lo + n], crc)  # while the bytes are in the CPU cache
