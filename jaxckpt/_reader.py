@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks, _metadata, _paths, _split, _storage
+from . import _checksum, _chunks, _metadata, _paths, _split, _storage
 from ._errors import CheckpointError, CheckpointNotFoundError
 
 PyTree = Any
@@ -273,7 +273,7 @@ class Reader:
                 _chunks.read_range_into(
                     os.path.join(base, str(k)), a - k * size, buf[a - offset : b - offset]
                 )
-            if n and _chunks.crc32c(buf) != rec["crc32c"]:
+            if n and _checksum.crc32c(buf) != rec["crc32c"]:
                 raise _chunks.ChunkError(
                     f"the bytes of this leaf in {base} fail its crc32c checksum"
                 )

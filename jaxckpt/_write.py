@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _buffers, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
+from . import _buffers, _checksum, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -96,7 +96,7 @@ class Pack:
             if b > a:
                 buf[a - lo : b - lo] = raw[a - off : b - off]
             if off >= lo:  # the leaf starts here: its own checksum, for reading it alone
-                self.records[i]["crc32c"] = _chunks.crc32c(raw)
+                self.records[i]["crc32c"] = _checksum.crc32c(raw)
             i += 1
         return buf
 
