@@ -46,3 +46,22 @@ def test_bench_runs_tiny_and_writes_json(tmp_path):
     assert not os.path.exists(tmp_path / "work" / "W1")  # scratch checkpoints removed
     assert {("W3", "save", "raw"), ("W3", "async_total", "jaxckpt")} <= seen
     assert len(res["floors"]) == 18
+
+
+def test_quiet_disk_watches_the_disk_holding_the_path(tmp_path):
+    """quiet_disk reads the io_ticks of the device holding the path: it waits one window at
+    least where /proc/diskstats lists that device, and returns at once where it does not."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    st = os.stat(tmp_path)
+    listed = False
+    if os.path.exists("/proc/diskstats"):
+        with open("/proc/diskstats") as f:
+            key = [str(os.major(st.st_dev)), str(os.minor(st.st_dev))]
+            listed = any(line.split()[:2] == key for line in f)
+    waited = bench.quiet_disk(str(tmp_path), window=0.05, limit=5.0)
+    assert (waited >= 0.05) if listed else (waited < 0.05)
+    assert waited < 6.0
