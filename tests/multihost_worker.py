@@ -41,17 +41,10 @@ jax.distributed.initialize(
     heartbeat_timeout_seconds=HEARTBEAT_S,
 )
 
+from multihost_tree import SHAPES, Loader, expected  # noqa: E402
+
 import jaxckpt as jc  # noqa: E402
 from jaxckpt import _multihost, _reader, _write  # noqa: E402
-
-SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
-
-
-def expected(name: str, dtype=np.float32) -> np.ndarray:
-    """The value every array of the saved tree holds, known to every process and to the test."""
-    shape = SHAPES[name]
-    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0, "n": 42.0}[name]
-    return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
 
 
 def save_mesh() -> jax.sharding.Mesh:
@@ -67,19 +60,6 @@ def other_mesh() -> jax.sharding.Mesh:
 def global_array(name: str, sharding: jax.sharding.Sharding, dtype=np.float32) -> jax.Array:
     value = expected(name, dtype)
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
-
-
-class Loader:
-    """A data iterator: each host reads its own part of the data, at its own position."""
-
-    def __init__(self, pos: int):
-        self.pos = pos
-
-    def get_state(self) -> dict:
-        return {"pos": self.pos}
-
-    def set_state(self, state: dict) -> None:
-        self.pos = state["pos"]
 
 
 def make_tree(step: int) -> dict:

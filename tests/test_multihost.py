@@ -26,13 +26,13 @@ import pytest
 import servers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from multihost_tree import SHAPES, Loader, expected
 
 import jaxckpt as jc
 from jaxckpt import _metadata, _multihost
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"w": (16, 8), "m": (16, 8), "c": (4, 8), "b": (8,), "n": ()}
 
 
 @dataclasses.dataclass
@@ -113,28 +113,8 @@ def assert_all_done(procs: list[Proc]) -> None:
         assert p.returncode == 0 and "done" in p.results, f"process {i}:\n{_tail(p.output)}"
 
 
-def expected(name: str, dtype=np.float32) -> np.ndarray:
-    """The worker's values (tests/multihost_worker.py ``expected``)."""
-    shape = SHAPES[name]
-    base = {"w": 1.0, "m": -3.0, "c": 100.0, "b": 7.0, "n": 42.0}[name]
-    return (np.arange(int(np.prod(shape))).reshape(shape) * 0.5 + base).astype(dtype)
-
-
 def chunk_files(ckpt: str, leaf: str) -> int:
     return sum(len(fs) for _, _, fs in os.walk(os.path.join(ckpt, leaf, "c")))
-
-
-class Loader:
-    """The worker's data iterator (tests/multihost_worker.py ``Loader``)."""
-
-    def __init__(self, pos: int):
-        self.pos = pos
-
-    def get_state(self) -> dict:
-        return {"pos": self.pos}
-
-    def set_state(self, state: dict) -> None:
-        self.pos = state["pos"]
 
 
 def restore_on_two_devices(ckpt: str, step: int) -> None:
