@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _storage
+from jaxckpt import _checkpoint, _chunks, _storage
 
 
 def tree_of(step):
@@ -448,3 +448,49 @@ def test_the_manager_touches_files_only_through_storage():
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             assert node.func.id != "open", "the manager opens a file itself"
     assert used <= {"os.fspath", "os.PathLike"}, used
+
+
+def test_retention_deletes_on_a_worker_that_stays(tmp_path, monkeypatch):
+    """Saving every step past max_to_keep deletes a checkpoint at each save: its files go on
+    the manager's one worker, kept for the next deletion. A thread started per deletion kept
+    the save call waiting until the new thread ran (35-70 ms while a save was writing)."""
+    names = []
+
+    def remove(path):
+        names.append(threading.current_thread().name)
+        return real(path)
+
+    real = _storage.remove
+    monkeypatch.setattr(_storage, "remove", remove)
+    with jc.CheckpointManager(tmp_path, max_to_keep=1) as m:
+        m.save(0, tree_of(0))
+        m.save(1, tree_of(1))
+        m.wait_until_finished()
+        workers = set(_chunks.pool("manager")._threads)
+        for step in range(2, 6):
+            m.save(step, tree_of(step))
+            m.wait_until_finished()
+        assert set(_chunks.pool("manager")._threads) == workers  # no thread started
+    assert m.steps == [5] and sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-5"]
+    assert len(names) == 5 and all(n.startswith("jaxckpt-manager") for n in names), names
+
+
+def test_a_failed_index_rewrite_is_raised_and_the_checkpoints_stay(tmp_path):
+    """The index is rewritten in the background (async_save): its failure is raised by the
+    next call that waits, as a CheckpointError naming the index; the step it followed stays
+    committed and the next save writes the index again."""
+    d = os.fspath(tmp_path / "run")
+    m = jc.CheckpointManager(d)
+    m.save(1, tree_of(1))
+    m.wait_until_finished()
+    os.remove(os.path.join(d, "checkpoint"))
+    os.mkdir(os.path.join(d, "checkpoint"))  # the index cannot replace a directory
+    m.save(2, tree_of(2))
+    with pytest.raises(jc.CheckpointError, match=r"failed rewriting its index .*/checkpoint"):
+        m.wait_until_finished()
+    assert m.steps == [1, 2]
+    os.rmdir(os.path.join(d, "checkpoint"))
+    m.save(3, tree_of(3))
+    m.close()
+    assert [c["step"] for c in index_of(d)["checkpoints"]] == [1, 2, 3]
+    assert jc.CheckpointManager(d).steps == [1, 2, 3]
