@@ -304,7 +304,7 @@ def test_async_saves_run_on_workers_that_stay(tmp_path, monkeypatch):
 
     run = _checkpoint._execute
     monkeypatch.setattr(_checkpoint, "_execute", execute)
-    jc.save_async(tmp_path / "first", _tree()).wait()  # may start the pool's first worker
+    jc.save_async(tmp_path / "first", _tree()).wait()  # the pool exists, all its workers started
     workers = set(_chunks.pool("save")._threads)
     for i in range(3):
         jc.save_async(tmp_path / f"c{i}", _tree()).wait()
