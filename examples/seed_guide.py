@@ -137,7 +137,7 @@ def main(root: str = ".") -> None:
 
     print("\n== The manager keeps the newest three checkpoints")
     print(mngr.checkpoints)
-    print(sorted(os.listdir(directory)))
+    print(sorted(n for n in os.listdir(directory) if n[0] != "."))  # as `ls` shows it
     with open(f"{directory}/checkpoint") as f:
         index = json.load(f)
     print(

@@ -39,9 +39,10 @@ class _Save:
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
     final = _storage.normalize(path)
-    _check_free(final)
-    record, arrays, packs = _write.plan(tree)
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
+    if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
+        _check_free(final)
+    record, arrays, packs = _write.plan(tree)
     return _Save(final, record, arrays, packs, extra, sync)
 
 
@@ -63,9 +64,17 @@ def _agree_on_tmp(s: _Save) -> str:
     """The temporary directory process 0 picked; every process must be saving to ``s.final``."""
 
     def pick() -> str:  # process 0 only
-        return json.dumps([s.final, _storage.tmp_sibling(s.final)])
+        refused = None
+        if s.sync.multi:  # the others would see process 0's save in progress there
+            try:
+                _check_free(s.final)
+            except CheckpointExistsError as e:
+                refused = str(e)
+        return json.dumps([s.final, _storage.tmp_sibling(s.final), refused])
 
-    final, tmp = json.loads(s.sync.share("tmp", pick))
+    final, tmp, refused = json.loads(s.sync.share("tmp", pick))
+    if refused:
+        raise CheckpointExistsError(refused)
     if final != s.final:
         raise CheckpointError(  # not a CoordinationError: it is reported to the other processes
             f"jaxckpt: process {_multihost.process_index()} saves to {s.final} while process 0 "
@@ -106,20 +115,24 @@ def _execute(s: _Save, budget: int) -> str:
     """
     primary = _multihost.is_primary()
     tmp = None
+    lock = None
+    begun = False  # the directory exists for this process: its loss is reported as such
     try:
         tmp = _agree_on_tmp(s)
         states = {p: r["v"] for p, r in _metadata.iter_leaves(s.record) if r["t"] == "state"}
         if states:
             s.sync.post("states", json.dumps(states))
         if primary:
-            _storage.begin(tmp)
+            lock = _storage.begin(tmp)
         s.sync.barrier("start")
         if not primary:
             _check_shared(tmp, s.final)
         elif states and s.sync.multi:
             _keep_every_state(s, states)
+        begun = True
         _write.write_arrays(tmp, s.arrays, s.packs, budget)
         s.time = time.time()
+        written = _write.written_keys(s.arrays, s.packs, primary)
         if primary:
             record, moved = _split.split(s.record)
             attrs = _metadata.root_attributes(record, {"time": s.time, **s.extra})
@@ -128,7 +141,9 @@ def _execute(s: _Save, budget: int) -> str:
             if s.packs:
                 files[f"{_write.PACK_DIR}/zarr.json"] = _storage.group_json()
             _write.write_json_files(tmp, files)
+            written += list(files)
         _write.durable(tmp)
+        _check_written(tmp, s.final, written, primary)
         s.sync.barrier("written")
         if primary:
             _storage.write_bytes_durable(tmp, _storage.COMMIT, b"{}")
@@ -140,10 +155,37 @@ def _execute(s: _Save, budget: int) -> str:
         s.sync.barrier("committed")
     except BaseException as e:
         s.sync.abandon(e)
+        gone = begun and primary and isinstance(e, CheckpointError)
+        gone = gone and tmp is not None and not _storage.is_dir(tmp)
         if primary and tmp is not None:
             _storage.remove_tree(tmp)
+        if gone:
+            raise _lost(s.final, f"its directory {tmp}") from e
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     return s.final
+
+
+def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> None:
+    """Nothing is committed over missing data: every file this process wrote is still there.
+
+    A directory gone altogether, on a process other than 0, was removed by process 0 giving up
+    on the save: the barrier that follows says why.
+    """
+    lost = _storage.missing(tmp, written)
+    if lost and (primary or _storage.is_dir(tmp)):
+        example = _storage.join(tmp, lost[0])
+        raise _lost(final, f"{len(lost)} of the {len(written)} files it wrote (e.g. {example})")
+
+
+def _lost(final: str, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"The save to {final} lost {what} before its commit: something else deleted the save's "
+        "files while it was writing. Nothing was committed; earlier checkpoints are intact. Fix: save again, "
+        "and stop whatever deletes a save's temporary files while it writes."
+    )
 
 
 class SaveHandle:

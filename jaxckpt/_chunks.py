@@ -252,6 +252,17 @@ def chunk_key(coords: Sequence[int]) -> str:
     return "/".join(["c", *map(str, coords)]) if coords else "c"
 
 
+def covered(
+    shape: Sequence[int], chunks: Sequence[int], index: Sequence[slice]
+) -> Iterable[tuple[int, ...]]:
+    """The coordinates of every chunk a piece (a slice of the array) touches."""
+    ranges = []
+    for n, c, s in zip(shape, chunks, index, strict=True):
+        start, stop, _ = s.indices(n)
+        ranges.append(range(start // c, -(-stop // c)) if stop > start else range(0))
+    return itertools.product(*ranges)
+
+
 def piece_chunks(
     shape: Sequence[int], chunks: Sequence[int], index: Sequence[slice]
 ) -> list[tuple[tuple[int, ...], tuple[slice, ...], bool]] | None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import tensorstore as ts
 
+from . import _leases
 from ._chunks import fsync_path, pool
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
@@ -239,11 +240,14 @@ def occupied(final: str) -> bool:
     """Whether ``final`` holds something a save must not overwrite nor delete.
 
     An empty or absent location is free, and so is an object-store prefix holding only the
-    debris of an interrupted save (``PENDING`` without ``COMMIT``).
+    debris of an interrupted save (``PENDING`` without ``COMMIT``, its writer gone).
     """
     if is_url(final):
         keys = list_keys(final)
-        return bool(keys) and (PENDING not in keys or COMMIT in keys)
+        if not keys or COMMIT in keys:
+            return bool(keys)
+        pending = _read(final, PENDING) if PENDING in keys else None
+        return pending is None or not _leases.owner_gone(pending)
     return os.path.isdir(final) and bool(os.listdir(final))
 
 
@@ -257,14 +261,15 @@ def remove_tree(root: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def begin(tmp: str) -> None:
-    """Makes the place a save writes into: a fresh directory, or a prefix marked ``PENDING``."""
+def begin(tmp: str) -> _leases.Lock:
+    """Makes the place a save writes into: a fresh directory, locked until the save commits or
+    gives up (release the returned lock then), or a prefix marked ``PENDING`` with its writer."""
     if is_url(tmp):
         remove_tree(tmp)  # debris of an interrupted save, if any (``occupied`` was checked)
-        write_bytes_durable(tmp, PENDING, b"")
-        return
+        write_bytes_durable(tmp, PENDING, _leases.owner_record())
+        return _leases.Lock(None)
     os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
-    os.makedirs(tmp)
+    return _leases.make_locked_dir(tmp)
 
 
 def commit(tmp: str, final: str) -> None:
@@ -364,6 +369,45 @@ def is_debris(name: str) -> bool:
     return TMP_MARK in name
 
 
+def remove_if_abandoned(path: str) -> bool:
+    """Removes ``path``, an uncommitted save's directory or prefix (or a debris-named file),
+    unless a live process still writes there; returns whether it did."""
+    if is_url(path):
+        if is_committed(path):
+            return False
+        pending = _read(path, PENDING)
+        if pending is not None and not _leases.owner_gone(pending):
+            return False
+        remove(path)
+        return True
+    lock = _leases.claim_abandoned(path)
+    if lock is None:
+        return False
+    try:
+        remove(path)
+    finally:
+        lock.release()
+    return True
+
+
+def hold_writer(directory: str) -> str | None:
+    """Takes a local run directory's writer lock (see :mod:`jaxckpt._leases`); an object
+    store has none to take."""
+    return None if is_url(directory) else _leases.hold_run(directory)
+
+
+def release_writer(key: str) -> None:
+    _leases.release_run(key)
+
+
+def missing(root: str, keys: list[str]) -> list[str]:
+    """The ``keys`` (files a save wrote under ``root``) that are not there now."""
+    if is_url(root):
+        have = set(list_keys(root))
+        return [k for k in keys if k not in have]
+    return [k for k in keys if not os.path.isfile(os.path.join(root, k))]
+
+
 def remove(path: str) -> None:
     """Removes a file or a directory tree (an object and a prefix); a missing one is no error."""
     if is_url(path):
@@ -390,7 +434,7 @@ def retire(path: str) -> str | None:
     """
     if is_url(path):
         if is_committed(path):
-            write_bytes_durable(path, PENDING, b"")
+            write_bytes_durable(path, PENDING, _leases.owner_record())
             _remote(path, lambda kv: kv.write(COMMIT, None).result())
         remove_tree(path)
         return None
@@ -426,8 +470,9 @@ def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
     tmp = tmp_sibling(final)
     try:
         with open(tmp, "wb") as f:
+            _leases.lock_file(f.fileno())  # not debris to another process while written
             f.write(data)
-        os.replace(tmp, final)
+            os.replace(tmp, final)
     except BaseException:
         remove(tmp)
         raise

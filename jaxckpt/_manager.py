@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -105,6 +106,7 @@ class CheckpointManager:
         best_mode: str = "min",
         save_interval_steps: int = 1,
         async_save: bool = True,
+        read_only: bool = False,
     ):
         _check_count("max_to_keep", max_to_keep, none_ok=True)
         _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
@@ -124,20 +126,23 @@ class CheckpointManager:
         self.best_mode = best_mode
         self.save_interval_steps = save_interval_steps
         self.async_save = async_save
+        self.read_only = read_only
         self._primary = _multihost.is_primary()
         self._pending: collections.deque[_Pending] = collections.deque()  # in save order
         # With async_save, deleted checkpoints' files and index rewrites go on one worker, in
         # order: on a disk busy with a save, an index rewrite took up to 0.19 s of a save call.
         self._background: collections.deque[tuple[str, Future[None]]] = collections.deque()
-        if self._primary:
-            _storage.make_dirs(self.directory)
-            self._remove_debris()
+        self._writer: weakref.finalize | None = None  # releases the run's writer lock
+        self._unwritable: OSError | None = None  # why a directory we cannot write is read-only
+        if self._primary and not read_only:
+            self._writing(_storage.make_dirs, self.directory)
+            self._writing(self._remove_debris)
         self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
         self._commits = itertools.count()
         _multihost.barrier(f"{self._barrier}-start", what="the manager", where=self.directory)
         self._entries, stale = self._load()
-        if stale and self._primary:
-            self._write_index(now=True)
+        if stale and self._primary and not self.read_only:
+            self._writing(self._write_index, True)
         # At interpreter exit, before the I/O thread pools shut down (threading runs these
         # hooks in reverse order of registration, after the main thread ends).
         threading._register_atexit(_finish_at_exit, weakref.ref(self))  # type: ignore[attr-defined]
@@ -147,14 +152,44 @@ class CheckpointManager:
     def _path(self, step: int) -> str:
         return _storage.join(self.directory, f"{PREFIX}{step}")
 
+    def _writing(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Runs a write of the manager's own; a directory that refuses it (a read-only copy of
+        a run) makes the manager read-only instead of failing."""
+        try:
+            fn(*args)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            log.info("jaxckpt: %s cannot be written (%s): opened read-only", self.directory, e)
+            self.read_only, self._unwritable = True, e
+
+    def _hold_writer(self) -> None:
+        """Becomes the run's one writer, or raises at once (see docs/manager.md)."""
+        try:
+            key = _storage.hold_writer(self.directory)
+        except OSError as e:  # the save itself meets the cause and reports it; retried then
+            log.debug("jaxckpt: no writer lock on %s (%s)", self.directory, e)
+            return
+        if key is not None:  # also released if the manager is dropped without close()
+            self._writer = weakref.finalize(self, _storage.release_writer, key)
+
+    def reload(self) -> None:
+        """Reads the directory again: the steps another process (the trainer, for an
+        evaluation job's read-only manager) committed or deleted since."""
+        self._entries, _ = self._load()
+
     def _remove_debris(self) -> None:
-        """Removes what saves that never committed left behind; nothing else."""
+        """Removes what saves that never committed left behind, once their writers are gone
+        (a save in progress, of this process or another, is left alone); nothing else."""
         for name in _storage.list_names(self.directory):
             path = _storage.join(self.directory, name)
             uncommitted = _step_of(name) is not None and not _storage.is_committed(path)
-            if _storage.is_debris(name) or (uncommitted and _storage.is_dir(path)):
-                log.info("jaxckpt: removing %s, left by a save that never committed", path)
-                _storage.remove(path)
+            if not (_storage.is_debris(name) or (uncommitted and _storage.is_dir(path))):
+                continue
+            if _storage.remove_if_abandoned(path):
+                log.info("jaxckpt: removed %s, left by a save that never committed", path)
+            else:
+                log.info("jaxckpt: left %s alone: a save in progress writes there", path)
 
     def _load(self) -> tuple[dict[int, _Entry], bool]:
         """The committed steps, described by the index where it agrees with them."""
@@ -280,6 +315,14 @@ class CheckpointManager:
         waits for them to commit); an earlier asynchronous save's error is raised here.
         """
         step = operator.index(step)
+        if self.read_only:
+            why = f" ({self._unwritable})" if self._unwritable else ""
+            raise CheckpointError(
+                f"This manager of {self.directory} is read-only{why}: it restores, it does not "
+                "save. Fix: open the manager without read_only=True on a directory it can write."
+            )
+        if self._writer is None and self._primary:
+            self._hold_writer()
         single = _multihost.process_count() == 1
         if single:  # on several processes only at points every process shares
             self._finish_pending(only_done=True)
@@ -393,8 +436,14 @@ class CheckpointManager:
             self._reap(wait=True)
 
     def close(self) -> None:
-        """Waits for the saves in flight (raising an error); the manager holds nothing else."""
-        self.wait_until_finished()
+        """Waits for the saves in flight (raising an error), then lets another process write
+        the run (a later ``save`` takes the run back)."""
+        try:
+            self.wait_until_finished()
+        finally:
+            if self._writer is not None:
+                self._writer()
+                self._writer = None
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -417,7 +466,17 @@ class CheckpointManager:
                     "directory, or start from scratch when mngr.latest_step is None."
                 )
         self._entry(step)
-        return _restore.restore(self._path(step), target, **restore_kwargs)
+        path = self._path(step)
+        try:
+            return _restore.restore(path, target, **restore_kwargs)
+        except (CheckpointError, OSError) as e:
+            if _storage.is_committed(path):
+                raise
+            raise CheckpointNotFoundError(
+                f"Step {step} ({path}) was deleted while it was being restored: another "
+                "process's manager retired it (retention). Fix: mngr.reload() and restore a "
+                "newer step, e.g. the latest."
+            ) from e
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process reached the step at which to save before a preemption.

@@ -22,6 +22,7 @@ from ._locations import begin as begin
 from ._locations import commit as commit
 from ._locations import context as context
 from ._locations import exists as exists
+from ._locations import hold_writer as hold_writer
 from ._locations import is_committed as is_committed
 from ._locations import is_debris as is_debris
 from ._locations import is_dir as is_dir
@@ -32,6 +33,7 @@ from ._locations import kvstore as kvstore
 from ._locations import list_keys as list_keys
 from ._locations import list_names as list_names
 from ._locations import make_dirs as make_dirs
+from ._locations import missing as missing
 from ._locations import normalize as normalize
 from ._locations import occupied as occupied
 from ._locations import open_kv as open_kv
@@ -39,7 +41,9 @@ from ._locations import parse_json as parse_json
 from ._locations import read_bytes as read_bytes
 from ._locations import read_json as read_json
 from ._locations import read_jsons as read_jsons
+from ._locations import release_writer as release_writer
 from ._locations import remove as remove
+from ._locations import remove_if_abandoned as remove_if_abandoned
 from ._locations import remove_tree as remove_tree
 from ._locations import retire as retire
 from ._locations import storage_error as storage_error

@@ -317,6 +317,28 @@ def _zero_list(meta: dict[str, Any], coords: list[tuple[int, ...]]) -> str | lis
     return "all" if len(flat) == math.prod(grid) else flat
 
 
+def written_keys(arrays: list[Array], packs: list[Pack], primary: bool) -> list[str]:
+    """The files :func:`write_arrays` wrote for this process, relative to the checkpoint: the
+    chunks its pieces cover but the all-zero ones left out, and (``primary``) each array's
+    ``zarr.json``."""
+    keys = []
+    for a in arrays:
+        if primary:
+            keys.append(f"{a.loc}/zarr.json")
+        shape, chunks = a.meta["shape"], a.meta["chunk_grid"]["configuration"]["chunk_shape"]
+        if not a.pieces or math.prod(shape) == 0:
+            continue
+        grid = _chunks.chunk_grid(shape, chunks)
+        absent = _chunks.zero_set(a.record.get("zero_chunks"), math.prod(grid))
+        for p in a.pieces:
+            for coords in _chunks.covered(shape, chunks, p.index):
+                if not absent or _chunks.flat_index(coords, grid) not in absent:
+                    keys.append(f"{a.loc}/{_chunks.chunk_key(coords)}")
+    for k in packs:
+        keys += [f"{k.loc}/zarr.json", *(f"{k.loc}/c/{i}" for i in range(k.n_chunks))]
+    return keys
+
+
 def write_json_files(root: str, files: dict[str, Any]) -> None:
     """The metadata files: written on this thread on a local disk, else by TensorStore.
 

@@ -69,6 +69,7 @@ def check_guide_output(out: str, run_dir: Path) -> None:
     assert f"optimizer/0/mu/l1/kernel[0, :2] = {mu}" in lines
     assert lines[-2:] == ["mapped['two'] = 2.0", "listed[0] = 1.0"]
     assert sorted(os.listdir(run_dir / "tf_ckpts")) == [
+        ".jaxckpt-writer",
         "checkpoint",
         "ckpt-100",
         "ckpt-80",

@@ -28,9 +28,12 @@ def assert_tree_equal(got, want):
 
 
 def on_disk(d):
-    """The committed steps found on disk, and every other name in the directory."""
+    """The committed steps found on disk, and every other name in the directory but the run's
+    writer lock (tests/test_concurrent_runs.py tests it)."""
     steps, other = [], []
     for name in sorted(os.listdir(d)):
+        if name == ".jaxckpt-writer":
+            continue
         if re.fullmatch(r"ckpt-\d+", name) and os.path.isfile(os.path.join(d, name, "COMMIT")):
             steps.append(int(name[5:]))
         else:
@@ -471,7 +474,11 @@ def test_retention_deletes_on_a_worker_that_stays(tmp_path, monkeypatch):
             m.save(step, tree_of(step))
             m.wait_until_finished()
         assert set(_chunks.pool("manager")._threads) == workers  # no thread started
-    assert m.steps == [5] and sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-5"]
+    assert m.steps == [5] and sorted(os.listdir(tmp_path)) == [
+        ".jaxckpt-writer",
+        "checkpoint",
+        "ckpt-5",
+    ]
     assert len(names) == 5 and all(n.startswith("jaxckpt-manager") for n in names), names
 
 

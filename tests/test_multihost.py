@@ -190,7 +190,9 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     step = p0["preempted"]["step"]
     assert step >= 12 and p1["preempted"]["step"] == step
     assert p0["preempted"]["steps"] == p1["preempted"]["steps"] == [3, step]
-    assert sorted(os.listdir(tmp_path / "run")) == sorted(["checkpoint", "ckpt-3", f"ckpt-{step}"])
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(
+        [".jaxckpt-writer", "checkpoint", "ckpt-3", f"ckpt-{step}"]
+    )
     assert jc.latest_checkpoint(tmp_path / "run") == str(tmp_path / "run" / f"ckpt-{step}")
 
     # A peer's ordinary error stops every process at the next barrier, without a timeout.
@@ -286,7 +288,7 @@ def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
         assert p.results["manager"]["steps"] == [1] and p.results["manager"]["latest"] == 1
         assert p.results["restored@1"]["bytes"] == p.results["restored@3"]["bytes"] > 0
         assert p.results["manager-after"]["steps"] == [1, 3]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "ckpt-3"]
+    assert sorted(os.listdir(tmp_path)) == [".jaxckpt-writer", "checkpoint", "ckpt-1", "ckpt-3"]
     written = [p.results["pieces"]["pieces"] for p in procs]
     assert [w["params/w"] for w in written] == [4, 4, 4, 4]  # an 8x2 mesh: 16 shards, once each
     assert [w["params/b"] for w in written] == [1, 0, 0, 0]  # replicated: written by process 0
@@ -313,11 +315,12 @@ def test_coordinator_killed_mid_save(tmp_path):
         assert "another task died" in survivor.output, _tail(survivor.output)
     # Process 0's temporary directory stays behind as debris; nothing was committed.
     assert not os.path.exists(tmp_path / "ckpt-2")
-    leftovers = set(os.listdir(tmp_path)) - {"checkpoint", "ckpt-1"}
+    leftovers = set(os.listdir(tmp_path)) - {".jaxckpt-writer", "checkpoint", "ckpt-1"}
     assert all(n.startswith("ckpt-2.jaxckpt-tmp-") for n in leftovers), leftovers
     # A manager started on the directory (here in one process) removes it and restores step 1.
     mngr = jc.CheckpointManager(tmp_path)
-    assert mngr.steps == [1] and set(os.listdir(tmp_path)) == {"checkpoint", "ckpt-1"}
+    assert mngr.steps == [1]
+    assert set(os.listdir(tmp_path)) == {".jaxckpt-writer", "checkpoint", "ckpt-1"}
     restore_on_two_devices(mngr.latest_checkpoint, 1)
 
 

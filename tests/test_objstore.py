@@ -12,6 +12,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -219,6 +220,7 @@ class TestStorage:
             assert mngr.steps == [2, 5]  # the two best, the newest among them
             assert mngr.best_step == 2
         names = _storage.list_names(_storage.normalize(base))
+        names = [n for n in names if n != ".jaxckpt-writer"]  # a local run's writer lock
         assert names == ["checkpoint", "ckpt-2", "ckpt-5"]  # rotation deleted by prefix
         index = json.loads(_storage.read_bytes(_storage.normalize(base), "checkpoint"))
         assert [(c["step"], c["metrics"]) for c in index["checkpoints"]] == [
@@ -272,12 +274,41 @@ class TestStorage:
         """A plain save to where a killed save left debris clears it first."""
         second = _storage.normalize(_locations.join(base, "ckpt-2"))
         tmp = _storage.tmp_sibling(second)  # the final prefix itself on an object store
-        _storage.begin(tmp)  # what a save does first, before writing its arrays
+        _storage.begin(tmp).release()  # what a save does first, before writing its arrays
         _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
+        if _storage.is_url(tmp):  # the save's writer is gone: a process that has ended
+            _storage.write_bytes_durable(tmp, _storage.PENDING, _dead_owner())
         tree = model_state(seed=2)
         assert jc.save(second, tree) == second
         assert_trees_equal(jc.restore(second, tree), tree)
         assert "x0001.json" not in keys_of(second) and _storage.PENDING not in keys_of(second)
+
+    def test_a_save_in_progress_is_not_debris(self, base):
+        """A manager that starts while a save writes (of this process or another) leaves the
+        save alone; once its writer is gone, the next manager removes what it left."""
+        run = _storage.normalize(base)
+        jc.save(_locations.join(run, "ckpt-1"), model_state())
+        final = _locations.join(run, "ckpt-2")
+        tmp = _storage.tmp_sibling(final)
+        lock = _storage.begin(tmp)
+        _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
+        if _storage.is_url(final):  # a save to the same prefix is refused (locally each save
+            with pytest.raises(jc.CheckpointExistsError):  # has a temporary sibling of its own)
+                jc.save(final, model_state())
+        assert jc.CheckpointManager(base).steps == [1]
+        assert "x0001.json" in keys_of(tmp)  # left alone
+        lock.release()
+        if _storage.is_url(tmp):
+            _storage.write_bytes_durable(tmp, _storage.PENDING, _dead_owner())
+        assert jc.CheckpointManager(base).steps == [1]
+        assert not _storage.is_dir(tmp)
+
+
+def _dead_owner() -> bytes:
+    """A ``PENDING`` naming a process of this host that has ended."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.dumps({"host": socket.gethostname(), "pid": int(proc.stdout), "time": 0}).encode()
 
 
 _CHILD = """
