@@ -39,7 +39,13 @@ class _Save:
 
 def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
     final = _storage.normalize(path)
-    _check_free(final)
+    try:
+        _check_free(final)
+    except OSError as e:  # a directory it may not list, say
+        error = _fs_error(final, e)
+        if error is e:
+            raise
+        raise error from e
     record, arrays, packs = _write.plan(tree)
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
     return _Save(final, record, arrays, packs, extra, sync)
@@ -139,11 +145,27 @@ def _execute(s: _Save, budget: int) -> str:
                 raise
         s.sync.barrier("committed")
     except BaseException as e:
-        s.sync.abandon(e)
+        error = _fs_error(s.final, e)
+        s.sync.abandon(error)
         if primary and tmp is not None:
             _storage.remove_tree(tmp)
-        raise
+        if error is e:
+            raise
+        raise error from e
     return s.final
+
+
+def _fs_error(final: str, e: BaseException) -> BaseException:
+    """A local file system error of the save to ``final`` as a ``StorageError`` naming
+    ``final`` (not the temporary directory) and the fix; any other error as it is."""
+    if (
+        isinstance(e, OSError)
+        and not isinstance(e, CheckpointError)
+        and e.errno is not None
+        and _storage.is_local(final)
+    ):
+        return _storage.local_error(final, e)
+    return e
 
 
 class SaveHandle:
@@ -257,9 +279,9 @@ def _raise_earlier_errors() -> None:
             if h._error is not None and not h._seen:
                 h._seen = True
                 raise CheckpointError(
-                    f"An earlier asynchronous save to {h.path} failed: {h._error}. Its "
-                    "checkpoint was not written; this save did not start. Fix: resolve the "
-                    "cause and save again."
+                    f"An earlier asynchronous save to {h.path} failed: "
+                    f"{str(h._error).rstrip('.')}. Its checkpoint was not written; this save did "
+                    "not start. Fix: resolve the cause and save again."
                 ) from h._error
 
 

@@ -222,9 +222,10 @@ class CheckpointManager:
                 done.result()
             except Exception as e:
                 raise CheckpointError(
-                    f"The manager of {self.directory} failed {what}: {e}. Its committed "
-                    "checkpoints are intact, and a stale index is rebuilt from them. Fix: remove "
-                    "the cause (disk space, permissions); the next save rewrites the index."
+                    f"The manager of {self.directory} failed {what}: {str(e).rstrip('.')}. Its "
+                    "committed checkpoints are intact, and a stale index is rebuilt from them. "
+                    "Fix: remove the cause (disk space, permissions); the next save rewrites the "
+                    "index."
                 ) from e
 
     @property
@@ -319,8 +320,8 @@ class CheckpointManager:
             except Exception as e:
                 error = CheckpointError(
                     f"The asynchronous save of step {pending.step} to {pending.path} failed: "
-                    f"{e}. That step was not saved; earlier checkpoints are intact. Fix: remove "
-                    "the cause (disk space, permissions) and save again."
+                    f"{str(e).rstrip('.')}. That step was not saved; earlier checkpoints are "
+                    "intact. Fix: remove the cause (disk space, permissions) and save again."
                 )
                 error.__cause__ = e
                 first = first or error
