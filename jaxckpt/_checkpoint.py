@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _buffers, _chunks, _metadata, _multihost, _snapshot, _split, _storage, _write
@@ -348,7 +351,58 @@ def extra_attributes(step: int | None, metrics: dict[str, Any] | None) -> dict[s
     """The root attributes a save adds for ``step`` and ``metrics`` (metrics as JSON values)."""
     out: dict[str, Any] = {}
     if step is not None:
-        out["step"] = int(step)
-    if metrics:
-        out["metrics"] = {str(k): np.asarray(v).tolist() for k, v in metrics.items()}
+        out["step"] = check_step(step)
+    checked = check_metrics(metrics)
+    if checked:
+        out["metrics"] = checked
+    return out
+
+
+def check_step(step: Any) -> int:
+    """``step`` as an int; a step is a non-negative integer (a Python, NumPy or JAX one)."""
+    try:
+        value = operator.index(step)  # an integer, not a float that would be truncated
+    except TypeError:
+        value = None
+    if value is None or isinstance(step, (bool, np.bool_)):
+        raise TypeError(
+            f"step must be a non-negative int, not {step!r} ({type(step).__name__}). Fix: pass "
+            "the step as an integer count (checkpoints are named and ordered by it)."
+        )
+    if value < 0:
+        raise ValueError(f"step must be a non-negative int, not {value}. Fix: count steps from 0.")
+    return value
+
+
+def check_metrics(metrics: Any) -> dict[str, int | float | bool]:
+    """``metrics`` as JSON values: a dict of names to real scalars (Python, NumPy or JAX
+    ones). NaN and infinities are kept: a diverging run still saves (NaN ranks last)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics must be a dict of names to numbers, not {metrics!r} "
+            f"({type(metrics).__name__}). Fix: name each value, e.g. metrics={{'loss': loss}}."
+        )
+    out: dict[str, int | float | bool] = {}
+    for name, v in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"metric names must be str, not {name!r} ({type(name).__name__}). Fix: use "
+                "names such as 'loss'."
+            )
+        a = np.asarray(v)
+        integer = a.dtype.kind in "biu"
+        if not (integer or jax.dtypes.issubdtype(a.dtype, np.floating)):  # bfloat16 too
+            raise TypeError(
+                f"The metric {name!r} is {v!r} ({type(v).__name__}); a metric is one real "
+                "number (int, float, bool, or a NumPy or JAX scalar). Fix: pass a number, or "
+                "save other values in the tree."
+            )
+        if a.shape != ():
+            raise ValueError(
+                f"The metric {name!r} is an array of shape {a.shape}; a metric is one number. "
+                "Fix: reduce it to one, e.g. float(x.mean()), or save the array in the tree."
+            )
+        out[name] = a.item() if integer else a.astype(np.float64).item()
     return out
