@@ -275,8 +275,12 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ saving
 
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` saves: ``step`` is a multiple of ``save_interval_steps``."""
-        return _checkpoint.check_step(step) % self.save_interval_steps == 0
+        """Whether ``save(step, ...)`` saves without ``force``: ``step`` is a multiple of
+        ``save_interval_steps`` and newer than every step saved or being saved (so a loop
+        resumed at a saved step does not save it again)."""
+        step = _checkpoint.check_step(step)
+        newest = max([*self._entries, *(p.step for p in self._pending)], default=-1)
+        return step > newest and step % self.save_interval_steps == 0
 
     def save(
         self, step: int, tree: PyTree, metrics: dict[str, Any] | None = None, force: bool = False
@@ -284,7 +288,8 @@ class CheckpointManager:
         """Saves ``tree`` as ``step`` unless ``should_save(step)`` says no and not ``force``.
 
         Returns whether it saved. ``step`` is a non-negative int; ``metrics`` a dict of names to
-        real scalars (NaN and infinities included). With ``async_save`` it returns once the arrays are
+        real scalars (NaN and infinities included). With ``force`` a step already saved is an
+        error (``CheckpointExistsError``). With ``async_save`` it returns once the arrays are
         snapshotted: earlier saves still writing go on in the background (on several processes,
         it first waits for them to commit); an earlier asynchronous save's error is raised here.
         """
@@ -304,11 +309,6 @@ class CheckpointManager:
                 f"Step {step} is already saved (or being saved) in {self.directory} "
                 f"({self._path(step)}); a manager never overwrites a checkpoint. Fix: save under "
                 "a new step, or restore from this one to continue the run."
-            )
-        if self.best_metric is not None and self.best_metric not in (metrics or {}):
-            raise ValueError(
-                f"best_metric={self.best_metric!r} ranks the checkpoints, but the metrics of step "
-                f"{step} are {metrics!r}. Fix: pass metrics={{{self.best_metric!r}: value}}."
             )
         as_saved = _checkpoint.check_metrics(metrics)
         if self.async_save:
@@ -386,7 +386,10 @@ class CheckpointManager:
         if self.best_metric is None:
             keep.update(steps[-self.max_to_keep :])
         else:
-            keep.update(self._ranked()[: self.max_to_keep])
+            ranked = self._ranked()
+            keep.update(ranked[: self.max_to_keep])
+            # Steps saved without the metric are kept by recency, as without best_metric.
+            keep.update(set(steps[-self.max_to_keep :]) - set(ranked))
         if self.keep_every_n_steps:
             keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
         if self.keep_every_n_hours:

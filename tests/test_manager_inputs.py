@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from test_manager import assert_tree_equal, index_of, tree_of
+from test_manager import assert_tree_equal, index_of, on_disk, tree_of
 
 import jaxckpt as jc
 from jaxckpt.cli import main
@@ -293,6 +293,46 @@ def test_restore_takes_the_target_positionally(tmp_path, async_save):
 
 
 # ---------------------------------------------------------------------------- peer conventions
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_loop_resumed_at_a_saved_step_does_not_fail(tmp_path, async_save):
+    d = os.fspath(tmp_path)
+    with jc.CheckpointManager(d, save_interval_steps=10, max_to_keep=None) as m:
+        for step in range(0, 51):
+            m.save(step, tree_of(step))
+    assert m.steps == [0, 10, 20, 30, 40, 50]
+    m = jc.CheckpointManager(d, save_interval_steps=10, max_to_keep=None, async_save=async_save)
+    assert [m.should_save(s) for s in (40, 50, 55, 60)] == [False, False, False, True]
+    state = m.restore(target=tree_of(0))
+    for step in range(state["step"], 71):  # the loop starts again at the restored step
+        m.save(step, tree_of(step))
+        assert not m.should_save(step)  # saved, or being saved
+    m.close()
+    assert m.steps == [0, 10, 20, 30, 40, 50, 60, 70] == on_disk(d)[0]
+    assert_tree_equal(m.restore(50), tree_of(50))  # not overwritten
+    with pytest.raises(jc.CheckpointExistsError, match=r"Step 50 is already saved"):
+        m.save(50, tree_of(51), force=True)
+    assert m.save(45, tree_of(45), force=True) is True  # force saves an older step
+    m.close()
+    assert 45 in m.steps
+
+
+def test_best_metric_keeps_saves_without_it_by_recency(tmp_path):
+    d = os.fspath(tmp_path)
+    losses = {1: 5.0, 2: 1.0, 3: None, 4: 3.0, 5: None, 6: 9.0}
+    with jc.CheckpointManager(d, max_to_keep=2, best_metric="loss") as m:
+        for step, loss in losses.items():
+            metrics = {"acc": 0.5} if loss is None else {"loss": loss}
+            assert m.save(step, tree_of(step), metrics=metrics) is True
+    # The best two by loss (2, 4), the newest (6), and the unranked among the newest two (5).
+    assert m.steps == [2, 4, 5, 6] == on_disk(d)[0]
+    assert m.best_step == 2 and m.metrics(5) == {"acc": 0.5}
+    again = jc.CheckpointManager(d, max_to_keep=2, best_metric="loss", async_save=False)
+    assert again.best_step == 2
+    again.save(7, tree_of(7))  # no metrics at all
+    # 6 ranks third; 5 is no longer among the newest two.
+    assert again.steps == [2, 4, 7] and again.best_step == 2
 
 
 def test_an_old_index_with_array_metrics_is_not_ranked(tmp_path):
