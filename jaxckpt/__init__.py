@@ -9,6 +9,7 @@ from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from ._errors import CoordinationError as CoordinationError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
+from ._errors import StorageError as StorageError
 from ._errors import StructureMismatchError as StructureMismatchError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._locations import set_storage_options as set_storage_options

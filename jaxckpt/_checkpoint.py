@@ -9,18 +9,22 @@ with barriers between them; ``save_async`` runs them in a thread after a host sn
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import operator
 import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent import futures
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _buffers, _chunks, _metadata, _multihost, _snapshot, _split, _storage, _write
-from ._errors import CheckpointError, CheckpointExistsError
+from ._errors import CheckpointError, CheckpointExistsError, StorageError
 
 PyTree = Any
 
@@ -41,7 +45,13 @@ def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) 
     final = _storage.normalize(path)
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
     if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
-        _check_free(final)
+        try:
+            _check_free(final)
+        except OSError as e:  # a directory it may not list, say
+            error = _fs_error(final, e)
+            if error is e:
+                raise
+            raise error from e
     record, arrays, packs = _write.plan(tree)
     return _Save(final, record, arrays, packs, extra, sync)
 
@@ -154,18 +164,34 @@ def _execute(s: _Save, budget: int) -> str:
                 raise
         s.sync.barrier("committed")
     except BaseException as e:
-        s.sync.abandon(e)
-        gone = begun and primary and isinstance(e, CheckpointError)
+        error = _fs_error(s.final, e)
+        s.sync.abandon(error)
+        gone = begun and primary and isinstance(error, CheckpointError)
         gone = gone and tmp is not None and not _storage.is_dir(tmp)
         if primary and tmp is not None:
             _storage.remove_tree(tmp)
         if gone:
             raise _lost(s.final, f"its directory {tmp}") from e
-        raise
+        if error is e:
+            raise
+        raise error from e
     finally:
         if lock is not None:
             lock.release()
     return s.final
+
+
+def _fs_error(final: str, e: BaseException) -> BaseException:
+    """A local file system error of the save to ``final`` as a ``StorageError`` naming
+    ``final`` (not the temporary directory) and the fix; any other error as it is."""
+    if (
+        isinstance(e, OSError)
+        and not isinstance(e, CheckpointError)
+        and e.errno is not None
+        and _storage.is_local(final)
+    ):
+        return _storage.local_error(final, e)
+    return e
 
 
 def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> None:
@@ -180,12 +206,14 @@ def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> N
         raise _lost(final, f"{len(lost)} of the {len(written)} files it wrote (e.g. {example})")
 
 
-def _lost(final: str, what: str) -> CheckpointError:
-    return CheckpointError(
+def _lost(final: str, what: str) -> StorageError:
+    error = StorageError(
         f"The save to {final} lost {what} before its commit: something else deleted the save's "
-        "files while it was writing. Nothing was committed; earlier checkpoints are intact. Fix: save again, "
-        "and stop whatever deletes a save's temporary files while it writes."
+        "files while it was writing. Nothing was committed; earlier checkpoints are intact. "
+        "Fix: save again, and stop whatever deletes a save's temporary files while it writes."
     )
+    error.errno = errno.ENOENT  # str(error) stays the sentence
+    return error
 
 
 class SaveHandle:
@@ -299,9 +327,9 @@ def _raise_earlier_errors() -> None:
             if h._error is not None and not h._seen:
                 h._seen = True
                 raise CheckpointError(
-                    f"An earlier asynchronous save to {h.path} failed: {h._error}. Its "
-                    "checkpoint was not written; this save did not start. Fix: resolve the "
-                    "cause and save again."
+                    f"An earlier asynchronous save to {h.path} failed: "
+                    f"{str(h._error).rstrip('.')}. Its checkpoint was not written; this save did "
+                    "not start. Fix: resolve the cause and save again."
                 ) from h._error
 
 
@@ -368,7 +396,58 @@ def extra_attributes(step: int | None, metrics: dict[str, Any] | None) -> dict[s
     """The root attributes a save adds for ``step`` and ``metrics`` (metrics as JSON values)."""
     out: dict[str, Any] = {}
     if step is not None:
-        out["step"] = int(step)
-    if metrics:
-        out["metrics"] = {str(k): np.asarray(v).tolist() for k, v in metrics.items()}
+        out["step"] = check_step(step)
+    checked = check_metrics(metrics)
+    if checked:
+        out["metrics"] = checked
+    return out
+
+
+def check_step(step: Any) -> int:
+    """``step`` as an int; a step is a non-negative integer (a Python, NumPy or JAX one)."""
+    try:
+        value = operator.index(step)  # an integer, not a float that would be truncated
+    except TypeError:
+        value = None
+    if value is None or isinstance(step, (bool, np.bool_)):
+        raise TypeError(
+            f"step must be a non-negative int, not {step!r} ({type(step).__name__}). Fix: pass "
+            "the step as an integer count (checkpoints are named and ordered by it)."
+        )
+    if value < 0:
+        raise ValueError(f"step must be a non-negative int, not {value}. Fix: count steps from 0.")
+    return value
+
+
+def check_metrics(metrics: Any) -> dict[str, int | float | bool]:
+    """``metrics`` as JSON values: a dict of names to real scalars (Python, NumPy or JAX
+    ones). NaN and infinities are kept: a diverging run still saves (NaN ranks last)."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics must be a dict of names to numbers, not {metrics!r} "
+            f"({type(metrics).__name__}). Fix: name each value, e.g. metrics={{'loss': loss}}."
+        )
+    out: dict[str, int | float | bool] = {}
+    for name, v in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(
+                f"metric names must be str, not {name!r} ({type(name).__name__}). Fix: use "
+                "names such as 'loss'."
+            )
+        a = np.asarray(v)
+        integer = a.dtype.kind in "biu"
+        if not (integer or jax.dtypes.issubdtype(a.dtype, np.floating)):  # bfloat16 too
+            raise TypeError(
+                f"The metric {name!r} is {v!r} ({type(v).__name__}); a metric is one real "
+                "number (int, float, bool, or a NumPy or JAX scalar). Fix: pass a number, or "
+                "save other values in the tree."
+            )
+        if a.shape != ():
+            raise ValueError(
+                f"The metric {name!r} is an array of shape {a.shape}; a metric is one number. "
+                "Fix: reduce it to one, e.g. float(x.mean()), or save the array in the tree."
+            )
+        out[name] = a.item() if integer else a.astype(np.float64).item()
     return out

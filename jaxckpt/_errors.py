@@ -23,6 +23,11 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """A committed checkpoint already exists where a save was asked to write."""
 
 
+class StorageError(CheckpointError, OSError):
+    """The local file system refused a write (read-only, permission denied, a path under a file,
+    a name too long, a directory removed...); ``errno`` is the file system's error number."""
+
+
 class UnsupportedLeafError(CheckpointError, TypeError):
     """A leaf of the tree cannot be saved."""
 

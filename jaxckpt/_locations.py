@@ -31,7 +31,12 @@ import tensorstore as ts
 
 from . import _leases
 from ._chunks import fsync_path, pool
-from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageError,
+)
 
 COMMIT = "COMMIT"
 PENDING = "PENDING"
@@ -168,6 +173,8 @@ def open_kv(root: str) -> ts.KvStore:
 
 def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     """A permanent storage error (retries are TensorStore's), naming the URL and the array."""
+    if isinstance(e, OSError) and e.errno is not None and is_local(where):
+        return local_error(where, e, what)
     of = f" (the array {what!r})" if what else ""
     detail = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(e))  # the JSON spec buries the cause
     msg = f"Accessing {where}{of} failed: {detail}."
@@ -187,6 +194,67 @@ def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     if str(e).startswith("NOT_FOUND") and "http_response_code='404'" in str(e):  # no bucket
         return CheckpointNotFoundError(msg)
     return CheckpointError(msg)
+
+
+_TMP_NAME = re.compile(re.escape(TMP_MARK) + "[0-9a-f]{12}")
+
+
+def local_error(path: str, e: OSError, what: str = "") -> StorageError:
+    """A local file system error writing ``path`` as a sentence with the fix its errno calls
+    for, naming ``path``: a save's temporary name is shown as the checkpoint's own path (the
+    one the caller gave; nothing is left under the other)."""
+    where = _TMP_NAME.sub("", path)
+    parent = os.path.dirname(where)
+    head = f"Writing {where}" + (f" (the array {what!r})" if what else "") + " failed"
+    code = e.errno
+    blocker = _file_above(where) if code in (errno.ENOTDIR, errno.EEXIST) else None
+    if code == errno.EROFS:
+        msg = (
+            f"{head}: its file system is read-only. Fix: save to a writable directory, or "
+            "remount that file system read-write."
+        )
+    elif code in (errno.EACCES, errno.EPERM):
+        msg = (
+            f"{head}: permission denied. Fix: give the user running this write access to "
+            f"{parent}, or save elsewhere."
+        )
+    elif blocker is not None:
+        msg = (
+            f"{head}: {blocker} is a file, not a directory. Fix: choose a path whose parents "
+            "are directories, or move that file away."
+        )
+    elif code == errno.ENAMETOOLONG:
+        name = max(where.split("/"), key=lambda n: len(n.encode()))
+        shown = name if len(name) <= 40 else name[:40] + "..."
+        msg = (
+            f"{head}: the name {shown!r} is {len(name.encode())} bytes, too long for the file "
+            f"system (most allow 255 bytes per name, and a save first writes under a name "
+            f"{len(TMP_MARK) + 12} bytes longer). Fix: use a shorter name."
+        )
+    elif code == errno.ENOENT:
+        msg = (
+            f"{head}: a directory it was writing into was removed meanwhile. Fix: make sure "
+            f"nothing else (a cleanup job, another manager of {parent}) removes files there "
+            "while jaxckpt writes, then save again."
+        )
+    else:
+        msg = (
+            f"{head}: {e.strerror or e}. Fix: check the free space and the permissions of {parent}."
+        )
+    error = StorageError(msg)
+    error.errno = code  # str(error) stays the sentence: no strerror is set
+    return error
+
+
+def _file_above(path: str) -> str | None:
+    """The nearest of ``path`` and its parents that exists, when it is not a directory."""
+    while True:
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+        up = os.path.dirname(path)
+        if up == path:
+            return None
+        path = up
 
 
 def _remote(root: str, fn: Any) -> Any:
@@ -361,7 +429,10 @@ def list_names(root: str) -> list[str]:
 
 def make_dirs(root: str) -> None:
     if not is_url(root):  # a prefix exists once something is written under it
-        os.makedirs(root, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as e:
+            raise local_error(root, e) from e
 
 
 def is_debris(name: str) -> bool:
@@ -473,6 +544,11 @@ def write_bytes_atomic(root: str, key: str, data: bytes) -> None:
             _leases.lock_file(f.fileno())  # not debris to another process while written
             f.write(data)
             os.replace(tmp, final)
-    except BaseException:
-        remove(tmp)
+    except BaseException as e:
+        try:
+            remove(tmp)
+        except OSError:  # on a read-only disk even a missing file's unlink fails; e says why
+            pass
+        if isinstance(e, OSError) and e.errno is not None:
+            raise local_error(final, e) from e
         raise

@@ -20,7 +20,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -119,6 +119,13 @@ class CheckpointManager:
         if best_mode not in ("min", "max"):
             raise ValueError(f'best_mode must be "min" or "max", not {best_mode!r}.')
         self.directory = os.fspath(directory)
+        if _storage.is_committed(self.directory):
+            raise CheckpointError(
+                f"{self.directory} is a checkpoint (it holds {_storage.COMMIT}), not a directory "
+                "of checkpoints: a manager would write its checkpoints inside it. Fix: give the "
+                "manager the run's directory (the one holding ckpt-<step> checkpoints), or read "
+                f"this checkpoint with jc.restore({self.directory!r})."
+            )
         self.max_to_keep = max_to_keep
         self.keep_every_n_steps = keep_every_n_steps
         self.keep_every_n_hours = keep_every_n_hours
@@ -135,7 +142,7 @@ class CheckpointManager:
         self._writer: weakref.finalize | None = None  # releases the run's writer lock
         self._unwritable: OSError | None = None  # why a directory we cannot write is read-only
         if self._primary and not read_only:
-            self._writing(_storage.make_dirs, self.directory)
+            _storage.make_dirs(self.directory)  # a new run on a disk it cannot write: an error
             self._writing(self._remove_debris)
         self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
         self._commits = itertools.count()
@@ -257,9 +264,10 @@ class CheckpointManager:
                 done.result()
             except Exception as e:
                 raise CheckpointError(
-                    f"The manager of {self.directory} failed {what}: {e}. Its committed "
-                    "checkpoints are intact, and a stale index is rebuilt from them. Fix: remove "
-                    "the cause (disk space, permissions); the next save rewrites the index."
+                    f"The manager of {self.directory} failed {what}: {str(e).rstrip('.')}. Its "
+                    "committed checkpoints are intact, and a stale index is rebuilt from them. "
+                    "Fix: remove the cause (disk space, permissions); the next save rewrites the "
+                    "index."
                 ) from e
 
     @property
@@ -302,27 +310,33 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ saving
 
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` saves: ``step`` is a multiple of ``save_interval_steps``."""
-        return operator.index(step) % self.save_interval_steps == 0
+        """Whether ``save(step, ...)`` saves without ``force``: ``step`` is a multiple of
+        ``save_interval_steps`` and newer than every step saved or being saved (so a loop
+        resumed at a saved step does not save it again)."""
+        step = _checkpoint.check_step(step)
+        newest = max([*self._entries, *(p.step for p in self._pending)], default=-1)
+        return step > newest and step % self.save_interval_steps == 0
 
     def save(
         self, step: int, tree: PyTree, metrics: dict[str, Any] | None = None, force: bool = False
     ) -> bool:
         """Saves ``tree`` as ``step`` unless ``should_save(step)`` says no and not ``force``.
 
-        Returns whether it saved. With ``async_save`` it returns once the arrays are snapshotted:
-        earlier saves still writing go on in the background (on several processes, it first
-        waits for them to commit); an earlier asynchronous save's error is raised here.
+        Returns whether it saved. ``step`` is a non-negative int; ``metrics`` a dict of names to
+        real scalars (NaN and infinities included). With ``force`` a step already saved is an
+        error (``CheckpointExistsError``). With ``async_save`` it returns once the arrays are
+        snapshotted: earlier saves still writing go on in the background (on several processes,
+        it first waits for them to commit); an earlier asynchronous save's error is raised here.
         """
-        step = operator.index(step)
+        step = _checkpoint.check_step(step)
+        if metrics is not None and not isinstance(metrics, Mapping):
+            _checkpoint.check_metrics(metrics)  # raises; values are checked only when saving
         if self.read_only:
             why = f" ({self._unwritable})" if self._unwritable else ""
             raise CheckpointError(
                 f"This manager of {self.directory} is read-only{why}: it restores, it does not "
                 "save. Fix: open the manager without read_only=True on a directory it can write."
             )
-        if self._writer is None and self._primary:
-            self._hold_writer()
         single = _multihost.process_count() == 1
         if single:  # on several processes only at points every process shares
             self._finish_pending(only_done=True)
@@ -337,17 +351,14 @@ class CheckpointManager:
                 f"({self._path(step)}); a manager never overwrites a checkpoint. Fix: save under "
                 "a new step, or restore from this one to continue the run."
             )
-        if self.best_metric is not None and self.best_metric not in (metrics or {}):
-            raise ValueError(
-                f"best_metric={self.best_metric!r} ranks the checkpoints, but the metrics of step "
-                f"{step} are {metrics!r}. Fix: pass metrics={{{self.best_metric!r}: value}}."
-            )
+        as_saved = _checkpoint.check_metrics(metrics)
+        if self._writer is None and self._primary:
+            self._hold_writer()
         if self.async_save:
-            handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=metrics)
-            as_saved = _checkpoint.extra_attributes(step, metrics).get("metrics", {})
+            handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=as_saved)
             self._pending.append(_Pending(step, self._path(step), handle, as_saved))
         else:
-            _checkpoint.save(self._path(step), tree, step=step, metrics=metrics)
+            _checkpoint.save(self._path(step), tree, step=step, metrics=as_saved)
             self._committed(self._entry_from_metadata(step))
         return True
 
@@ -362,8 +373,8 @@ class CheckpointManager:
             except Exception as e:
                 error = CheckpointError(
                     f"The asynchronous save of step {pending.step} to {pending.path} failed: "
-                    f"{e}. That step was not saved; earlier checkpoints are intact. Fix: remove "
-                    "the cause (disk space, permissions) and save again."
+                    f"{str(e).rstrip('.')}. That step was not saved; earlier checkpoints are "
+                    "intact. Fix: remove the cause (disk space, permissions) and save again."
                 )
                 error.__cause__ = e
                 first = first or error
@@ -397,14 +408,16 @@ class CheckpointManager:
         self._in_background(f"deleting {rest}", _storage.remove, rest)
 
     def _ranked(self) -> list[int]:
-        """Steps holding ``best_metric``, best first (NaN last; ties: the newer first)."""
+        """Steps holding ``best_metric`` as a number, best first (NaN last; ties: the newer
+        first). Other steps are never ranked (an older jaxckpt also stored array metrics)."""
         if self.best_metric is None:
             return []
         sign = 1.0 if self.best_mode == "min" else -1.0
         scored = []
         for e in self._entries.values():
-            if self.best_metric in e.metrics:
-                v = float(e.metrics[self.best_metric])
+            v = e.metrics.get(self.best_metric)
+            if isinstance(v, (int, float)):
+                v = float(v)
                 scored.append((math.isnan(v), sign * v if not math.isnan(v) else 0.0, -e.step))
         return [-s for _, _, s in sorted(scored)]
 
@@ -416,7 +429,10 @@ class CheckpointManager:
         if self.best_metric is None:
             keep.update(steps[-self.max_to_keep :])
         else:
-            keep.update(self._ranked()[: self.max_to_keep])
+            ranked = self._ranked()
+            keep.update(ranked[: self.max_to_keep])
+            # Steps saved without the metric are kept by recency, as without best_metric.
+            keep.update(set(steps[-self.max_to_keep :]) - set(ranked))
         if self.keep_every_n_steps:
             keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
         if self.keep_every_n_hours:
@@ -456,7 +472,22 @@ class CheckpointManager:
     def restore(
         self, step: int | None = None, target: PyTree = None, **restore_kwargs: Any
     ) -> PyTree:
-        """Restores ``step`` (None: the latest) like ``jc.restore(path, target, **kwargs)``."""
+        """Restores ``step`` (None: the latest) like ``jc.restore(path, target, **kwargs)``.
+
+        ``mngr.restore(5)`` and ``mngr.restore(5, state)`` restore step 5; an integer first
+        argument is always a step. Any other first argument is the target, as ``jc.restore``
+        takes it: ``mngr.restore(state)`` restores the latest step into ``state``.
+        """
+        if step is not None and not _is_step(step):
+            if target is not None:
+                raise TypeError(
+                    f"restore's first argument is a step (an int) or, alone, the target; it "
+                    f"was given a {type(step).__name__} and a target as well. Fix: "
+                    "mngr.restore(target) for the latest step, or mngr.restore(step, target)."
+                )
+            step, target = None, step
+        if step is not None:
+            step = _checkpoint.check_step(step)
         self.wait_until_finished()
         if step is None:
             step = self.latest_step
@@ -506,6 +537,18 @@ def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
             mngr.wait_until_finished()
         except Exception as e:
             log.error("jaxckpt: %s", e)
+
+
+def _is_step(x: Any) -> bool:
+    """Whether ``restore``'s first argument names a step rather than being the target: an
+    integer, or a value no target is (a float, a string) so that check_step says what is wrong."""
+    if isinstance(x, (float, str, bytes, bool)):
+        return True
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _check_count(name: str, value: int | None, none_ok: bool) -> None:

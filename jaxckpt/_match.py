@@ -115,13 +115,13 @@ def _listed(items: list[Any], line: Callable[[Any], str]) -> list[str]:
 
 
 def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
-    base = (prefix or "").strip("/")
+    base = _prefix_of(prefix)
     if rename is None:
         fn: Callable[[str], str | None] = lambda p: p  # noqa: E731
     elif callable(rename):
         fn = rename
     else:
-        rules = [(re.compile(k), v) for k, v in rename.items()]
+        rules = _rename_rules(rename)
 
         def fn(p: str) -> str | None:
             for pattern, repl in rules:
@@ -210,8 +210,43 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
     return src == dst or _category(src) <= _category(dst) < 9
 
 
+def _prefix_of(prefix: Any) -> str:
+    """``prefix`` without empty segments ("" for None); anything but a str is a TypeError."""
+    if prefix is not None and not isinstance(prefix, str):
+        raise TypeError(
+            f"prefix must be a path in the checkpoint, as a str such as 'params/backbone', or "
+            f"None, not {prefix!r} ({type(prefix).__name__}). Fix: pass the path as a str."
+        )
+    return "/".join(p for p in (prefix or "").split("/") if p)
+
+
+def _rename_rules(rename: Any) -> list[tuple[re.Pattern[str], str]]:
+    """The compiled rules of a ``rename`` dict; any other ``rename`` is a TypeError."""
+    if not isinstance(rename, Mapping):
+        raise TypeError(
+            f"rename must be a dict of regex -> replacement, a callable mapping a target path "
+            f"to a checkpoint path (or None), or None; not {rename!r} "
+            f"({type(rename).__name__}). Fix: e.g. rename={{'^encoder/': 'backbone/'}}."
+        )
+    rules = []
+    for k, v in rename.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(
+                f"rename maps regex patterns (str) to replacements (str), but it holds "
+                f"{k!r}: {v!r}. Fix: write both as str, e.g. {{'^encoder/': 'backbone/'}}."
+            )
+        try:
+            rules.append((re.compile(k), v))
+        except re.error as e:
+            raise ValueError(
+                f"rename's pattern {k!r} is not a valid regular expression ({e}). Fix: correct "
+                "it (re.escape(...) matches a path literally)."
+            ) from None
+    return rules
+
+
 def check_prefix(reader: Reader, prefix: str | None) -> str:
-    base = "/".join(p for p in (prefix or "").split("/") if p)
+    base = _prefix_of(prefix)
     if base and reader.node(base) is None:
         raise StructureMismatchError(
             f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -163,6 +164,10 @@ class Reader:
         to its device while others are still being read.
         """
         recs = [self.record(p) for p, _ in requests]
+        requests = [
+            (p, i if i is None else _checked_index(self.path, p, rec["shape"], i))
+            for (p, i), rec in zip(requests, recs, strict=True)
+        ]
         out: list[np.ndarray | None] = [None] * len(requests)
         local = _storage.is_local(self.path)
         packed: dict[str, list[int]] = {}
@@ -371,6 +376,33 @@ def _view(buf: np.ndarray, offset: int, nbytes: int, rec: dict[str, Any]) -> np.
     return buf[offset : offset + nbytes].view(np.dtype(rec["dtype"])).reshape(rec["shape"])
 
 
+def _checked_index(where: str, path: str, shape: Sequence[int], index: Any) -> Index:
+    """``index`` checked against ``shape`` as NumPy indexes, its ints and slices made
+    non-negative and clipped, as TensorStore reads them; out of range is an ``IndexError``
+    naming the leaf (not a read error that would call the checkpoint damaged)."""
+    idx = index if isinstance(index, tuple) else (index,)
+    try:
+        np.broadcast_to(np.empty((), np.bool_), tuple(shape))[idx]  # zero strides: no allocation
+    except (IndexError, TypeError, ValueError) as e:
+        raise IndexError(
+            f"The index {index!r} does not fit the leaf {path!r} of shape {tuple(shape)} "
+            f"in the checkpoint {where} ({e}). Fix: index within that shape; reader.read(path) "
+            "reads the whole leaf."
+        ) from None
+    out: list[slice | int] = []
+    for s, n in zip(idx, shape, strict=False):
+        if isinstance(s, slice) and (s.step is None or s.step > 0):
+            start, stop, step = s.indices(n)
+            out.append(slice(start, max(start, stop), step))
+            continue
+        try:
+            i = operator.index(s)  # not a slice
+        except TypeError:
+            return idx  # an Ellipsis, a new axis, an array: TensorStore takes it as it is
+        out.append(i + n if i < 0 else i)
+    return (*out, *idx[len(out) :])
+
+
 def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
     if index is None:
         return True
@@ -388,6 +420,24 @@ def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:
+    from . import _manager  # it imports this module
+
+    steps = _manager._committed_steps(path)
+    if steps or _storage.exists(path, _manager.INDEX):  # a manager's directory
+        fix = (
+            f"restore one of them: jc.restore(jc.latest_checkpoint({path!r}), ...) for the "
+            f"newest, or jc.CheckpointManager({path!r}).restore(step, target)."
+            if steps
+            else "check the path, or save a checkpoint there first (CheckpointManager.save)."
+        )
+        held = (
+            f"{len(steps)} checkpoints, the newest {_manager.PREFIX}{steps[-1]}"
+            if steps
+            else "no checkpoint yet"
+        )
+        return CheckpointNotFoundError(
+            f"{path} is a CheckpointManager's directory ({held}), not one checkpoint. Fix: {fix}"
+        )
     if _storage.is_dir(path):
         return CheckpointNotFoundError(
             f"{path} holds no committed checkpoint (no {_storage.COMMIT} marker): it is an "

@@ -32,6 +32,7 @@ from ._locations import join as join
 from ._locations import kvstore as kvstore
 from ._locations import list_keys as list_keys
 from ._locations import list_names as list_names
+from ._locations import local_error as local_error
 from ._locations import make_dirs as make_dirs
 from ._locations import missing as missing
 from ._locations import normalize as normalize

@@ -265,8 +265,8 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     if report.damaged:
         print(
             f"{len(report.damaged)} of {report.arrays} arrays in {reader.path} are damaged. Fix: "
-            "restore an earlier checkpoint (`jaxckpt ls` lists them), or restore with "
-            'partial=True / missing="keep" to skip the damaged leaves.',
+            "restore an earlier checkpoint (`jaxckpt ls` lists them)"
+            + _skip_advice(reader, report.damaged),
             file=out,
         )
         return 1
@@ -275,6 +275,21 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         file=out,
     )
     return 0
+
+
+def _skip_advice(reader: Reader, damaged: dict[str, str]) -> str:
+    """How to restore the rest of a checkpoint, leaving the damaged leaves at the target's own
+    values: they are renamed to no saved path (missing="keep" keeps the target's value) and
+    so never read (partial=True)."""
+    leaves = sorted(p for p in damaged if p in reader.records)
+    if not leaves:
+        return "."
+    return (
+        ", or restore this one with the damaged leaves left at the target's own values:\n"
+        f"  damaged = {{{', '.join(map(repr, leaves))}}}\n"
+        f'  jc.restore({reader.path!r}, target, partial=True, missing="keep", '
+        "rename=lambda p: None if p in damaged else p)"
+    )
 
 
 # ---------------------------------------------------------------------------- graph, convert
