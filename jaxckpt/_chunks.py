@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._checksum import crc32c
+from ._validate import Violation
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
 ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
@@ -326,13 +328,28 @@ class ChunkError(ValueError):
     """A chunk file is missing, truncated or fails its checksum."""
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_chunk(path: str) -> int:
+    """Opens a chunk file to read; a symbolic link is refused: a link placed in a checkpoint
+    could lead to any file of the host (the directories above are checked by the reader)."""
+    try:
+        return os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        raise ChunkError(f"the chunk file {path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Violation(
+                f"has the chunk file {path}, a symbolic link (a chunk file is a regular file)"
+            ) from None
+        raise
+
+
 def read_chunk_into(path: str, out: np.ndarray) -> None:
     """Reads the chunk at ``path`` into the C-contiguous ``out`` and checks its CRC-32C."""
     raw = as_bytes(out)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ChunkError(f"the chunk file {path} is missing") from None
+    fd = _open_chunk(path)
     try:
         if hasattr(os, "posix_fadvise") and raw.size > (1 << 20):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead: cold reads
@@ -356,10 +373,7 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
 def read_range_into(path: str, offset: int, out: np.ndarray) -> None:
     """Reads ``out.size`` bytes of the chunk file at ``path`` from ``offset`` (no checksum: the
     caller checks what it reads against its own)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ChunkError(f"the chunk file {path} is missing") from None
+    fd = _open_chunk(path)
     try:
         mv = memoryview(as_bytes(out))  # type: ignore[arg-type]
         while mv:
@@ -378,10 +392,13 @@ def read_whole(
     chunks: Sequence[int],
     dtype: np.dtype,
     zero: str | Sequence[int] | None = None,
+    confine: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Reads a whole array chunk by chunk into an aligned array (unaligned chunks copied).
 
     The chunks ``zero`` lists (a record's ``"zero_chunks"``) are zeros and are not read.
+    ``confine(directory)`` is called with each chunk's directory (relative to ``root``)
+    before the chunk is read: the reader's check that it lies inside the checkpoint.
     """
     if zero == "all":
         return aligned_empty(shape, dtype, zeros=True)
@@ -398,7 +415,10 @@ def read_whole(
         if absent and flat_index(coords, grid) in absent:
             continue
         dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
-        path = os.path.join(base, chunk_key(coords))
+        key = chunk_key(coords)
+        if confine is not None:
+            confine(f"{loc}/{key}".rpartition("/")[0])
+        path = os.path.join(base, key)
         if not padded and dest.flags.c_contiguous:
             read_chunk_into(path, dest)
         else:
