@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import bisect
 import functools
+import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -79,6 +81,16 @@ class Reader:
     def _confined(self) -> _validate.Confined:
         """The directories found to lie inside this (local) checkpoint."""
         return _validate.Confined(self.path)
+
+    @functools.cached_property
+    def _matched(self) -> set[int]:
+        """The ids of the array records found to agree with their array's zarr.json."""
+        return set()
+
+    @functools.cached_property
+    def _packs(self) -> dict[str, tuple[int, int]]:
+        """``{loc: (bytes, chunk bytes)}`` of the packs whose zarr.json was read."""
+        return {}
 
     def _checked(self, path: str, rec: dict[str, Any]) -> dict[str, Any]:
         """``rec``, once it passed :func:`jaxckpt._validate.leaf_problem`: every record a
@@ -231,6 +243,13 @@ class Reader:
         return out  # type: ignore[return-value]
 
     def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+        if id(rec) not in self._matched:  # before the array is allocated
+            self._confined.dir(rec["loc"])
+            path = os.path.join(self.path, rec["loc"], "zarr.json")
+            problem = _validate.array_json_problem(rec, _validate.read_json(path), path)
+            if problem is not None:
+                raise _validate.Violation(problem)
+            self._matched.add(id(rec))
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
             self.path,
@@ -255,11 +274,13 @@ class Reader:
         try:
             if not _storage.is_local(self.path):
                 store = _storage.open_array(self.path, loc, {}, create=False, assume=False).result()
+                self._check_pack(loc, recs, paths, store)
                 futs = [store[o : o + n].read() for o, n in spans]
                 return [
                     _view(f.result(), 0, n, r)
                     for f, (_, n), r in zip(futs, spans, recs, strict=True)
                 ]
+            self._check_pack(loc, recs, paths)
             size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
             if (
@@ -301,6 +322,29 @@ class Reader:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
+    def _check_pack(
+        self, loc: str, recs: list[dict[str, Any]], paths: list[str], store: Any = None
+    ) -> None:
+        """Raises unless the places of the packed leaves ``recs`` lie in their pack ``loc``, as
+        its zarr.json (or the opened TensorStore ``store``) describes it: before any read."""
+        if loc not in self._packs:
+            where = _storage.join(self.path, f"{loc}/zarr.json")
+            if store is None:
+                self._confined.dir(loc)
+                size = _validate.pack_json(_validate.read_json(where), where)
+            else:
+                length, chunk = store.shape[0], store.chunk_layout.read_chunk.shape[0]
+                problem = _validate.pack_problem(length, store.dtype.name, chunk, where)
+                if problem is not None or store.rank != 1:
+                    raise _validate.Violation(problem or f"is packed in {where}, not 1-D")
+                size = (length, chunk)
+            self._packs[loc] = size
+        length, chunk = self._packs[loc]
+        for rec, path in zip(recs, paths, strict=True):
+            problem = _validate.packed_problem(rec, length, chunk)
+            if problem is not None:
+                raise self._error(path, _validate.Violation(problem))
+
     def _read_one_packed(self, rec: dict[str, Any], path: str) -> np.ndarray:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
         a failure names the leaf's ``path``."""
@@ -339,15 +383,16 @@ class Reader:
                     rec["loc"],
                     _array_meta(rec),
                     create=False,
+                    assume=False,  # TensorStore compares the record with the array's zarr.json
                     fill_missing="zero_chunks" in rec,
                 )
         futures = []
         for (p, index), rec in zip(requests, recs, strict=True):
             try:
-                self._check_present(rec)
                 store = opened[rec["loc"]].result()
+                self._check_present(rec)
             except Exception as e:
-                raise _storage.read_error(self.path, p, e) from e
+                raise self._error(p, _mismatch(e)) from e
             futures.append(store[index].read() if index is not None else store.read())
         out = []
         for (p, _), rec, f in zip(requests, recs, futures, strict=True):
@@ -432,6 +477,33 @@ def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
 def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
     """The zarr metadata of an array leaf, rebuilt from its record (no file read)."""
     return _storage.array_metadata(rec["shape"], rec.get("stored", rec["dtype"]), rec["chunks"])
+
+
+def _mismatch(e: Exception) -> Exception:
+    """TensorStore's refusal of an array whose zarr.json disagrees with its record, as a
+    ``Violation``; any other error as it is."""
+    msg = str(e)
+    if "FAILED_PRECONDITION" not in msg:
+        return e
+    m = re.search(r'Expected "(\w+)" of (.*?) but received: (.*?)(?: \[tensorstore_spec|$)', msg)
+    if m is not None:
+        what, want, got = m.groups()
+        return _validate.Violation(
+            f"is recorded with the {what} {_plain(want)}, but its array's zarr.json says "
+            f"{_plain(got)}"
+        )
+    m = re.search(r'Mismatch in "(\w+)"', msg)
+    if m is None:
+        return e
+    return _validate.Violation(f"has {m.group(1)} in its array's zarr.json other than its record's")
+
+
+def _plain(v: str) -> str:
+    """A value as TensorStore quotes it (``"\\"float32\\""``), unquoted once."""
+    try:
+        return v if not v.startswith('"') else str(json.loads(v))
+    except ValueError:
+        return v
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:

@@ -34,11 +34,11 @@ def _edit_root(ck, edit):
         json.dump(doc, f)
 
 
-def _set(ck, key, **fields):
-    """Sets ``fields`` of the record of the top-level leaf ``key`` (None deletes a field)."""
+def _set(ck, leaf, **fields):
+    """Sets ``fields`` of the record of the top-level leaf ``leaf`` (None deletes a field)."""
 
     def edit(tree):
-        rec = next(c for _, k, c in tree["c"] if k == key)
+        rec = next(c for _, k, c in tree["c"] if k == leaf)
         for name, value in fields.items():
             if value is None:
                 rec.pop(name, None)
@@ -191,3 +191,141 @@ def test_a_split_group_file_leading_outside_is_refused(tmp_path, monkeypatch):
     _edit_root(ck, lambda t: t["c"][0].__setitem__(1, ".."))  # a crafted sequence index
     with pytest.raises(jc.CorruptCheckpointError, match="would lie outside the checkpoint"):
         jc.restore(ck)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def _refused_everywhere(ck, what, leaf="a", index=(slice(0, 2),)):
+    """As _refused, and jc.list_variables too (it hands out every record)."""
+    _refused(ck, leaf, what, index=index)
+    with pytest.raises(jc.CorruptCheckpointError, match=re.escape(f"['{leaf}']") + ".*" + what):
+        jc.list_variables(ck)
+
+
+def test_a_shape_its_zarr_json_does_not_hold_allocates_nothing(pair):
+    """shape [2**40] (4 TiB) while a/zarr.json says [4, 4]: refused before any allocation."""
+    ck, _ = pair
+    _set(ck, "a", shape=[2**40], chunks=[2**40])
+    pattern = r"is recorded with (shape|the shape) \[1099511627776\].*zarr.json says.*\[4, ?4\]"
+    _refused(ck, what=pattern)
+
+
+@pytest.mark.parametrize(
+    "fields, what",
+    [
+        ({"chunks": [0, 4]}, "has the chunks"),
+        ({"chunks": [4]}, "has the chunks"),
+        ({"chunks": [8, 4]}, "has the chunks"),  # a chunk larger than its dimension
+        ({"shape": [-4, 4]}, "has the shape"),
+        ({"shape": [4, 4.0]}, "has the shape"),
+        ({"shape": "44"}, "has the shape"),
+        ({"shape": [1] * 33, "chunks": [1] * 33}, "has the shape"),
+        ({"shape": [2**40, 2**40], "chunks": [2**40, 2**40]}, "claims"),
+        ({"dtype": "O"}, "has the dtype 'O'"),
+        ({"dtype": "<U4"}, "has the dtype"),
+        ({"dtype": "float"}, "has the dtype"),  # not how jaxckpt spells a dtype
+        ({"dtype": None}, "has the dtype"),
+        ({"stored": "uint8"}, "is stored as 'uint8'"),
+        ({"stored": "V4"}, "is stored as"),
+        ({"zero_chunks": [1]}, "lists the zero chunks"),  # one chunk: index 0 only
+        ({"zero_chunks": [0, 0]}, "lists the zero chunks"),
+        ({"zero_chunks": "some"}, "lists the zero chunks"),
+        ({"np_scalar": True}, "has np_scalar"),
+        ({"key": "nokey", "key_dtype": "key<fry>", "key_shape": [4]}, "PRNG key record"),
+    ],
+)
+def test_a_crafted_array_record_is_refused(pair, fields, what):
+    ck, _ = pair
+    _set(ck, "a", **fields)
+    _refused_everywhere(ck, re.escape(what))
+
+
+def test_two_million_chunks_for_two_mib_are_refused_before_planning(tmp_path):
+    ck = _save(tmp_path / "ck", {"a": np.ones(2 << 20, np.uint8)})
+    _set(ck, "a", chunks=[1])
+    _refused_everywhere(ck, "into 2097152 chunks.*at most 65536", index=(slice(0, 2),))
+
+
+def test_a_typed_key_record_that_jax_cannot_wrap_is_refused(tmp_path):
+    import jax
+
+    ck = _save(tmp_path / "ck", {"a": jax.random.key(0)})
+    _set(ck, "a", key="threefry9x9")
+    _refused_everywhere(ck, "PRNG key record", index=None)
+
+
+@pytest.mark.parametrize(
+    "rec, what",
+    [
+        ({"t": "value", "py": "float", "v": "abc"}, "cannot be decoded"),
+        ({"t": "value", "py": "int", "v": "1"}, "cannot be decoded"),
+        ({"t": "value", "py": "bytes", "v": "***"}, "cannot be decoded"),
+        ({"t": "value", "py": "set", "v": []}, "cannot be decoded"),
+        ({"t": "state", "cls": "x.Y"}, "state record"),
+    ],
+)
+def test_a_crafted_value_record_is_refused(tmp_path, rec, what):
+    ck = _save(tmp_path / "ck", {"a": 1.5, "b": np.zeros(3)})
+    _edit_root(ck, lambda t: t["c"][0].__setitem__(2, rec))
+    pattern = f"{re.escape(ck)} is damaged or was crafted: the leaf \\['a'\\].*{what}"
+    for read in (lambda: jc.restore(ck), lambda: jc.open(ck)["a"], lambda: jc.list_variables(ck)):
+        with pytest.raises(jc.CorruptCheckpointError, match=pattern):
+            read()
+    assert main(["verify", "-q", ck]) == 1
+
+
+@pytest.mark.parametrize(
+    "edit, what",
+    [
+        (lambda m: m.update(fill_value=1), "fill.value"),
+        (lambda m: m.update(data_type="int32"), "data.type"),
+        (lambda m: m["codecs"].pop(), "codecs"),
+        (lambda m: m["chunk_grid"]["configuration"].update(chunk_shape=[2, 2]), "chunk"),
+    ],
+)
+def test_an_array_zarr_json_that_disagrees_with_the_record_is_refused(pair, edit, what):
+    """What zarr-python would read differently from what jaxckpt reads (a flipped fill value
+    makes it read ones where zeros were saved) is damage to jaxckpt too."""
+    ck, _ = pair
+    p = os.path.join(ck, "a", "zarr.json")
+    with open(p) as f:
+        meta = json.load(f)
+    edit(meta)
+    with open(p, "w") as f:
+        json.dump(meta, f)
+    _refused(ck, what=what)
+
+
+@pytest.mark.parametrize(
+    "fields, what",
+    [
+        ({"packed": [0, 2**40, 1 << 20], "shape": [2**38]}, "at bytes 0 to 1099511627776"),
+        ({"packed": [0, 2**40, 1 << 20]}, "has the packed place"),
+        ({"packed": [0, 64, 0]}, "has the packed place"),
+        ({"packed": [-64, 64, 1 << 20]}, "has the packed place"),
+        ({"packed": [0, 64]}, "has the packed place"),
+        ({"packed": [2**30, 64, 1 << 20]}, "is recorded at bytes 1073741824"),  # past its pack
+        ({"packed": [0, 64, 1 << 10]}, "in chunks of 1024, but the pack holds"),
+        ({"crc32c": -1}, "has the crc32c"),
+    ],
+)
+def test_a_crafted_packed_record_is_refused(packed, fields, what):
+    ck, _ = packed
+    _set(ck, "a", **fields)
+    if what.startswith("has"):  # the record alone is wrong
+        _refused_everywhere(ck, re.escape(what), index=None)
+    else:  # the record disagrees with its pack's zarr.json, read with the data
+        _refused(ck, what=re.escape(what), index=None)
+
+
+def test_a_crafted_pack_zarr_json_is_refused(packed):
+    ck, _ = packed
+    p = os.path.join(ck, "~pack/0/zarr.json")
+    with open(p) as f:
+        meta = json.load(f)
+    meta["chunk_grid"]["configuration"]["chunk_shape"] = [1]
+    meta["shape"] = [2**40]
+    with open(p, "w") as f:
+        json.dump(meta, f)
+    _refused(ck, what="is packed in an array whose metadata", index=None)
