@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ._checksum import crc32c
-from ._validate import Violation
+from ._confine import Violation
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
 ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early

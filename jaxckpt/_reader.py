@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import bisect
 import functools
-import json
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from . import _checksum, _chunks, _metadata, _paths, _split, _storage, _validate
+from . import _checksum, _chunks, _confine, _metadata, _paths, _split, _storage, _validate
 from ._errors import CheckpointError, CheckpointNotFoundError
 
 PyTree = Any
@@ -78,9 +76,9 @@ class Reader:
         return set()
 
     @functools.cached_property
-    def _confined(self) -> _validate.Confined:
+    def _confined(self) -> _confine.Confined:
         """The directories found to lie inside this (local) checkpoint."""
-        return _validate.Confined(self.path)
+        return _confine.Confined(self.path)
 
     @functools.cached_property
     def _matched(self) -> set[int]:
@@ -98,14 +96,14 @@ class Reader:
         if id(rec) not in self._valid:
             problem = _validate.leaf_problem(rec)
             if problem is not None:
-                raise _validate.error(self.path, path, self.keystr(path), problem)
+                raise _confine.error(self.path, path, self.keystr(path), problem)
             self._valid.add(id(rec))
         return rec
 
     def _error(self, path: str, e: Exception) -> Exception:
         """The error a failed read of the leaf at ``path`` raises."""
-        if isinstance(e, _validate.Violation):
-            return _validate.error(self.path, path, self.keystr(path), str(e))
+        if isinstance(e, _confine.Violation):
+            return _confine.error(self.path, path, self.keystr(path), str(e))
         return _storage.read_error(self.path, path, e)
 
     @property
@@ -238,7 +236,7 @@ class Reader:
         for i, job in jobs.items():
             try:
                 out[i] = job.result()
-            except (OSError, _chunks.ChunkError, _validate.Violation) as e:
+            except (OSError, _chunks.ChunkError, _confine.Violation) as e:
                 raise self._error(requests[i][0], e) from e
         return out  # type: ignore[return-value]
 
@@ -246,9 +244,9 @@ class Reader:
         if id(rec) not in self._matched:  # before the array is allocated
             self._confined.dir(rec["loc"])
             path = os.path.join(self.path, rec["loc"], "zarr.json")
-            problem = _validate.array_json_problem(rec, _validate.read_json(path), path)
+            problem = _validate.array_json_problem(rec, _confine.read_json(path), path)
             if problem is not None:
-                raise _validate.Violation(problem)
+                raise _confine.Violation(problem)
             self._matched.add(id(rec))
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
@@ -310,7 +308,7 @@ class Reader:
             ]
             list(_chunks.pool("read").map(lambda j: j[0](*j[1:]), jobs))
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
-            one = len(paths) == 1 or isinstance(e, _validate.Violation)  # names the first
+            one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
             raise self._error(paths[0] if one else loc, e) from e
         starts = [a * size for a, _ in runs]
         out = []
@@ -331,19 +329,19 @@ class Reader:
             where = _storage.join(self.path, f"{loc}/zarr.json")
             if store is None:
                 self._confined.dir(loc)
-                size = _validate.pack_json(_validate.read_json(where), where)
+                size = _validate.pack_json(_confine.read_json(where), where)
             else:
                 length, chunk = store.shape[0], store.chunk_layout.read_chunk.shape[0]
                 problem = _validate.pack_problem(length, store.dtype.name, chunk, where)
                 if problem is not None or store.rank != 1:
-                    raise _validate.Violation(problem or f"is packed in {where}, not 1-D")
+                    raise _confine.Violation(problem or f"is packed in {where}, not 1-D")
                 size = (length, chunk)
             self._packs[loc] = size
         length, chunk = self._packs[loc]
         for rec, path in zip(recs, paths, strict=True):
             problem = _validate.packed_problem(rec, length, chunk)
             if problem is not None:
-                raise self._error(path, _validate.Violation(problem))
+                raise self._error(path, _confine.Violation(problem))
 
     def _read_one_packed(self, rec: dict[str, Any], path: str) -> np.ndarray:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
@@ -362,7 +360,7 @@ class Reader:
                 raise _chunks.ChunkError(
                     f"the bytes of this leaf in {base} fail its crc32c checksum"
                 )
-        except (OSError, _chunks.ChunkError, _validate.Violation) as e:
+        except (OSError, _chunks.ChunkError, _confine.Violation) as e:
             raise self._error(path, e) from e
         return _view(buf, 0, n, rec)
 
@@ -376,7 +374,7 @@ class Reader:
                 if local:  # TensorStore's file driver follows links: none may lead out
                     try:
                         self._confined.tree(rec["loc"])
-                    except _validate.Violation as e:
+                    except _confine.Violation as e:
                         raise self._error(p, e) from e
                 opened[rec["loc"]] = _storage.open_array(
                     self.path,
@@ -392,7 +390,7 @@ class Reader:
                 store = opened[rec["loc"]].result()
                 self._check_present(rec)
             except Exception as e:
-                raise self._error(p, _mismatch(e)) from e
+                raise self._error(p, _confine.ts_mismatch(e)) from e
             futures.append(store[index].read() if index is not None else store.read())
         out = []
         for (p, _), rec, f in zip(requests, recs, futures, strict=True):
@@ -477,33 +475,6 @@ def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
 def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
     """The zarr metadata of an array leaf, rebuilt from its record (no file read)."""
     return _storage.array_metadata(rec["shape"], rec.get("stored", rec["dtype"]), rec["chunks"])
-
-
-def _mismatch(e: Exception) -> Exception:
-    """TensorStore's refusal of an array whose zarr.json disagrees with its record, as a
-    ``Violation``; any other error as it is."""
-    msg = str(e)
-    if "FAILED_PRECONDITION" not in msg:
-        return e
-    m = re.search(r'Expected "(\w+)" of (.*?) but received: (.*?)(?: \[tensorstore_spec|$)', msg)
-    if m is not None:
-        what, want, got = m.groups()
-        return _validate.Violation(
-            f"is recorded with the {what} {_plain(want)}, but its array's zarr.json says "
-            f"{_plain(got)}"
-        )
-    m = re.search(r'Mismatch in "(\w+)"', msg)
-    if m is None:
-        return e
-    return _validate.Violation(f"has {m.group(1)} in its array's zarr.json other than its record's")
-
-
-def _plain(v: str) -> str:
-    """A value as TensorStore quotes it (``"\\"float32\\""``), unquoted once."""
-    try:
-        return v if not v.startswith('"') else str(json.loads(v))
-    except ValueError:
-        return v
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:

@@ -14,7 +14,7 @@ import json
 from concurrent.futures import Future
 from typing import Any
 
-from . import _metadata, _paths, _storage, _validate
+from . import _confine, _metadata, _paths, _storage
 from ._errors import CorruptCheckpointError
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
@@ -77,7 +77,7 @@ class Tree:
         self._early = early or {}  # group file -> its bytes (or None), read ahead in parallel
         self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
         self._whole = False  # every stub read
-        self._confined: _validate.Confined | None = None  # group directories checked
+        self._confined: _confine.Confined | None = None  # group directories checked
 
     def entries(self, path: str) -> list[Entry] | None:
         """The edges from the root to the node at ``path`` (``"a/b"``; ``""`` is the root), or
@@ -156,16 +156,16 @@ class Tree:
         its path, made of names from the metadata, first (before any I/O), then the links on a
         local disk."""
         for at, ents, _ in stubs:
-            if _validate.path_problem(at) is not None:
+            if _confine.path_problem(at) is not None:
                 raise _damaged(self.root, at, ents, "would lie outside the checkpoint")
         if not _storage.is_local(self.root):
             return
         if self._confined is None:
-            self._confined = _validate.Confined(self.root)
+            self._confined = _confine.Confined(self.root)
         for (at, ents, _), f in zip(stubs, files, strict=True):
             try:
                 self._confined.file(f)
-            except _validate.Violation:
+            except _confine.Violation:
                 what = "is reached through a symbolic link that leads outside the checkpoint"
                 raise _damaged(self.root, at, ents, what) from None
 
