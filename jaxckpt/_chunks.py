@@ -20,7 +20,9 @@ import ctypes
 import errno
 import itertools
 import json
+import math
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,7 @@ ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data
 # Bytes per os.write / os.readv of a chunk, checksummed just before it is written or just after
 # it is read, while in the CPU cache (and a snapshot waits for at most about one such write).
 STEP = 2 << 20
+FILES_FIRST = 64 << 20  # an array larger than this is allocated once its chunk files are seen
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
@@ -398,27 +401,34 @@ def read_whole(
 
     The chunks ``zero`` lists (a record's ``"zero_chunks"``) are zeros and are not read.
     ``confine(directory)`` is called with each chunk's directory (relative to ``root``)
-    before the chunk is read: the reader's check that it lies inside the checkpoint.
+    before anything is read: the reader's check that it lies inside the checkpoint. An array
+    over ``FILES_FIRST`` bytes is allocated only once its chunk files are found to hold it.
     """
     if zero == "all":
         return aligned_empty(shape, dtype, zeros=True)
-    out = aligned_empty(shape, dtype, zeros=bool(zero))
-    if out.size == 0:
-        return out
+    if math.prod(shape) == 0:
+        return aligned_empty(shape, dtype)
     base = os.path.join(root, loc)
-    index = tuple(slice(0, n) for n in shape)
-    plan = piece_chunks(shape, chunks, index)
+    plan = piece_chunks(shape, chunks, tuple(slice(0, n) for n in shape))
     assert plan is not None
     grid = chunk_grid(shape, chunks)
     absent = zero_set(zero, 0)
+    reads = []
     for coords, local, padded in plan:
         if absent and flat_index(coords, grid) in absent:
             continue
-        dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
         key = chunk_key(coords)
         if confine is not None:
             confine(f"{loc}/{key}".rpartition("/")[0])
-        path = os.path.join(base, key)
+        reads.append((os.path.join(base, key), local, padded))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > FILES_FIRST:  # sizes a crafted record claims are bounded by the files
+        expect = math.prod(chunks) * dtype.itemsize + 4
+        for path, _, _ in reads:
+            _check_size(path, expect)
+    out = aligned_empty(shape, dtype, zeros=bool(zero))
+    for path, local, padded in reads:
+        dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
         if not padded and dest.flags.c_contiguous:
             read_chunk_into(path, dest)
         else:
@@ -426,3 +436,17 @@ def read_whole(
             read_chunk_into(path, tmp)
             dest[...] = tmp[tuple(slice(0, n) for n in dest.shape)]
     return out
+
+
+def _check_size(path: str, expect: int) -> None:
+    """Raises unless ``path`` is a regular file of ``expect`` bytes (links not followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ChunkError(f"the chunk file {path} is missing") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise Violation(
+            f"has the chunk file {path}, a symbolic link (a chunk file is a regular file)"
+        )
+    if st.st_size != expect:
+        raise ChunkError(f"the chunk file {path} has {st.st_size} bytes, expected {expect}")

@@ -329,3 +329,28 @@ def test_a_crafted_pack_zarr_json_is_refused(packed):
     with open(p, "w") as f:
         json.dump(meta, f)
     _refused(ck, what="is packed in an array whose metadata", index=None)
+
+
+def test_a_size_its_files_cannot_hold_allocates_nothing(tmp_path, monkeypatch):
+    """Record and zarr.json both claim 64 GiB (crafted alike): the chunk files are looked at
+    before the array is allocated, and they hold 68 bytes."""
+    from jaxckpt import _chunks
+
+    ck = _save(tmp_path / "ck", {"a": np.ones(16, np.float32)})
+    _set(ck, "a", shape=[2**34], chunks=[2**24])
+    p = os.path.join(ck, "a", "zarr.json")
+    with open(p) as f:
+        meta = json.load(f)
+    meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**34], [2**24]
+    with open(p, "w") as f:
+        json.dump(meta, f)
+    sizes = []
+    real = _chunks.aligned_empty
+    monkeypatch.setattr(
+        _chunks, "aligned_empty", lambda s, *a, **k: sizes.append(s) or real(s, *a, **k)
+    )
+    with pytest.raises(jc.CorruptCheckpointError, match=r"a/c/0 has 68 bytes, expected 67108868"):
+        jc.restore(ck)
+    with pytest.raises(jc.CorruptCheckpointError, match=r"a/c/0 has 68 bytes"):
+        jc.open(ck)["a"]
+    assert sizes == []
