@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import itertools
 import json
+import math
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +31,14 @@ from typing import Any
 import numpy as np
 
 from ._checksum import crc32c
+from ._confine import Violation
 
 ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
 ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
 # Bytes per os.write / os.readv of a chunk, checksummed just before it is written or just after
 # it is read, while in the CPU cache (and a snapshot waits for at most about one such write).
 STEP = 2 << 20
+FILES_FIRST = 64 << 20  # an array larger than this is allocated once its chunk files are seen
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
@@ -337,13 +342,28 @@ class ChunkError(ValueError):
     """A chunk file is missing, truncated or fails its checksum."""
 
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _open_chunk(path: str) -> int:
+    """Opens a chunk file to read; a symbolic link is refused: a link placed in a checkpoint
+    could lead to any file of the host (the directories above are checked by the reader)."""
+    try:
+        return os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        raise ChunkError(f"the chunk file {path} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise Violation(
+                f"has the chunk file {path}, a symbolic link (a chunk file is a regular file)"
+            ) from None
+        raise
+
+
 def read_chunk_into(path: str, out: np.ndarray) -> None:
     """Reads the chunk at ``path`` into the C-contiguous ``out`` and checks its CRC-32C."""
     raw = as_bytes(out)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ChunkError(f"the chunk file {path} is missing") from None
+    fd = _open_chunk(path)
     try:
         if hasattr(os, "posix_fadvise") and raw.size > (1 << 20):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead: cold reads
@@ -367,10 +387,7 @@ def read_chunk_into(path: str, out: np.ndarray) -> None:
 def read_range_into(path: str, offset: int, out: np.ndarray) -> None:
     """Reads ``out.size`` bytes of the chunk file at ``path`` from ``offset`` (no checksum: the
     caller checks what it reads against its own)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise ChunkError(f"the chunk file {path} is missing") from None
+    fd = _open_chunk(path)
     try:
         mv = memoryview(as_bytes(out))  # type: ignore[arg-type]
         while mv:
@@ -389,27 +406,40 @@ def read_whole(
     chunks: Sequence[int],
     dtype: np.dtype,
     zero: str | Sequence[int] | None = None,
+    confine: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Reads a whole array chunk by chunk into an aligned array (unaligned chunks copied).
 
     The chunks ``zero`` lists (a record's ``"zero_chunks"``) are zeros and are not read.
+    ``confine(directory)`` is called with each chunk's directory (relative to ``root``)
+    before anything is read: the reader's check that it lies inside the checkpoint. An array
+    over ``FILES_FIRST`` bytes is allocated only once its chunk files are found to hold it.
     """
     if zero == "all":
         return aligned_empty(shape, dtype, zeros=True)
-    out = aligned_empty(shape, dtype, zeros=bool(zero))
-    if out.size == 0:
-        return out
+    if math.prod(shape) == 0:
+        return aligned_empty(shape, dtype)
     base = os.path.join(root, loc)
-    index = tuple(slice(0, n) for n in shape)
-    plan = piece_chunks(shape, chunks, index)
+    plan = piece_chunks(shape, chunks, tuple(slice(0, n) for n in shape))
     assert plan is not None
     grid = chunk_grid(shape, chunks)
     absent = zero_set(zero, 0)
+    reads = []
     for coords, local, padded in plan:
         if absent and flat_index(coords, grid) in absent:
             continue
+        key = chunk_key(coords)
+        if confine is not None:
+            confine(f"{loc}/{key}".rpartition("/")[0])
+        reads.append((os.path.join(base, key), local, padded))
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > FILES_FIRST:  # sizes a crafted record claims are bounded by the files
+        expect = math.prod(chunks) * dtype.itemsize + 4
+        for path, _, _ in reads:
+            _check_size(path, expect)
+    out = aligned_empty(shape, dtype, zeros=bool(zero))
+    for path, local, padded in reads:
         dest = out[local] if local else out[...]  # a 0-d array's view, not a copied scalar
-        path = os.path.join(base, chunk_key(coords))
         if not padded and dest.flags.c_contiguous:
             read_chunk_into(path, dest)
         else:
@@ -417,3 +447,17 @@ def read_whole(
             read_chunk_into(path, tmp)
             dest[...] = tmp[tuple(slice(0, n) for n in dest.shape)]
     return out
+
+
+def _check_size(path: str, expect: int) -> None:
+    """Raises unless ``path`` is a regular file of ``expect`` bytes (links not followed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ChunkError(f"the chunk file {path} is missing") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise Violation(
+            f"has the chunk file {path}, a symbolic link (a chunk file is a regular file)"
+        )
+    if st.st_size != expect:
+        raise ChunkError(f"the chunk file {path} has {st.st_size} bytes, expected {expect}")

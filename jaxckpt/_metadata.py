@@ -144,7 +144,8 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 @functools.cache
-def _unsupported(dtype: np.dtype) -> bool:
+def unsupported(dtype: np.dtype) -> bool:
+    """Whether jaxckpt refuses to save arrays of ``dtype`` (and a reader to read them)."""
     odd = dtype.kind in "OUSMm" or dtype.fields is not None or dtype.name.startswith("void")
     return odd or (dtype.kind in "fc" and dtype.itemsize > 16 // (2 if dtype.kind == "f" else 1))
 
@@ -160,7 +161,7 @@ def check_array(x: Any, keypath: tuple[Any, ...]) -> None:
     if is_key(x):
         return
     dtype = np.dtype(x.dtype)
-    if _unsupported(dtype):
+    if unsupported(dtype):
         raise UnsupportedLeafError(
             f"The array at {_paths.keystr(keypath)} has dtype {dtype}, which jaxckpt cannot save: it expects a "
             "numeric or bool dtype (the dtypes JAX uses, bfloat16/float8/int4 included). Fix: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _checksum, _chunks, _metadata, _paths, _split, _storage
+from . import _checksum, _chunks, _confine, _metadata, _paths, _split, _storage, _validate
 from ._errors import CheckpointError, CheckpointNotFoundError
 
 PyTree = Any
@@ -66,8 +67,45 @@ class Reader:
     def records(self) -> dict[str, dict[str, Any]]:
         """``{path: leaf record}`` of every leaf, in flatten order."""
         if self._records is None:
-            self._records = dict(_metadata.iter_leaves(self.structure))
+            leaves = _metadata.iter_leaves(self.structure)
+            self._records = {p: self._checked(p, rec) for p, rec in leaves}
         return self._records
+
+    @functools.cached_property
+    def _valid(self) -> set[int]:
+        """The ids of the leaf records checked (each is checked once, when first handed out)."""
+        return set()
+
+    @functools.cached_property
+    def _confined(self) -> _confine.Confined:
+        """The directories found to lie inside this (local) checkpoint."""
+        return _confine.Confined(self.path)
+
+    @functools.cached_property
+    def _matched(self) -> set[int]:
+        """The ids of the array records found to agree with their array's zarr.json."""
+        return set()
+
+    @functools.cached_property
+    def _packs(self) -> dict[str, tuple[int, int]]:
+        """``{loc: (bytes, chunk bytes)}`` of the packs whose zarr.json was read."""
+        return {}
+
+    def _checked(self, path: str, rec: dict[str, Any]) -> dict[str, Any]:
+        """``rec``, once it passed :func:`jaxckpt._validate.leaf_problem`: every record a
+        reader hands out does, before anything uses it."""
+        if id(rec) not in self._valid:
+            problem = _validate.leaf_problem(rec)
+            if problem is not None:
+                raise _confine.error(self.path, path, self.keystr(path), problem)
+            self._valid.add(id(rec))
+        return rec
+
+    def _error(self, path: str, e: Exception) -> Exception:
+        """The error a failed read of the leaf at ``path`` raises."""
+        if isinstance(e, _confine.Violation):
+            return _confine.error(self.path, path, self.keystr(path), str(e))
+        return _storage.read_error(self.path, path, e)
 
     @property
     def paths(self) -> list[str]:
@@ -104,7 +142,9 @@ class Reader:
         if self._records is not None:
             return self._records.get(path)
         node = self._tree.node(path) if isinstance(path, str) else None
-        return node if node is not None and node["t"] in _metadata.LEAF_KINDS else None
+        if node is None or node["t"] not in _metadata.LEAF_KINDS:
+            return None
+        return self._checked(path, node)
 
     def node(self, path: str) -> dict[str, Any] | None:
         """The structure record at ``path`` (a leaf or an inner node), or None."""
@@ -115,7 +155,9 @@ class Reader:
         if not prefix:
             return self.records
         node = self._tree.whole(prefix)
-        return {} if node is None else dict(_metadata.iter_leaves(node, (prefix,)))
+        if node is None:
+            return {}
+        return {p: self._checked(p, r) for p, r in _metadata.iter_leaves(node, (prefix,))}
 
     def keystr(self, path: str) -> str:
         """The key path users see (``['params']['l1']``) of a saved ``path``."""
@@ -199,14 +241,27 @@ class Reader:
         for i, job in jobs.items():
             try:
                 out[i] = job.result()
-            except (OSError, _chunks.ChunkError) as e:
-                raise _storage.read_error(self.path, requests[i][0], e) from e
+            except (OSError, _chunks.ChunkError, _confine.Violation) as e:
+                raise self._error(requests[i][0], e) from e
         return out  # type: ignore[return-value]
 
     def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+        if id(rec) not in self._matched:  # before the array is allocated
+            self._confined.dir(rec["loc"])
+            path = os.path.join(self.path, rec["loc"], "zarr.json")
+            problem = _validate.array_json_problem(rec, _confine.read_json(path), path)
+            if problem is not None:
+                raise _confine.Violation(problem)
+            self._matched.add(id(rec))
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
-            self.path, rec["loc"], rec["shape"], rec["chunks"], stored, rec.get("zero_chunks")
+            self.path,
+            rec["loc"],
+            rec["shape"],
+            rec["chunks"],
+            stored,
+            rec.get("zero_chunks"),
+            self._confined.dir,
         )
         return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
 
@@ -222,11 +277,13 @@ class Reader:
         try:
             if not _storage.is_local(self.path):
                 store = _storage.open_array(self.path, loc, {}, create=False, assume=False).result()
+                self._check_pack(loc, recs, paths, store)
                 futs = [store[o : o + n].read() for o, n in spans]
                 return [
                     _view(f.result(), 0, n, r)
                     for f, (_, n), r in zip(futs, spans, recs, strict=True)
                 ]
+            self._check_pack(loc, recs, paths)
             size = int(recs[0]["packed"][2])  # the pack's chunk size
             need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
             if (
@@ -242,6 +299,7 @@ class Reader:
                     runs[-1][1] = k + 1
                 else:
                     runs.append([k, k + 1])
+            self._confined.dir(f"{loc}/c")
             bufs = [_chunks.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
             base = os.path.join(self.path, loc, "c")
             jobs = [
@@ -255,7 +313,8 @@ class Reader:
             ]
             list(_chunks.pool("read").map(lambda j: j[0](*j[1:]), jobs))
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
-            raise _storage.read_error(self.path, paths[0] if len(paths) == 1 else loc, e) from e
+            one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
+            raise self._error(paths[0] if one else loc, e) from e
         starts = [a * size for a, _ in runs]
         out = []
         for (o, n), rec in zip(spans, recs, strict=True):
@@ -266,6 +325,29 @@ class Reader:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
+    def _check_pack(
+        self, loc: str, recs: list[dict[str, Any]], paths: list[str], store: Any = None
+    ) -> None:
+        """Raises unless the places of the packed leaves ``recs`` lie in their pack ``loc``, as
+        its zarr.json (or the opened TensorStore ``store``) describes it: before any read."""
+        if loc not in self._packs:
+            where = _storage.join(self.path, f"{loc}/zarr.json")
+            if store is None:
+                self._confined.dir(loc)
+                size = _validate.pack_json(_confine.read_json(where), where)
+            else:
+                length, chunk = store.shape[0], store.chunk_layout.read_chunk.shape[0]
+                problem = _validate.pack_problem(length, store.dtype.name, chunk, where)
+                if problem is not None or store.rank != 1:
+                    raise _confine.Violation(problem or f"is packed in {where}, not 1-D")
+                size = (length, chunk)
+            self._packs[loc] = size
+        length, chunk = self._packs[loc]
+        for rec, path in zip(recs, paths, strict=True):
+            problem = _validate.packed_problem(rec, length, chunk)
+            if problem is not None:
+                raise self._error(path, _confine.Violation(problem))
+
     def _read_one_packed(self, rec: dict[str, Any], path: str) -> np.ndarray:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
         a failure names the leaf's ``path``."""
@@ -273,6 +355,7 @@ class Reader:
         buf = _chunks.aligned_empty([n], np.dtype(np.uint8))
         base = os.path.join(self.path, rec["loc"], "c")
         try:
+            self._confined.dir(f"{rec['loc']}/c")
             for k in range(offset // size, -(-(offset + n) // size)):  # the chunks it spans
                 a, b = max(offset, k * size), min(offset + n, (k + 1) * size)
                 _chunks.read_range_into(
@@ -282,30 +365,37 @@ class Reader:
                 raise _chunks.ChunkError(
                     f"the bytes of this leaf in {base} fail its crc32c checksum"
                 )
-        except (OSError, _chunks.ChunkError) as e:
-            raise _storage.read_error(self.path, path, e) from e
+        except (OSError, _chunks.ChunkError, _confine.Violation) as e:
+            raise self._error(path, e) from e
         return _view(buf, 0, n, rec)
 
     def _read_ts(
         self, requests: Sequence[tuple[str, Index | None]], recs: list[dict[str, Any]]
     ) -> list[np.ndarray]:
         opened = {}
-        for rec in recs:
+        local = _storage.is_local(self.path)
+        for (p, _), rec in zip(requests, recs, strict=True):
             if rec["loc"] not in opened:
+                if local:  # TensorStore's file driver follows links: none may lead out
+                    try:
+                        self._confined.tree(rec["loc"])
+                    except _confine.Violation as e:
+                        raise self._error(p, e) from e
                 opened[rec["loc"]] = _storage.open_array(
                     self.path,
                     rec["loc"],
                     _array_meta(rec),
                     create=False,
+                    assume=False,  # TensorStore compares the record with the array's zarr.json
                     fill_missing="zero_chunks" in rec,
                 )
         futures = []
         for (p, index), rec in zip(requests, recs, strict=True):
             try:
-                self._check_present(rec)
                 store = opened[rec["loc"]].result()
+                self._check_present(rec)
             except Exception as e:
-                raise _storage.read_error(self.path, p, e) from e
+                raise self._error(p, _confine.ts_mismatch(e)) from e
             futures.append(store[index].read() if index is not None else store.read())
         out = []
         for (p, _), rec, f in zip(requests, recs, futures, strict=True):

@@ -8,6 +8,7 @@ any size is scanned with bounded memory and without one round trip per leaf.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -166,13 +167,17 @@ def _zarr_json_problem(root: str, rec: dict[str, Any]) -> str | None:
     """
     if set(rec) - _OWN_ARRAY or "://" in root:
         return None  # packed with other leaves, or on an object store
-    path = os.path.join(root, rec["loc"], "zarr.json")
-    try:
-        with open(path, "rb") as f:
+    path = os.path.join(root, rec["loc"], "zarr.json")  # rec["loc"] was checked by the Reader
+    try:  # a link could lead to any file of the host (the reads checked the directories)
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
             meta = json.load(f)
     except FileNotFoundError:
         return f"{path} is missing, so zarr-python cannot open the array"
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"{path} is a symbolic link; a checkpoint's zarr.json is a regular file"
+        return f"{path} cannot be read ({e})"
+    except ValueError as e:
         return f"{path} is not valid JSON ({e})"
     stored = rec.get("stored", rec["dtype"])
     if not isinstance(meta, dict) or (meta.get("shape"), meta.get("data_type")) != (

@@ -14,7 +14,7 @@ import json
 from concurrent.futures import Future
 from typing import Any
 
-from . import _metadata, _paths, _storage
+from . import _confine, _metadata, _paths, _storage
 from ._errors import CorruptCheckpointError
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
@@ -77,6 +77,7 @@ class Tree:
         self._early = early or {}  # group file -> its bytes (or None), read ahead in parallel
         self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
         self._whole = False  # every stub read
+        self._confined: _confine.Confined | None = None  # group directories checked
 
     def entries(self, path: str) -> list[Entry] | None:
         """The edges from the root to the node at ``path`` (``"a/b"``; ``""`` is the root), or
@@ -125,6 +126,7 @@ class Tree:
         """Reads the records of ``stubs`` (path, edges from the root, entry) into place."""
         files = [f"{at}/zarr.json" for at, _, _ in stubs]
         early = [self._early.pop(f, None) for f in files]
+        self._confine(stubs, files)
         try:
             if all(f is not None and f.exception() is None and f.result() for f in early):
                 docs = [
@@ -149,6 +151,24 @@ class Tree:
                 raise _damaged(self.root, at, ents, "lacks that record")
             entry[2] = rec
 
+    def _confine(self, stubs: list[tuple[str, list[Entry], Entry]], files: list[str]) -> None:
+        """Raises ``CorruptCheckpointError`` unless every group file lies inside the checkpoint:
+        its path, made of names from the metadata, first (before any I/O), then the links on a
+        local disk."""
+        for at, ents, _ in stubs:
+            if _confine.path_problem(at) is not None:
+                raise _damaged(self.root, at, ents, "would lie outside the checkpoint")
+        if not _storage.is_local(self.root):
+            return
+        if self._confined is None:
+            self._confined = _confine.Confined(self.root)
+        for (at, ents, _), f in zip(stubs, files, strict=True):
+            try:
+                self._confined.file(f)
+            except _confine.Violation:
+                what = "is reached through a symbolic link that leads outside the checkpoint"
+                raise _damaged(self.root, at, ents, what) from None
+
 
 def _stubs(node: Record, at: str, ents: list[Entry]) -> list[tuple[str, list[Entry], Entry]]:
     """``(path, edges from the root, entry)`` of every stub under ``node``, not below stubs."""
@@ -169,7 +189,10 @@ def _stubs(node: Record, at: str, ents: list[Entry]) -> list[tuple[str, list[Ent
 
 
 def _damaged(root: str, at: str, ents: list[Entry], what: str) -> CorruptCheckpointError:
-    where = _paths.keystr([_paths.key_of(e[0], e[1]) for e in ents])
+    try:
+        where = _paths.keystr([_paths.key_of(e[0], e[1]) for e in ents])
+    except (TypeError, ValueError):  # edges damaged too
+        where = repr(at)
     return CorruptCheckpointError(
         f"{_storage.join(root, at)}/zarr.json {what}: it keeps the structure record of the "
         f"subtree at {where} (split out of the root zarr.json), so the checkpoint's metadata "

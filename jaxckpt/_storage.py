@@ -152,7 +152,8 @@ def open_array(
 ) -> ts.Future:
     """Opens an array to read, or with ``create`` to write; ``peer_creates``: another process
     writes its ``zarr.json`` (a multi-process save), this one only writes chunks;
-    ``assume=False`` reads its zarr.json instead of trusting ``meta``; ``fill_missing`` reads
+    ``assume=False`` reads its zarr.json, which must agree with ``meta`` (``{}``: any array),
+    instead of trusting ``meta``; ``fill_missing`` reads
     a missing chunk as zeros (an array whose record lists absent zero chunks), else it is an
     error."""
     spec = _array_spec(root, rel, meta)
@@ -166,8 +167,6 @@ def open_array(
         # open=True too: the local fast path may have written this array's zarr.json already.
         return ts.open(spec, create=True, open=True, context=context())
     spec["fill_missing_data_reads"] = fill_missing
-    if not assume:
-        del spec["metadata"]
     return ts.open(spec, open=True, assume_metadata=assume, read=True, context=context())
 
 

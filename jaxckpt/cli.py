@@ -253,13 +253,13 @@ def _leaf(reader: Reader, path: str) -> str:
 
 
 def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    progress = _scan.Progress(sys.stderr, quiet=args.quiet)
     try:
         reader = _open(args.ckpt)
+        report = _scan.verify(reader, progress)  # a record a reader refuses: damage too
     except CorruptCheckpointError as e:
         print(f"DAMAGED {os.path.abspath(args.ckpt)}: {e}", file=out)
         return 1
-    progress = _scan.Progress(sys.stderr, quiet=args.quiet)
-    report = _scan.verify(reader, progress)
     for path, err in sorted(report.damaged.items()):
         print(f"DAMAGED {path or '<root>'}: {err}", file=out)
     if report.damaged:

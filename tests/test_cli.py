@@ -329,12 +329,15 @@ def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys, monkeypatch):
     code, out, _ = run(capsys, "verify", ckpt)
     assert code == 1
     lines = out.splitlines()
-    assert lines[0].startswith(
-        f"DAMAGED opt_state/0/count: {ckpt}/opt_state/0/count/zarr.json is not valid JSON ("
+    assert lines[0].startswith(  # the reads check each array's zarr.json before its chunks
+        "DAMAGED opt_state/0/count: has array metadata that is not valid JSON "
+        f"({ckpt}/opt_state/0/count/zarr.json: "
     )
     assert lines[1:3] == [
-        f"DAMAGED params/l1/bias: {ckpt}/params/l1/bias/zarr.json is missing, so zarr-python cannot open the array",
-        f"DAMAGED params/l1/kernel: {meta_path} describes ([5, 1], 'float32'), not the saved ([1, 5], 'float32')",
+        f"DAMAGED params/l1/bias: has no array metadata: {ckpt}/params/l1/bias/zarr.json is missing",
+        'DAMAGED params/l1/kernel: is recorded with shape [1, 5], data type "float32" and chunks '
+        f'[1, 5], but its array metadata {meta_path} says shape [5, 1], data type "float32" and '
+        "chunks [1, 5]",
     ]
     assert lines[3].startswith(f"3 of 7 arrays in {ckpt} are damaged.")
 
