@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-gpu clean
+.PHONY: install test lint demo bench bench-gpu dist clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ lint: install
 demo: install
 	$(BIN)/python examples/seed_guide.py
 
+dist: install
+	$(BIN)/python -m build --outdir dist
+
 bench: install
 	$(BIN)/python benchmarks/bench.py
 
@@ -32,4 +35,4 @@ bench-gpu: install
 	$(BIN)/python benchmarks/bench.py --workloads W3
 
 clean:
-	rm -rf $(VENV) tf_ckpts tf_list_example bench_out
+	rm -rf $(VENV) tf_ckpts tf_list_example bench_out dist build
