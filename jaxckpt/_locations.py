@@ -32,6 +32,7 @@ import tensorstore as ts
 from . import _object_stores
 from ._chunks import fsync_path, pool
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ._log import phase
 
 COMMIT = "COMMIT"
 PENDING = "PENDING"
@@ -263,6 +264,7 @@ def begin(tmp: str) -> None:
     os.makedirs(tmp)
 
 
+@phase("save: committed")
 def commit(tmp: str, final: str) -> None:
     """Makes ``tmp`` appear as ``final`` atomically; ``COMMIT`` inside it is already durable."""
     if is_url(final):  # the commit was COMMIT's PUT; a PENDING left beside it is harmless

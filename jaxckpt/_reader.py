@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _checksum, _chunks, _metadata, _paths, _split, _storage
 from ._errors import CheckpointError, CheckpointNotFoundError
+from ._log import phase
 
 PyTree = Any
 Index = tuple[slice | int, ...]
@@ -146,6 +147,7 @@ class Reader:
             return self._value(rec)
         return self.read_many([(path, index)])[0]
 
+    @phase("restore: read the arrays")
     def read_many(
         self,
         requests: Sequence[tuple[str, Index | None]],
