@@ -1,6 +1,6 @@
 """The installable package: ``python -m build`` gives an sdist and a wheel (built from the
-sdist), and the wheel alone, installed into a fresh virtual environment, saves, restores and
-runs the ``jaxckpt`` command from outside the source tree.
+sdist), and the wheel alone, installed into a fresh virtual environment by the notebooks'
+install cell, saves, restores and runs the ``jaxckpt`` command from outside the source tree.
 
 Only the wheel's jaxckpt is importable there: the new environment reaches its dependencies
 (jax, tensorstore, ...) through a ``.pth`` line naming this environment's site-packages, and
@@ -8,6 +8,7 @@ a plain path line in a ``.pth`` file does not run that directory's own ``.pth`` 
 editable install of the source tree stays out of sight.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import sysconfig
 import tarfile
 import zipfile
+from pathlib import Path
 
 import jaxckpt as jc
 
@@ -37,6 +39,12 @@ np.testing.assert_array_equal(back["params"]["w"], state["params"]["w"])
 assert back["step"] == 7
 print("smoke ok", here)
 """
+
+
+def install_cell():
+    nb = json.loads((Path(ROOT) / "colab" / "seed_guide.ipynb").read_text())
+    [cell] = [c for c in nb["cells"] if 'find_spec("jaxckpt")' in "".join(c["source"])]
+    return "".join(cell["source"])
 
 
 def _run(argv, **kw):
@@ -73,25 +81,16 @@ def test_the_wheel_alone_works_in_a_fresh_virtual_environment(tmp_path):
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
     with open(os.path.join(purelib.stdout.strip(), "deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")  # the dependencies, not the source
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            str(wheel),
-        ]
-    )
 
+    # The notebooks' install cell, as in a fresh Colab runtime with the wheel uploaded.
     work = tmp_path / "elsewhere"
     work.mkdir()
+    shutil.copy(wheel, work)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["JAX_PLATFORMS"] = "cpu"
+    env["PIP_NO_INDEX"] = "1"  # every dependency is here already: nothing to download
+    p = _run([str(python), "-c", install_cell()], cwd=work, env=env)
+    assert p.stdout == f"installed jaxckpt from {wheel.name}\n"
     p = _run([str(python), "-c", SMOKE], cwd=work, env=env)
     assert p.stdout.startswith("smoke ok " + str(venv))
     cli = str(venv / "bin" / "jaxckpt")
