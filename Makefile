@@ -3,14 +3,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench bench-gpu clean
+.PHONY: install test lint docs demo bench bench-gpu dist clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -e '.[test,bench,docs]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -22,8 +22,15 @@ lint: install
 	$(BIN)/ruff format --check jaxckpt tests benchmarks examples
 	$(BIN)/mypy
 
+# The site in docs/_build/html: the pages, the API reference, the notebooks executed.
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 demo: install
 	$(BIN)/python examples/seed_guide.py
+
+dist: install
+	$(BIN)/python -m build --outdir dist
 
 bench: install
 	$(BIN)/python benchmarks/bench.py
@@ -32,4 +39,4 @@ bench-gpu: install
 	$(BIN)/python benchmarks/bench.py --workloads W3
 
 clean:
-	rm -rf $(VENV) tf_ckpts tf_list_example bench_out
+	rm -rf $(VENV) tf_ckpts tf_list_example bench_out dist build docs/_build docs/notebooks

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _buffers, _chunks, _metadata, _multihost, _snapshot, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
+from ._log import logged_save, logged_save_async
 
 PyTree = Any
 
@@ -333,6 +334,7 @@ def _raise_earlier_errors() -> None:
                 ) from h._error
 
 
+@logged_save
 def save(
     path: str | os.PathLike[str],
     tree: PyTree,
@@ -355,6 +357,7 @@ def save(
     return _execute(s, budget=_write.STREAM_BYTES)
 
 
+@logged_save_async
 def save_async(
     path: str | os.PathLike[str],
     tree: PyTree,

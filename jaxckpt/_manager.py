@@ -26,6 +26,7 @@ from typing import Any
 
 from . import _checkpoint, _chunks, _multihost, _restore, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from ._log import logged_deletion, logged_retention
 from ._reader import Reader
 
 PyTree = Any
@@ -399,6 +400,7 @@ class CheckpointManager:
             f"{self._barrier}-{next(self._commits)}", what="the manager", where=where
         )
 
+    @logged_deletion
     def _delete(self, step: int) -> None:
         """Deletes a checkpoint; with ``async_save`` its files go in the background (while a
         save writes, a local directory's unlinks can take a second)."""
@@ -421,6 +423,7 @@ class CheckpointManager:
                 scored.append((math.isnan(v), sign * v if not math.isnan(v) else 0.0, -e.step))
         return [-s for _, _, s in sorted(scored)]
 
+    @logged_retention
     def _doomed(self) -> list[int]:
         steps = self.steps
         if self.max_to_keep is None or not steps:

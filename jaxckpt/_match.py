@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _metadata, _paths
 from ._errors import StructureMismatchError
+from ._log import phase
 from ._reader import Reader
 
 PyTree = Any
@@ -281,6 +282,7 @@ class Target:
         return list(out)
 
 
+@phase("restore: matched the target")
 def plan(reader: Reader, target: Target, prefix: str | None, unused: bool):
     """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
     leaves the target lacks, so that only the records on the target's paths are read."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _checksum, _chunks, _confine, _metadata, _paths, _split, _storage, _validate
 from ._errors import CheckpointError, CheckpointNotFoundError
+from ._log import phase
 
 PyTree = Any
 Index = tuple[slice | int, ...]
@@ -189,6 +190,7 @@ class Reader:
             return self._value(rec)
         return self.read_many([(path, index)])[0]
 
+    @phase("restore: read the arrays")
     def read_many(
         self,
         requests: Sequence[tuple[str, Index | None]],

@@ -12,12 +12,14 @@ import numpy as np
 
 from . import _device, _match, _metadata, _multihost
 from ._errors import StructureMismatchError
+from ._log import logged_restore
 from ._reader import Reader
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")
 
 
+@logged_restore
 def restore(
     path: str | os.PathLike[str],
     target: PyTree = None,

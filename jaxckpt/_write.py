@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from . import _buffers, _checksum, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
+from ._log import phase
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -218,6 +219,7 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
     return np.array(arr, copy=True) if copy and not arr.flags.owndata else arr
 
 
+@phase("save: wrote the arrays")
 def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int) -> None:
     """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
 
@@ -339,6 +341,7 @@ def written_keys(arrays: list[Array], packs: list[Pack], primary: bool) -> list[
     return keys
 
 
+@phase("save: wrote the metadata")
 def write_json_files(root: str, files: dict[str, Any]) -> None:
     """The metadata files: written on this thread on a local disk, else by TensorStore.
 
@@ -361,6 +364,7 @@ def write_json_files(root: str, files: dict[str, Any]) -> None:
         _result(root, "", f)
 
 
+@phase("save: made the files durable")
 def durable(root: str) -> None:
     """Every byte this process wrote under ``root`` is on disk (TensorStore syncs its own)."""
     # A directory already gone was removed by peers that gave up on this save: the barrier

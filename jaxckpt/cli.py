@@ -2,6 +2,7 @@
 
 Exit status: 0 when all is well (``diff``: no differences), 1 when ``diff`` finds differences
 or ``verify`` finds damage, 2 for a usage error (a bad argument or path), with the fix on stderr.
+``ls``, ``inspect``, ``diff`` and ``verify`` take ``--json`` (see :mod:`jaxckpt._cli_json`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import _convert, _graph, _scan, _storage
+from . import __version__, _cli_json, _convert, _graph, _scan, _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
@@ -156,6 +157,11 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         if _storage.is_debris(n)
         or (_STEP_NAME.match(n) and not _storage.is_committed(_storage.join(directory, n)))
     ]
+    if args.json:
+        rows.sort(key=lambda r: (r[0], r[1]))
+        rows_ = [(s, n, _storage.join(directory, n), size, t, m, e) for s, n, size, t, m, e in rows]
+        _cli_json.write(_cli_json.ls(directory, rows_, unfinished), out)
+        return 0
     if not rows:
         print(f"No committed checkpoints in {directory}.", file=out)
     else:
@@ -187,6 +193,9 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(
             f"No leaf of {reader.path} is under {prefix!r}. Fix: run `jaxckpt inspect {args.ckpt}` to see every path."
         )
+    if args.json:
+        _cli_json.write(_cli_json.inspect(reader, variables), out)
+        return 0
     rows, total = [], 0
     for path, shape, dtype in variables:
         nbytes = _scan.nbytes(reader.records[path])
@@ -210,8 +219,12 @@ def cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
     a, b = _open(args.a), _open(args.b)
-    print(f"--- A: {_describe(a)}\n+++ B: {_describe(b)}", file=out)
     d = _scan.diff(a, b, atol=args.atol)
+    if args.json:
+        doc = _cli_json.diff(a, b, d)
+        _cli_json.write(doc, out)
+        return 0 if doc["same"] else 1
+    print(f"--- A: {_describe(a)}\n+++ B: {_describe(b)}", file=out)
     for p in d.only_a:
         print(f"- {p}  {_leaf(a, p)}  only in A", file=out)
     for p in d.only_b:
@@ -258,8 +271,14 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         reader = _open(args.ckpt)
         report = _scan.verify(reader, progress)  # a record a reader refuses: damage too
     except CorruptCheckpointError as e:
+        if args.json:
+            _cli_json.write(_cli_json.verify(os.path.abspath(args.ckpt), None, str(e)), out)
+            return 1
         print(f"DAMAGED {os.path.abspath(args.ckpt)}: {e}", file=out)
         return 1
+    if args.json:
+        _cli_json.write(_cli_json.verify(reader.path, report), out)
+        return 1 if report.damaged else 0
     for path, err in sorted(report.damaged.items()):
         print(f"DAMAGED {path or '<root>'}: {err}", file=out)
     if report.damaged:
@@ -332,6 +351,10 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------------- main
 
 
+def _json_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxckpt",
@@ -339,13 +362,16 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 when all is well, 1 when diff finds differences or verify finds "
         "damage, 2 for a bad argument or path. `jaxckpt COMMAND -h` describes a command.",
     )
+    p.add_argument("--version", action="version", version=f"jaxckpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("ls", help="list a manager's checkpoints: steps, sizes, times, metrics")
     s.add_argument("dir", metavar="DIR")
+    _json_flag(s)
     s.set_defaults(fn=cmd_ls)
     s = sub.add_parser("inspect", help="list a checkpoint's variables: path, shape, dtype, size")
     s.add_argument("ckpt", metavar="CKPT")
     s.add_argument("prefix", metavar="PREFIX", nargs="?", help="only the leaves under this path")
+    _json_flag(s)
     s.set_defaults(fn=cmd_inspect)
     s = sub.add_parser(
         "diff", help="compare two checkpoints leaf by leaf (exit 1 when they differ)"
@@ -355,10 +381,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--atol", type=float, default=0.0, help="ignore value differences up to this (default 0)"
     )
+    _json_flag(s)
     s.set_defaults(fn=cmd_diff)
     s = sub.add_parser("verify", help="read every chunk, checking its crc32c (exit 1 on damage)")
     s.add_argument("ckpt", metavar="CKPT")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    _json_flag(s)
     s.set_defaults(fn=cmd_verify)
     s = sub.add_parser("graph", help="draw the tree of named edges as an SVG picture")
     s.add_argument("ckpt", metavar="CKPT")
@@ -394,10 +422,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        return int(args.fn(args, out))
+        code = int(args.fn(args, out))
+        out.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:  # output piped into `head`, which has read enough: stop quietly
+        # Python flushes stdout again at exit: give that flush somewhere to go.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UsageError, CheckpointError, OSError, ValueError) as e:
         print(f"jaxckpt {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -494,4 +494,4 @@ def test_docs_cli_examples_print_what_the_page_shows(tmp_path, capsys, monkeypat
             command
         )  # stdout, else the error
         checked += 1
-    assert checked == 6
+    assert checked == 7

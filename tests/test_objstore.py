@@ -371,6 +371,7 @@ def test_s3_endpoint_conventions(s3_env, monkeypatch):
     assert spec == {
         "driver": "s3", "bucket": BUCKET, "path": "run/ckpt-1/", "endpoint": s3_env.url,
         "aws_region": "eu-west-3", "aws_credentials": {"type": "environment"},
+        "s3_request_retries": {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"},
     }  # fmt: skip
     _round_trip(f"s3://{BUCKET}/{uuid.uuid4().hex}/b")
 
