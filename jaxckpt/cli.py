@@ -7,6 +7,7 @@ or ``verify`` finds damage, 2 for a usage error (a bad argument or path), with t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -333,6 +334,7 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------------- main
 
 
+@functools.cache  # built once: argparse's message lookups took ~4 ms per call
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxckpt",
