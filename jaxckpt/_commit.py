@@ -27,10 +27,13 @@ _FIX = "Fix: restore an earlier checkpoint, or copy this checkpoint again in ful
 def commit_bytes(
     files: dict[str, Any], arrays: Iterable[Any] = (), packs: Iterable[Any] = ()
 ) -> bytes:
-    """The ``COMMIT`` of a save that wrote ``files`` (``{path: JSON value}``: the root and
-    group ``zarr.json``) and the ``zarr.json`` of ``arrays`` and ``packs`` (each with ``.loc``
-    and ``.meta``), each as :func:`jaxckpt._chunks.json_bytes` encodes it."""
-    sums = {k: _checksum.crc32c_bytes(_chunks.json_bytes(v)) for k, v in files.items()}
+    """The ``COMMIT`` of a save that wrote ``files`` (``{path: bytes or JSON value}``: the
+    root and group ``zarr.json``) and the ``zarr.json`` of ``arrays`` and ``packs`` (each with
+    ``.loc`` and ``.meta``), each JSON value as :func:`jaxckpt._chunks.json_bytes` encodes it."""
+    sums = {
+        k: _checksum.crc32c_bytes(v if isinstance(v, bytes) else _chunks.json_bytes(v))
+        for k, v in files.items()
+    }
     for a in [*arrays, *packs]:
         sums[f"{a.loc}/zarr.json"] = _checksum.crc32c_bytes(_chunks.json_bytes(a.meta))
     body = {"format_version": FORMAT_VERSION, "zarr_json_crc32c": dict(sorted(sums.items()))}

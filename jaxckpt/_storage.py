@@ -54,8 +54,12 @@ CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its s
 
 
 def write_json_files(kv: ts.KvStore, files: dict[str, Any]) -> list[ts.Future]:
-    """Every file as ``json_bytes`` encodes it: the bytes whose checksums ``COMMIT`` holds."""
-    return [kv.write(key, json_bytes(obj)) for key, obj in files.items()]
+    """Every file (bytes, or a JSON value as ``json_bytes`` encodes it: the bytes whose
+    checksums ``COMMIT`` holds)."""
+    return [
+        kv.write(key, obj if isinstance(obj, bytes) else json_bytes(obj))
+        for key, obj in files.items()
+    ]
 
 
 def group_json(attributes: dict[str, Any] | None = None) -> dict[str, Any]:
