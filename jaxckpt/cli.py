@@ -334,7 +334,7 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
 # ---------------------------------------------------------------------------- main
 
 
-@functools.cache  # built once: argparse's message lookups took ~4 ms per call
+@functools.cache  # built once: argparse looks up every help message's translation
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxckpt",
