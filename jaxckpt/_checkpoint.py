@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _buffers, _chunks, _metadata, _multihost, _snapshot, _split, _storage, _write
+from . import _buffers, _chunks, _commit, _metadata, _multihost, _snapshot, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
 from ._log import logged_save, logged_save_async
 
@@ -157,7 +157,9 @@ def _execute(s: _Save, budget: int) -> str:
         _check_written(tmp, s.final, written, primary)
         s.sync.barrier("written")
         if primary:
-            _storage.write_bytes_durable(tmp, _storage.COMMIT, b"{}")
+            _storage.write_bytes_durable(
+                tmp, _storage.COMMIT, _commit.commit_bytes(files, s.arrays, s.packs)
+            )
             try:
                 _storage.commit(tmp, s.final)
             except OSError:

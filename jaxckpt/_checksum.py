@@ -1,5 +1,6 @@
 """CRC-32C, the checksum every zarr chunk jaxckpt writes ends with (and each packed leaf's
-record holds), taken without holding the GIL where that pays."""
+record holds), taken without holding the GIL where that pays; and sealed JSON files (``COMMIT``,
+a manager's index) that end with the checksum of their own bytes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import re
 from collections.abc import Callable
 
 import google_crc32c
@@ -27,6 +29,32 @@ def crc32c(raw: np.ndarray, crc: int = 0) -> int:
     if raw.size >= GIL_FREE_CRC and _crc32c_extend is not None and raw.flags.c_contiguous:
         return int(_crc32c_extend(crc, raw.ctypes.data, raw.size))
     return google_crc32c.extend(crc, raw) if raw.size else crc
+
+
+def crc32c_bytes(data: bytes) -> int:
+    """The CRC-32C of ``data``."""
+    return crc32c(np.frombuffer(data, np.uint8))
+
+
+_SEAL_KEY = b'"crc32c":'
+_SEAL_END = re.compile(rb"\s*([0-9]{1,10})\s*}\s*")
+
+
+def seal(body: bytes) -> bytes:
+    """``body`` (the text of a JSON object) with a last member ``"crc32c"``: the CRC-32C of
+    every byte before that member's key. An indented body keeps its style."""
+    head = body[: body.rindex(b"}")].rstrip()
+    head += b",\n " if b"\n" in body else b","
+    space, end = (b" ", b"\n}") if b"\n" in body else (b"", b"}")
+    return head + _SEAL_KEY + space + str(crc32c_bytes(head)).encode() + end
+
+
+def is_sealed(data: bytes) -> bool:
+    """Whether ``data`` ends with a ``"crc32c"`` member that matches the bytes before it (what
+    :func:`seal` wrote, undamaged)."""
+    head, key, tail = data.rpartition(_SEAL_KEY)
+    m = _SEAL_END.fullmatch(tail)
+    return bool(key) and m is not None and int(m.group(1)) == crc32c_bytes(head)
 
 
 def _find_crc32c_extend() -> Callable[[int, int, int], int] | None:

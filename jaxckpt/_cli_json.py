@@ -119,8 +119,9 @@ def verify(
 ) -> dict[str, Any]:
     """``report`` None: the checkpoint's metadata itself is damaged (``error`` says how)."""
     damaged = [{"path": None, "error": error}] if report is None else []
-    if report is not None:
-        damaged = [{"path": p, "error": e} for p, e in sorted(report.damaged.items())]
+    if report is not None:  # damaged metadata files first (no leaf path), then arrays
+        damaged = [{"path": None, "error": f} for f in report.files]
+        damaged += [{"path": p, "error": e} for p, e in sorted(report.damaged.items())]
     return {
         "command": "verify",
         "path": path,

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from ._errors import CorruptCheckpointError
@@ -132,20 +133,26 @@ class Confined:
             )
 
 
-def read_json(path: str) -> Any:
+def read_json(path: str, check: Callable[[bytes | None], None] | None = None) -> Any:
     """The JSON file at ``path`` (an array's ``zarr.json``), not followed if a link; raises
-    ``Violation`` when it is missing, a link, or not JSON."""
+    ``Violation`` when it is missing, a link, or not JSON. ``check(data)`` (the checksum the
+    checkpoint's ``COMMIT`` holds) sees the bytes before they are parsed."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
+        if check is not None:
+            check(None)  # what COMMIT says of a missing file
         raise Violation(f"has no array metadata: {path} is missing") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise Violation(f"has its array metadata {path} as a symbolic link") from None
         raise
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    if check is not None:
+        check(data)
     try:
-        with os.fdopen(fd, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(data)
     except ValueError as e:
         raise Violation(f"has array metadata that is not valid JSON ({path}: {e})") from None
 

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import tensorstore as ts
@@ -357,9 +358,12 @@ def read_json(root: str, key: str) -> Any:
     return read_jsons(root, [key])[0]
 
 
-def read_jsons(root: str, keys: list[str]) -> list[Any]:
+def read_jsons(
+    root: str, keys: list[str], check: Callable[[str, bytes | None], None] | None = None
+) -> list[Any]:
     """The JSON files ``root/key``, read together: on the I/O threads, or as requests that an
-    object store serves at once. A missing file raises ``FileNotFoundError``."""
+    object store serves at once. ``check(key, data)`` sees each file's bytes before they are
+    parsed; a missing file raises ``FileNotFoundError``."""
     if is_url(root):
         reads = _remote(root, lambda kv: [kv.read(k) for k in keys])
         try:
@@ -372,6 +376,10 @@ def read_jsons(root: str, keys: list[str]) -> list[Any]:
         datas = (
             list(pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
         )
+    if check is not None:
+        for k, d in zip(keys, datas, strict=True):
+            if d is not None:  # a missing file is reported below, by the caller
+                check(k, d)
     return [parse_json(join(root, k), d) for k, d in zip(keys, datas, strict=True)]
 
 
@@ -388,7 +396,7 @@ def parse_json(where: str, data: bytes | None) -> Any:
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", where)
     try:
         return json.loads(data)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # UnicodeDecodeError too: a damaged byte >= 0x80
         raise CorruptCheckpointError(
             f"{where} is not valid JSON ({e}); the checkpoint's metadata is damaged. Fix: restore "
             "an earlier checkpoint."

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _chunks, _multihost, _restore, _storage
+from . import _checkpoint, _checksum, _chunks, _multihost, _restore, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
@@ -32,7 +32,7 @@ from ._reader import Reader
 PyTree = Any
 PREFIX = "ckpt-"
 INDEX = "checkpoint"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the index ends with its own checksum (_checksum.seal)
 _STEP_NAME = re.compile(r"ckpt-(0|[1-9][0-9]*)", re.ASCII)
 log = logging.getLogger("jaxckpt")
 _serial = itertools.count()  # every process creates its managers in the same order
@@ -203,13 +203,34 @@ class CheckpointManager:
         """The committed steps, described by the index where it agrees with them."""
         index = self._read_index()
         entries = {}
+        # Steps described by the index alone: checked against the checkpoints' own metadata
+        # before retention deletes anything on what the index says (_check_index).
+        self._unchecked: set[int] = set()
         for step in _committed_steps(self.directory):
-            entries[step] = index.get(step) or self._entry_from_metadata(step)
+            if step in index:
+                entries[step] = index[step]
+                self._unchecked.add(step)
+            else:
+                entries[step] = self._entry_from_metadata(step)
         return entries, index.keys() != entries.keys() or not index
 
     def _read_index(self) -> dict[int, _Entry]:
+        """The index's entries; {} when it is missing, damaged (it fails its own checksum) or
+        written before it had one: it is then rebuilt from the checkpoints."""
+        where = f"{self.directory}/{INDEX}"
         raw = _storage.read_bytes(self.directory, INDEX)
         if raw is None:
+            return {}
+        if not _checksum.is_sealed(raw):
+            legacy = raw.startswith(b'{\n "jaxckpt_manager_index": 1,')
+            log.log(
+                logging.INFO if legacy else logging.WARNING,
+                "jaxckpt: rebuilding the index %s from the checkpoints: %s",
+                where,
+                "it has no checksum (an older jaxckpt wrote it)"
+                if legacy
+                else "it is damaged (it fails its own crc32c checksum)",
+            )
             return {}
         try:
             doc = json.loads(raw)
@@ -218,10 +239,28 @@ class CheckpointManager:
                 for c in doc["checkpoints"]
             }
         except (ValueError, KeyError, TypeError) as e:
-            log.warning(
-                "jaxckpt: rebuilding the unreadable index %s/%s (%s)", self.directory, INDEX, e
-            )
+            log.warning("jaxckpt: rebuilding the unreadable index %s (%s)", where, e)
             return {}
+
+    def _check_index(self) -> None:
+        """Replaces what the index says of each step it alone described by what the step's own
+        (checksummed) metadata says, with a warning where they differ."""
+        for step in sorted(self._unchecked & self._entries.keys()):
+            truth = self._entry_from_metadata(step)
+            if _entry_json(truth) != _entry_json(self._entries[step]):
+                log.warning(
+                    "jaxckpt: the index %s/%s says step %d has time %r and metrics %r, but its "
+                    "checkpoint says %r and %r; the checkpoint's are used.",
+                    self.directory,
+                    INDEX,
+                    step,
+                    self._entries[step].time,
+                    self._entries[step].metrics,
+                    truth.time,
+                    truth.metrics,
+                )
+                self._entries[step] = truth
+        self._unchecked.clear()
 
     def _entry_from_metadata(self, step: int) -> _Entry:
         try:
@@ -241,7 +280,7 @@ class CheckpointManager:
                 for e in (self._entries[s] for s in self.steps)
             ],
         }
-        index = json.dumps(doc, indent=1).encode()
+        index = _checksum.seal(json.dumps(doc, indent=1).encode())
         if now:
             _storage.write_bytes_atomic(self.directory, INDEX, index)
         else:
@@ -389,10 +428,14 @@ class CheckpointManager:
     def _committed(self, entry: _Entry) -> None:
         """Records a committed save, then applies retention and rewrites the index."""
         self._entries[entry.step] = entry
-        for doomed in self._doomed():
+        doomed = self._doomed()
+        if doomed and self._unchecked and (self.best_metric or self.keep_every_n_hours):
+            self._check_index()  # metrics and times decide: never delete on the index's word
+            doomed = self._doomed()
+        for step in doomed:
             if self._primary:
-                self._delete(doomed)
-            del self._entries[doomed]
+                self._delete(step)
+            del self._entries[step]
         if self._primary:
             self._write_index()
         where = f"the retention after step {entry.step} in {self.directory}"
@@ -530,6 +573,11 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, steps={self.steps})"
+
+
+def _entry_json(e: _Entry) -> str:
+    """An entry as the index keeps it (so that NaN metrics compare equal)."""
+    return json.dumps([e.step, e.time, e.metrics], sort_keys=True)
 
 
 def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:

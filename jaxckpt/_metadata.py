@@ -27,7 +27,7 @@ import numpy as np
 from . import _paths
 from ._errors import CorruptCheckpointError, FormatVersionError, UnsupportedLeafError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: COMMIT holds the checksums of the metadata (see _commit)
 LEAF_KINDS = ("array", "value", "state")  # the "t" of a leaf record; any other is a node
 ATTR_KEY = "jaxckpt"
 MAX_NAME_BYTES = 255  # the longest file name common file systems take
@@ -313,15 +313,22 @@ def root_attributes(tree_record: dict[str, Any], extra: dict[str, Any]) -> dict[
     return {ATTR_KEY: {"format_version": FORMAT_VERSION, "tree": tree_record, **extra}}
 
 
-def parse_root(attrs: dict[str, Any], where: str) -> dict[str, Any]:
-    meta = attrs.get(ATTR_KEY)
-    if not isinstance(meta, dict) or "tree" not in meta:
+def parse_root(doc: Any, where: str) -> dict[str, Any]:
+    """The jaxckpt metadata of the root ``zarr.json`` (parsed) of the checkpoint ``where``."""
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    meta = attrs.get(ATTR_KEY) if isinstance(attrs, dict) else None
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("tree"), dict) or version is None:
         raise CorruptCheckpointError(
             f"{where}/zarr.json has no jaxckpt metadata; it is not a jaxckpt checkpoint or its "
             "metadata was damaged. Fix: point at a directory written by jaxckpt."
         )
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptCheckpointError(
+            f"{where}/zarr.json gives the format version {version!r}, not a number: the "
+            "checkpoint's metadata is damaged. Fix: restore an earlier checkpoint."
+        )
+    if version > FORMAT_VERSION:
         raise FormatVersionError(
             f"{where} was written in jaxckpt format version {version}, but this jaxckpt reads "
             f"versions up to {FORMAT_VERSION}. Fix: upgrade jaxckpt (pip install -U jaxckpt)."

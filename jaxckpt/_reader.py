@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _checksum, _chunks, _confine, _metadata, _paths, _split, _storage, _validate
-from ._errors import CheckpointError, CheckpointNotFoundError
+from . import _checksum, _chunks, _commit, _confine, _metadata, _paths, _split, _storage, _validate
+from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._log import phase
 
 PyTree = Any
@@ -40,22 +40,32 @@ class Reader:
         case the record is split there (a partial restore names the paths it will look up)."""
         self.path = _storage.normalize(path)
         io = _chunks.pool("read")
-        committed = io.submit(_storage.is_committed, self.path)  # all at once
+        commit = io.submit(_storage.read_bytes, self.path, _storage.COMMIT)  # all at once
         early = {
             f"{p}/zarr.json": io.submit(_storage.read_bytes, self.path, f"{p}/zarr.json")
             for p in prefetch
         }
         try:
-            root: Any = _storage.read_json(self.path, "zarr.json")
+            root: Any = _storage.read_bytes(self.path, "zarr.json")
         except (OSError, CheckpointError) as e:
             root = e
-        if not committed.result():
+        marker = commit.result()
+        if marker is None:
             raise _not_found(self.path)
         if isinstance(root, Exception):
             raise root
-        meta = _metadata.parse_root(root.get("attributes", {}), self.path)
+        # Every metadata file read is checked against the checksum COMMIT holds for it.
+        self.commit = _commit.Commit(self.path, marker)
+        self.commit.check("zarr.json", root)
+        if root is None:  # a version 2 checkpoint (no checksums) without its root zarr.json
+            raise CorruptCheckpointError(
+                f"{self.path}/zarr.json is missing: the checkpoint's metadata is damaged. Fix: "
+                "restore an earlier checkpoint, or copy this checkpoint again in full."
+            )
+        meta = _metadata.parse_root(_storage.parse_json(f"{self.path}/zarr.json", root), self.path)
+        self.commit.require(meta["format_version"])
         self.metadata: dict[str, Any] = meta
-        self._tree = _split.Tree(self.path, meta["tree"], early)
+        self._tree = _split.Tree(self.path, meta["tree"], early, self.commit.check)
         self._records: dict[str, dict[str, Any]] | None = None
         self._present: set[str] = set()  # arrays whose unlisted chunks were found on disk
 
@@ -137,6 +147,18 @@ class Reader:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+    def metadata_file(self, key: str) -> Any:
+        """The JSON file ``key`` of the checkpoint (``"params/w/zarr.json"``), parsed once its
+        bytes match the checksum ``COMMIT`` holds for them (version 2: no check)."""
+        data = _storage.read_bytes(self.path, key)
+        self.commit.check(key, data)
+        if data is None:
+            raise CorruptCheckpointError(
+                f"{_storage.join(self.path, key)} is missing: the checkpoint's metadata is "
+                "damaged. Fix: restore an earlier checkpoint, or copy this checkpoint again."
+            )
+        return _storage.parse_json(_storage.join(self.path, key), data)
 
     def find(self, path: str) -> dict[str, Any] | None:
         """The record of the leaf at ``path``, or None; reads only the metadata on its path."""
@@ -251,7 +273,9 @@ class Reader:
         if id(rec) not in self._matched:  # before the array is allocated
             self._confined.dir(rec["loc"])
             path = os.path.join(self.path, rec["loc"], "zarr.json")
-            problem = _validate.array_json_problem(rec, _confine.read_json(path), path)
+            key = f"{rec['loc']}/zarr.json"
+            meta = _confine.read_json(path, lambda data: self.commit.check(key, data))
+            problem = _validate.array_json_problem(rec, meta, path)
             if problem is not None:
                 raise _confine.Violation(problem)
             self._matched.add(id(rec))
@@ -278,7 +302,8 @@ class Reader:
         spans = [(int(r["packed"][0]), int(r["packed"][1])) for r in recs]
         try:
             if not _storage.is_local(self.path):
-                store = _storage.open_array(self.path, loc, {}, create=False, assume=False).result()
+                meta = self.metadata_file(f"{loc}/zarr.json")
+                store = _storage.open_array(self.path, loc, meta, create=False).result()
                 self._check_pack(loc, recs, paths, store)
                 futs = [store[o : o + n].read() for o, n in spans]
                 return [
@@ -336,7 +361,9 @@ class Reader:
             where = _storage.join(self.path, f"{loc}/zarr.json")
             if store is None:
                 self._confined.dir(loc)
-                size = _validate.pack_json(_confine.read_json(where), where)
+                key = f"{loc}/zarr.json"
+                meta = _confine.read_json(where, lambda data: self.commit.check(key, data))
+                size = _validate.pack_json(meta, where)
             else:
                 length, chunk = store.shape[0], store.chunk_layout.read_chunk.shape[0]
                 problem = _validate.pack_problem(length, store.dtype.name, chunk, where)

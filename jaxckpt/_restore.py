@@ -50,7 +50,7 @@ def restore(
         CheckpointNotFoundError: no committed checkpoint at ``path``.
         StructureMismatchError: leaves missing, unused or of a shape/dtype the target cannot
             take; the message lists them with their key paths.
-        CorruptCheckpointError: a chunk fails its checksum.
+        CorruptCheckpointError: a chunk or a metadata file fails its checksum (named).
 
     Example:
         >>> state = jc.restore("/tmp/run/ckpt-10", target=state)  # doctest: +SKIP

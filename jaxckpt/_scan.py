@@ -18,7 +18,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ._errors import CheckpointError
+from . import _chunks, _confine, _storage, _validate
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 
 BLOCK_BYTES = 16 << 20
@@ -127,24 +128,30 @@ def human_bytes(n: float) -> str:
 class VerifyReport:
     arrays: int
     nbytes: int
-    damaged: dict[str, str]
+    damaged: dict[str, str]  # leaf path -> what is wrong with it
+    files: list[str] = dataclasses.field(default_factory=list)  # damaged files, each named
 
 
 def verify(reader: Reader, progress: Progress) -> VerifyReport:
-    """Reads every chunk of every array (TensorStore checks each chunk's crc32c)."""
+    """Checks every ``zarr.json`` against the checksum ``COMMIT`` holds, every chunk of every
+    array and of every pack against its own crc32c, and each packed leaf against its own."""
+    files = _metadata_problems(reader)
+    try:
+        records = reader.records
+    except CorruptCheckpointError as e:  # a group file keeping a split record: nothing to scan
+        return VerifyReport(0, 0, {}, files if files else [str(e)])
     damaged: dict[str, str] = {}
-    requests = [
-        r for p, rec in reader.records.items() if rec["t"] == "array" for r in _blocks(p, rec)
-    ]
+    requests = [r for p, rec in records.items() if rec["t"] == "array" for r in _blocks(p, rec)]
     progress.total = sum(r[2] for r in requests)
     done = 0
     for batch in _batches(requests):
         _read(reader, batch, damaged)
         done += sum(r[2] for r in batch)
         progress.update(done)
-    for p, rec in reader.records.items():
-        if rec["t"] == "array" and p not in damaged:
-            problem = _zarr_json_problem(reader.path, rec)
+    files += _pack_problems(reader, records)
+    for p, rec in records.items():
+        if rec["t"] == "array" and p not in damaged and reader.commit.checksums is None:
+            problem = _zarr_json_problem(reader.path, rec)  # no checksums: what can be seen
             if problem:
                 damaged[p] = problem
         if rec["t"] != "array":
@@ -153,8 +160,63 @@ def verify(reader: Reader, progress: Progress) -> VerifyReport:
             except Exception as e:  # a value the metadata cannot decode
                 damaged[p] = f"its saved value cannot be decoded ({e})"
     progress.close(done)
-    n_arrays = sum(1 for rec in reader.records.values() if rec["t"] == "array")
-    return VerifyReport(n_arrays, progress.total, damaged)
+    n_arrays = sum(1 for rec in records.values() if rec["t"] == "array")
+    return VerifyReport(n_arrays, progress.total, damaged, files)
+
+
+def _metadata_problems(reader: Reader) -> list[str]:
+    """What is wrong with each ``zarr.json`` that ``COMMIT`` lists (none in version 2)."""
+    sums = reader.commit.checksums
+    if sums is None:
+        return []
+    keys = sorted(sums)
+    datas = list(_chunks.pool("read").map(lambda k: _storage.read_bytes(reader.path, k), keys))
+    out = []
+    for key, data in zip(keys, datas, strict=True):
+        try:
+            reader.commit.check(key, data)
+        except CorruptCheckpointError as e:
+            out.append(str(e))
+    return out
+
+
+def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[str]:
+    """Every chunk of every pack read whole and checked against its crc32c: the bytes between
+    and after the packed leaves too, which reading the leaves may skip."""
+    out = []
+    for loc in sorted({r["loc"] for r in records.values() if r["t"] == "array" and "packed" in r}):
+        where = f"{_storage.join(reader.path, loc)}/zarr.json"
+        try:
+            meta = reader.metadata_file(f"{loc}/zarr.json")
+            n, size = _validate.pack_json(meta, where)  # bounded before anything is read
+            chunks = range(-(-n // size))
+        except CorruptCheckpointError:
+            continue  # reported with the other metadata files
+        except _confine.Violation as e:  # crafted, or version 2 (nothing vouches for it)
+            out.append(f"{where} describes no pack jaxckpt writes: its leaves {e}")
+            continue
+        if _storage.is_local(reader.path):
+            base = os.path.join(reader.path, loc, "c")
+
+            def check(k: int, base: str = base, size: int = int(size)) -> str | None:
+                try:
+                    _chunks.read_chunk_into(os.path.join(base, str(k)), np.empty(size, np.uint8))
+                except (OSError, _chunks.ChunkError) as e:
+                    return str(e)
+                return None
+
+            out += [p for p in _chunks.pool("read").map(check, chunks) if p]
+            continue
+        try:
+            store = _storage.open_array(reader.path, loc, meta, create=False).result()
+            for lo in range(0, len(chunks), 64):  # 64 chunks read at a time: bounded memory
+                reads = [store[k * size : (k + 1) * size].read() for k in chunks[lo : lo + 64]]
+                for k, f in zip(chunks[lo : lo + 64], reads, strict=True):
+                    if f.exception() is not None:
+                        out.append(f"the chunk {loc}/c/{k} of {reader.path}: {f.exception()}")
+        except ValueError as e:
+            out.append(str(_storage.read_error(reader.path, loc, e)))
+    return out
 
 
 _OWN_ARRAY = {"t", "dtype", "shape", "chunks", "loc", "stored", "np_scalar", "zero_chunks"}

@@ -11,6 +11,7 @@ file only when a lookup passes through its stub.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -71,10 +72,17 @@ class Tree:
     A stub is replaced in place by the record it stands for, so each file is read once.
     """
 
-    def __init__(self, root: str, record: Record, early: dict[str, Future] | None = None):
+    def __init__(
+        self,
+        root: str,
+        record: Record,
+        early: dict[str, Future] | None = None,
+        check: Callable[[str, bytes | None], None] | None = None,
+    ):
         self.root = root  # the checkpoint's path
         self.record = record
         self._early = early or {}  # group file -> its bytes (or None), read ahead in parallel
+        self._check = check  # check(file, bytes) raises when they are not what the save wrote
         self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
         self._whole = False  # every stub read
         self._confined: _confine.Confined | None = None  # group directories checked
@@ -129,12 +137,16 @@ class Tree:
         self._confine(stubs, files)
         try:
             if all(f is not None and f.exception() is None and f.result() for f in early):
+                datas = [f.result() for f in early]  # type: ignore[union-attr]
+                if self._check is not None:
+                    for name, data in zip(files, datas, strict=True):
+                        self._check(name, data)
                 docs = [
-                    _storage.parse_json(_storage.join(self.root, name), f.result())  # type: ignore[union-attr]
-                    for name, f in zip(files, early, strict=True)
+                    _storage.parse_json(_storage.join(self.root, name), data)
+                    for name, data in zip(files, datas, strict=True)
                 ]
             else:  # read (again): a file missing or unreadable is reported as such
-                docs = _storage.read_jsons(self.root, files)
+                docs = _storage.read_jsons(self.root, files, self._check)
         except FileNotFoundError as e:
             named = [
                 s

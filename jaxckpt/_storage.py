@@ -7,13 +7,13 @@ Locations (local directories, ``s3://`` and ``gs://`` prefixes) and the commit p
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from ._chunks import json_bytes
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._locations import COMMIT as COMMIT
 from ._locations import PENDING as PENDING
@@ -59,8 +59,11 @@ CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its s
 
 
 def write_json_files(kv: ts.KvStore, files: dict[str, Any]) -> list[ts.Future]:
+    """Every file (bytes, or a JSON value as ``json_bytes`` encodes it: the bytes whose
+    checksums ``COMMIT`` holds)."""
     return [
-        kv.write(key, json.dumps(obj, separators=(",", ":")).encode()) for key, obj in files.items()
+        kv.write(key, obj if isinstance(obj, bytes) else json_bytes(obj))
+        for key, obj in files.items()
     ]
 
 
@@ -176,7 +179,7 @@ def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, An
     ``create=True`` would first GET the metadata and, on S3, HEAD it before a conditional PUT
     (3 requests per array); the prefix is this save's own, so nothing there can be lost.
     """
-    put = open_kv(root).write(f"{rel}/zarr.json", json.dumps(meta, separators=(",", ":")).encode())
+    put = open_kv(root).write(f"{rel}/zarr.json", json_bytes(meta))
     opened = ts.open(spec, open=True, assume_metadata=True, context=context())
     promise, future = ts.Promise.new()  # type: ignore[var-annotated]
 

@@ -23,6 +23,7 @@ from ._confine import Violation, _json, _short, path_problem
 MAX_NDIM = 32  # zarr v3's and TensorStore's limit
 MAX_BYTES = 1 << 62  # no array of more bytes exists; a larger size is a crafted number
 GRID_MIN = 65536  # chunks any array may have; a larger array may have one per KiB
+PACK_CHUNK_MAX = 64 << 20  # a pack's chunk, read whole into memory (jaxckpt writes 1 MiB ones)
 
 
 def grid_limit(nbytes: int) -> int:
@@ -281,13 +282,14 @@ def pack_problem(length: Any, data_type: Any, chunk: Any, where: str) -> str | N
         or type(length) is not int
         or type(chunk) is not int
         or not 0 <= length <= MAX_BYTES
-        or chunk < 1
+        or not 1 <= chunk <= PACK_CHUNK_MAX
         or -(-length // chunk) > grid_limit(length)
     ):
         return (
             f"is packed in an array whose metadata {where} says {_short(length)} bytes of "
             f"{_short(data_type)} in chunks of {_short(chunk)}, not a uint8 array of at most "
-            f"{grid_limit(max(0, length) if type(length) is int else 0)} chunks"
+            f"{grid_limit(max(0, length) if type(length) is int else 0)} chunks of at most "
+            f"{PACK_CHUNK_MAX} bytes"
         )
     return None
 

@@ -8,6 +8,7 @@ or ``verify`` finds damage, 2 for a usage error (a bad argument or path), with t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _cli_json, _convert, _graph, _scan, _storage
+from . import __version__, _checksum, _cli_json, _convert, _graph, _scan, _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
@@ -109,9 +110,13 @@ def _disk_size(path: str) -> int:
 
 def _index(directory: str) -> dict[int, dict[str, Any]]:
     """The manager's ``checkpoint`` index (``{"checkpoints": [{"step", "time", "metrics"}]}``)
-    by step; {} when absent or unreadable (the step directories are the truth)."""
+    by step; {} when absent, damaged (it fails its own checksum), from an older jaxckpt (it has
+    none) or unreadable: the step directories are the truth."""
+    raw = _storage.read_bytes(directory, "checkpoint") or b""
+    if not _checksum.is_sealed(raw):
+        return {}
     try:
-        entries = json.loads(_storage.read_bytes(directory, "checkpoint") or b"")["checkpoints"]
+        entries = json.loads(raw)["checkpoints"]
         return {int(e["step"]): e for e in entries}
     except (ValueError, KeyError, TypeError):
         return {}
@@ -278,9 +283,21 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
         return 1
     if args.json:
         _cli_json.write(_cli_json.verify(reader.path, report), out)
-        return 1 if report.damaged else 0
+        return 1 if report.damaged or report.files else 0
+    for problem in report.files:
+        print(f"DAMAGED {problem}", file=out)
     for path, err in sorted(report.damaged.items()):
         print(f"DAMAGED {path or '<root>'}: {err}", file=out)
+    if report.files:
+        n = len(report.files)
+        arrays = f" and {len(report.damaged)} of {report.arrays} arrays" if report.damaged else ""
+        are = "are" if n > 1 or arrays else "is"
+        print(
+            f"{n} file{'s' if n > 1 else ''}{arrays} in {reader.path} {are} damaged. Fix: "
+            "restore an earlier checkpoint (`jaxckpt ls` lists them).",
+            file=out,
+        )
+        return 1
     if report.damaged:
         print(
             f"{len(report.damaged)} of {report.arrays} arrays in {reader.path} are damaged. Fix: "
@@ -355,6 +372,7 @@ def _json_flag(s: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object (see docs/cli.md)")
 
 
+@functools.cache  # built once: argparse looks up every help message's translation
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jaxckpt",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -47,3 +49,30 @@ def files_under(root: str | os.PathLike[str]) -> set[str]:
         for n in names:
             out.add(os.path.relpath(os.path.join(d, n), root))
     return out
+
+
+def rewrite_metadata(ckpt: str | os.PathLike[str], key: str, value: Any) -> None:
+    """Writes the metadata file ``ckpt/key`` (``value``: bytes, or a JSON value encoded as
+    jaxckpt encodes it) and the checksum ``COMMIT`` holds for it: the checkpoint reads as if a
+    save had written it (a crafted checkpoint, not a damaged one)."""
+    from jaxckpt import _checksum, _chunks
+
+    data = value if isinstance(value, bytes) else _chunks.json_bytes(value)
+    with open(os.path.join(ckpt, key), "wb") as f:
+        f.write(data)
+    commit = os.path.join(ckpt, "COMMIT")
+    with open(commit, "rb") as f:
+        doc = json.load(f)
+    del doc["crc32c"]
+    doc["zarr_json_crc32c"][key] = _checksum.crc32c_bytes(data)
+    with open(commit, "wb") as f:
+        f.write(_checksum.seal(_chunks.json_bytes(doc)))
+
+
+def edit_metadata(ckpt: str | os.PathLike[str], key: str, fn: Callable[[Any], Any]) -> None:
+    """Applies ``fn`` to the parsed metadata file ``ckpt/key`` (in place, or returning the new
+    value) and rewrites it with :func:`rewrite_metadata`."""
+    with open(os.path.join(ckpt, key), "rb") as f:
+        doc = json.load(f)
+    out = fn(doc)
+    rewrite_metadata(ckpt, key, doc if out is None else out)

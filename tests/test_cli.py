@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nbclient import NotebookClient
 
 import jaxckpt as jc
-from jaxckpt import _scan
+from jaxckpt import _checksum, _scan
 from jaxckpt.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +58,11 @@ def test_ls_lists_steps_sizes_times_metrics_and_debris(tmp_path, capsys):
     # Metrics the checkpoint's own metadata lacks come from the manager's index.
     jc.save(run_dir / "ckpt-50", seed_tree(50), step=50)
     index = json.loads((run_dir / "checkpoint").read_text())
+    del index["crc32c"]
     index["checkpoints"].append(
         {"step": 50, "path": "ckpt-50", "time": 0.0, "metrics": {"loss": 0.25}}
     )
-    (run_dir / "checkpoint").write_text(json.dumps(index))
+    (run_dir / "checkpoint").write_bytes(_checksum.seal(json.dumps(index).encode()))
     os.makedirs(run_dir / "ckpt-60.jaxckpt-tmp-0123abcd")  # debris of saves that never committed
     os.makedirs(run_dir / "ckpt-70")
     code, out, _ = run(capsys, "ls", str(run_dir))
@@ -328,18 +329,20 @@ def test_verify_checks_each_arrays_zarr_json(tmp_path, capsys, monkeypatch):
         f.write("{")
     code, out, _ = run(capsys, "verify", ckpt)
     assert code == 1
-    lines = out.splitlines()
-    assert lines[0].startswith(  # the reads check each array's zarr.json before its chunks
-        "DAMAGED opt_state/0/count: has array metadata that is not valid JSON "
-        f"({ckpt}/opt_state/0/count/zarr.json: "
-    )
-    assert lines[1:3] == [
-        f"DAMAGED params/l1/bias: has no array metadata: {ckpt}/params/l1/bias/zarr.json is missing",
-        'DAMAGED params/l1/kernel: is recorded with shape [1, 5], data type "float32" and chunks '
-        f'[1, 5], but its array metadata {meta_path} says shape [5, 1], data type "float32" and '
-        "chunks [1, 5]",
+    fix = "Fix: restore an earlier checkpoint, or copy this checkpoint again in full."
+    crc = "is damaged: it fails the crc32c checksum that COMMIT records for it."
+    count, bias = f"{ckpt}/opt_state/0/count/zarr.json", f"{ckpt}/params/l1/bias/zarr.json"
+    missing = f"is missing: the checkpoint's metadata is damaged. {fix}"
+    assert out.splitlines() == [  # the files, then the arrays they describe
+        f"DAMAGED {count} {crc} {fix}",
+        f"DAMAGED {bias} {missing}",
+        f"DAMAGED {meta_path} {crc} {fix}",
+        f"DAMAGED opt_state/0/count: {count} {crc} {fix}",
+        f"DAMAGED params/l1/bias: {bias} {missing}",
+        f"DAMAGED params/l1/kernel: {meta_path} {crc} {fix}",
+        f"3 files and 3 of 7 arrays in {ckpt} are damaged. Fix: restore an earlier checkpoint "
+        "(`jaxckpt ls` lists them).",
     ]
-    assert lines[3].startswith(f"3 of 7 arrays in {ckpt} are damaged.")
 
 
 def test_verify_finds_damage_wherever_the_leaves_are_stored(tmp_path, capsys):
@@ -370,7 +373,10 @@ def test_verify_damaged_metadata_and_missing_path(tmp_path, capsys):
         f.write("{not json")
     code, out, _ = run(capsys, "verify", ckpt)
     assert code == 1
-    assert out.startswith(f"DAMAGED {ckpt}: {ckpt}/zarr.json is not valid JSON")
+    assert out.startswith(
+        f"DAMAGED {ckpt}: {ckpt}/zarr.json is damaged: it fails the crc32c checksum that COMMIT "
+        "records for it."
+    )
     code, _, err = run(capsys, "verify", str(tmp_path / "nope"))
     assert code == 2 and err.startswith(
         f"jaxckpt verify: error: No checkpoint at {tmp_path / 'nope'}."
@@ -495,3 +501,21 @@ def test_docs_cli_examples_print_what_the_page_shows(tmp_path, capsys, monkeypat
         )  # stdout, else the error
         checked += 1
     assert checked == 7
+
+
+def test_ls_ignores_a_damaged_index(tmp_path, capsys):
+    """A damaged index could name the wrong metrics for a checkpoint whose metadata has none."""
+    run_dir = tmp_path / "run"
+    with jc.CheckpointManager(run_dir) as mngr:
+        mngr.save(10, seed_tree(10), metrics={"loss": 0.5})
+    jc.save(run_dir / "ckpt-20", seed_tree(20), step=20)  # no metrics of its own
+    index = json.loads((run_dir / "checkpoint").read_text())
+    del index["crc32c"]
+    index["checkpoints"].append(
+        {"step": 20, "path": "ckpt-20", "time": 0.0, "metrics": {"loss": 0.25}}
+    )
+    sealed = _checksum.seal(json.dumps(index).encode())
+    (run_dir / "checkpoint").write_bytes(sealed.replace(b"0.25", b"0.75"))
+    code, out, _ = run(capsys, "ls", str(run_dir))
+    assert code == 0
+    assert [line.split()[-1] for line in out.splitlines()[1:3]] == ["loss=0.5", "-"]

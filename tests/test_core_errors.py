@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from core_helpers import assert_tree_equal, files_under
+from core_helpers import assert_tree_equal, edit_metadata, files_under, rewrite_metadata
 
 import jaxckpt as jc
 from jaxckpt import _checkpoint
@@ -296,11 +295,7 @@ def test_corrupted_chunk(tmp_path):
 
 
 def _edit_root_meta(path, fn):
-    with open(os.path.join(path, "zarr.json")) as f:
-        root = json.load(f)
-    fn(root)
-    with open(os.path.join(path, "zarr.json"), "w") as f:
-        json.dump(root, f)
+    edit_metadata(path, "zarr.json", fn)  # checksum and all: as a save would write it
 
 
 def test_newer_format_version(ckpt):
@@ -308,7 +303,7 @@ def test_newer_format_version(ckpt):
     _edit_root_meta(path, lambda r: r["attributes"]["jaxckpt"].update(format_version=99))
     with pytest.raises(
         jc.FormatVersionError,
-        match=r"was written in jaxckpt format version 99, but this jaxckpt reads versions up to 2\. Fix: upgrade jaxckpt",
+        match=r"was written in jaxckpt format version 99, but this jaxckpt reads versions up to 3\. Fix: upgrade jaxckpt",
     ):
         jc.restore(path)
 
@@ -323,6 +318,13 @@ def test_damaged_metadata(ckpt):
         jc.open(path)
     with open(os.path.join(path, "zarr.json"), "w") as f:
         f.write("{not json")
+    with pytest.raises(
+        jc.CorruptCheckpointError,
+        match=r"zarr\.json is damaged: it fails the crc32c checksum that COMMIT records for it\. "
+        r"Fix: restore an earlier checkpoint",
+    ):
+        jc.list_variables(path)
+    rewrite_metadata(path, "zarr.json", b"{not json")  # its checksum recorded: crafted
     with pytest.raises(
         jc.CorruptCheckpointError,
         match=r"zarr\.json is not valid JSON .*Fix: restore an earlier checkpoint",

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from core_helpers import edit_metadata
 
 import jaxckpt as jc
 from jaxckpt import _checkpoint, _chunks, _storage
@@ -169,12 +170,7 @@ def test_nan_metric_ranks_last(tmp_path):
 
 
 def _set_saved_time(path, t):
-    meta_path = os.path.join(path, "zarr.json")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    meta["attributes"]["jaxckpt"]["time"] = t
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    edit_metadata(path, "zarr.json", lambda m: m["attributes"]["jaxckpt"].update(time=t))
 
 
 def test_keep_every_n_hours(tmp_path):

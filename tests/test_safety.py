@@ -8,12 +8,12 @@ enforces").
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
 import pytest
+from core_helpers import edit_metadata
 
 import jaxckpt as jc
 from jaxckpt import _split, _write
@@ -25,13 +25,9 @@ def _save(path, tree):
 
 
 def _edit_root(ck, edit):
-    """Applies ``edit(tree_record)`` to the root zarr.json of the checkpoint ``ck``."""
-    p = os.path.join(ck, "zarr.json")
-    with open(p) as f:
-        doc = json.load(f)
-    edit(doc["attributes"]["jaxckpt"]["tree"])
-    with open(p, "w") as f:
-        json.dump(doc, f)
+    """Applies ``edit(tree_record)`` to the root zarr.json of the checkpoint ``ck``, with the
+    checksum COMMIT holds for it: a crafted checkpoint, not a damaged one."""
+    edit_metadata(ck, "zarr.json", lambda doc: edit(doc["attributes"]["jaxckpt"]["tree"]))
 
 
 def _set(ck, leaf, **fields):
@@ -288,12 +284,11 @@ def test_an_array_zarr_json_that_disagrees_with_the_record_is_refused(pair, edit
     """What zarr-python would read differently from what jaxckpt reads (a flipped fill value
     makes it read ones where zeros were saved) is damage to jaxckpt too."""
     ck, _ = pair
-    p = os.path.join(ck, "a", "zarr.json")
-    with open(p) as f:
-        meta = json.load(f)
-    edit(meta)
-    with open(p, "w") as f:
-        json.dump(meta, f)
+
+    def in_place(meta):  # some edits return what they removed: the file keeps ``meta``
+        edit(meta)
+
+    edit_metadata(ck, "a/zarr.json", in_place)
     _refused(ck, what=what)
 
 
@@ -321,13 +316,12 @@ def test_a_crafted_packed_record_is_refused(packed, fields, what):
 
 def test_a_crafted_pack_zarr_json_is_refused(packed):
     ck, _ = packed
-    p = os.path.join(ck, "~pack/0/zarr.json")
-    with open(p) as f:
-        meta = json.load(f)
-    meta["chunk_grid"]["configuration"]["chunk_shape"] = [1]
-    meta["shape"] = [2**40]
-    with open(p, "w") as f:
-        json.dump(meta, f)
+
+    def edit(meta):
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [1]
+        meta["shape"] = [2**40]
+
+    edit_metadata(ck, "~pack/0/zarr.json", edit)
     _refused(ck, what="is packed in an array whose metadata", index=None)
 
 
@@ -338,12 +332,11 @@ def test_a_size_its_files_cannot_hold_allocates_nothing(tmp_path, monkeypatch):
 
     ck = _save(tmp_path / "ck", {"a": np.ones(16, np.float32)})
     _set(ck, "a", shape=[2**34], chunks=[2**24])
-    p = os.path.join(ck, "a", "zarr.json")
-    with open(p) as f:
-        meta = json.load(f)
-    meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**34], [2**24]
-    with open(p, "w") as f:
-        json.dump(meta, f)
+
+    def edit(meta):
+        meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**34], [2**24]
+
+    edit_metadata(ck, "a/zarr.json", edit)
     sizes = []
     real = _chunks.aligned_empty
     monkeypatch.setattr(
