@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint docs demo bench bench-gpu dist clean
+.PHONY: install test lint docs demo bench bench-gpu soak dist clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: install
 
 bench-gpu: install
 	$(BIN)/python benchmarks/bench.py --workloads W3
+
+# 100 kill -9 trials and 1,000 manager saves (about 10 minutes); see docs/manager.md
+soak: install
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) tf_ckpts tf_list_example bench_out dist build docs/_build docs/notebooks
