@@ -154,6 +154,9 @@ class Worker:
         return ("in " + "+".join(opened)) if opened else f"after {last}"
 
 
+KEPT_FILES = ("checkpoint", ".jaxckpt-writer")  # a run's index and its writer lock
+
+
 def problems(directory: str) -> list[str]:
     """What a directory of checkpoints should not hold once a manager has saved in it."""
     out = []
@@ -164,7 +167,7 @@ def problems(directory: str) -> list[str]:
         elif name.startswith("ckpt-"):
             if not os.path.isfile(os.path.join(path, "COMMIT")):
                 out.append(f"uncommitted {name}")
-        elif name not in ("checkpoint", ".jaxckpt-writer"):  # the index, the writer lock
+        elif name not in KEPT_FILES:
             out.append(f"unexpected {name}")
     return out
 
@@ -316,7 +319,7 @@ def memory_soak(mode: str, saves: int, root: str, host_bytes: int, limits: Any) 
         failures.append("threads grew after warm-up")
     if raw["wrong"] or raw["kept"] != list(range(saves - sw.KEEP + 1, saves + 1)):
         failures.append(f"kept {raw['kept']}, wrong {raw['wrong']}")
-    if [n for n in raw["names"] if n != "checkpoint" and not n.startswith("ckpt-")]:
+    if [n for n in raw["names"] if n not in KEPT_FILES and not n.startswith("ckpt-")]:
         failures.append(f"debris {raw['names']}")
     out["failures"] = failures
     # [rss, open files, threads, saves in flight] after every ``samples_every``-th save

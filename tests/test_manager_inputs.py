@@ -8,7 +8,6 @@ already (or older), and under ``best_metric`` a save without the metric is kept 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from core_helpers import edit_metadata
 from test_manager import assert_tree_equal, index_of, on_disk, tree_of
 
 import jaxckpt as jc
@@ -336,16 +336,20 @@ def test_best_metric_keeps_saves_without_it_by_recency(tmp_path):
 
 
 def test_an_old_index_with_array_metrics_is_not_ranked(tmp_path):
-    """Earlier versions stored array metrics; ranking skips them instead of failing."""
+    """Earlier versions stored array metrics (in a checkpoint's metadata, which a rebuilt
+    index takes them from); ranking skips them instead of failing."""
     d = os.fspath(tmp_path)
     with jc.CheckpointManager(d, max_to_keep=None) as m:
         for step in (1, 2):
             m.save(step, tree_of(step), metrics={"loss": float(step)})
-    index = index_of(d)
-    index["checkpoints"][0]["metrics"] = {"loss": [1.0, 1.0]}
-    with open(os.path.join(d, "checkpoint"), "w") as f:
-        json.dump(index, f)
+
+    def array_metric(doc):
+        doc["attributes"]["jaxckpt"]["metrics"] = {"loss": [1.0, 1.0]}
+
+    edit_metadata(os.path.join(d, "ckpt-1"), "zarr.json", array_metric)
+    os.remove(os.path.join(d, "checkpoint"))
     m = jc.CheckpointManager(d, max_to_keep=1, best_metric="loss", async_save=False)
+    assert m.metrics(1) == {"loss": [1.0, 1.0]}
     assert m.best_step == 2
     m.save(3, tree_of(3), metrics={"loss": 0.5})
     assert m.steps == [3] and m.best_step == 3
