@@ -12,44 +12,24 @@ import collections
 import dataclasses
 import errno
 import itertools
-import json
 import logging
 import math
 import operator
 import os
-import re
 import threading
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _checksum, _chunks, _multihost, _restore, _storage
+from . import _checkpoint, _chunks, _multihost, _restore, _run, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
 
 PyTree = Any
-PREFIX = "ckpt-"
-INDEX = "checkpoint"
-INDEX_VERSION = 2  # 2: the index ends with its own checksum (_checksum.seal)
-_STEP_NAME = re.compile(r"ckpt-(0|[1-9][0-9]*)", re.ASCII)
 log = logging.getLogger("jaxckpt")
 _serial = itertools.count()  # every process creates its managers in the same order
-
-
-def _step_of(name: str) -> int | None:
-    m = _STEP_NAME.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def _committed_steps(directory: str) -> list[int]:
-    steps = []
-    for name in _storage.list_names(directory):
-        step = _step_of(name)
-        if step is not None and _storage.is_committed(_storage.join(directory, name)):
-            steps.append(step)
-    return sorted(steps)
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
@@ -59,15 +39,8 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
         >>> path = jc.latest_checkpoint("./tf_ckpts")  # doctest: +SKIP
         './tf_ckpts/ckpt-100'
     """
-    steps = _committed_steps(os.fspath(directory))
-    return _storage.join(directory, f"{PREFIX}{steps[-1]}") if steps else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    step: int
-    time: float
-    metrics: dict[str, Any]
+    steps = _run.committed_steps(os.fspath(directory))
+    return _storage.join(directory, _run.step_name(steps[-1])) if steps else None
 
 
 @dataclasses.dataclass
@@ -158,7 +131,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ reading state
 
     def _path(self, step: int) -> str:
-        return _storage.join(self.directory, f"{PREFIX}{step}")
+        return _storage.join(self.directory, _run.step_name(step))
 
     def _writing(self, fn: Callable[..., Any], *args: Any) -> None:
         """Runs a write of the manager's own; a directory that refuses it (a read-only copy of
@@ -191,7 +164,7 @@ class CheckpointManager:
         (a save in progress, of this process or another, is left alone); nothing else."""
         for name in _storage.list_names(self.directory):
             path = _storage.join(self.directory, name)
-            uncommitted = _step_of(name) is not None and not _storage.is_committed(path)
+            uncommitted = _run.step_of(name) is not None and not _storage.is_committed(path)
             if not (_storage.is_debris(name) or (uncommitted and _storage.is_dir(path))):
                 continue
             if _storage.remove_if_abandoned(path):
@@ -199,60 +172,40 @@ class CheckpointManager:
             else:
                 log.info("jaxckpt: left %s alone: a save in progress writes there", path)
 
-    def _load(self) -> tuple[dict[int, _Entry], bool]:
+    def _load(self) -> tuple[dict[int, _run.Entry], bool]:
         """The committed steps, described by the index where it agrees with them."""
-        index = self._read_index()
+        index = _run.read_index(self.directory)
+        if index.problem is not None:
+            log.log(
+                logging.INFO if index.legacy else logging.WARNING,
+                "jaxckpt: rebuilding the index %s/%s from the checkpoints: %s",
+                self.directory,
+                _run.INDEX,
+                index.problem,
+            )
         entries = {}
         # Steps described by the index alone: checked against the checkpoints' own metadata
         # before retention deletes anything on what the index says (_check_index).
         self._unchecked: set[int] = set()
-        for step in _committed_steps(self.directory):
-            if step in index:
-                entries[step] = index[step]
+        for step in _run.committed_steps(self.directory):
+            if step in index.entries:
+                entries[step] = index.entries[step]
                 self._unchecked.add(step)
             else:
                 entries[step] = self._entry_from_metadata(step)
-        return entries, index.keys() != entries.keys() or not index
-
-    def _read_index(self) -> dict[int, _Entry]:
-        """The index's entries; {} when it is missing, damaged (it fails its own checksum) or
-        written before it had one: it is then rebuilt from the checkpoints."""
-        where = f"{self.directory}/{INDEX}"
-        raw = _storage.read_bytes(self.directory, INDEX)
-        if raw is None:
-            return {}
-        if not _checksum.is_sealed(raw):
-            legacy = raw.startswith(b'{\n "jaxckpt_manager_index": 1,')
-            log.log(
-                logging.INFO if legacy else logging.WARNING,
-                "jaxckpt: rebuilding the index %s from the checkpoints: %s",
-                where,
-                "it has no checksum (an older jaxckpt wrote it)"
-                if legacy
-                else "it is damaged (it fails its own crc32c checksum)",
-            )
-            return {}
-        try:
-            doc = json.loads(raw)
-            return {
-                int(c["step"]): _Entry(int(c["step"]), float(c["time"]), dict(c["metrics"]))
-                for c in doc["checkpoints"]
-            }
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("jaxckpt: rebuilding the unreadable index %s (%s)", where, e)
-            return {}
+        return entries, index.entries.keys() != entries.keys() or not index.entries
 
     def _check_index(self) -> None:
         """Replaces what the index says of each step it alone described by what the step's own
         (checksummed) metadata says, with a warning where they differ."""
         for step in sorted(self._unchecked & self._entries.keys()):
             truth = self._entry_from_metadata(step)
-            if _entry_json(truth) != _entry_json(self._entries[step]):
+            if truth.as_json() != self._entries[step].as_json():
                 log.warning(
                     "jaxckpt: the index %s/%s says step %d has time %r and metrics %r, but its "
                     "checkpoint says %r and %r; the checkpoint's are used.",
                     self.directory,
-                    INDEX,
+                    _run.INDEX,
                     step,
                     self._entries[step].time,
                     self._entries[step].metrics,
@@ -262,30 +215,24 @@ class CheckpointManager:
                 self._entries[step] = truth
         self._unchecked.clear()
 
-    def _entry_from_metadata(self, step: int) -> _Entry:
+    def _entry_from_metadata(self, step: int) -> _run.Entry:
         try:
             meta = Reader(self._path(step)).metadata
         except CheckpointError as e:
             log.warning("jaxckpt: %s", e)
-            return _Entry(step, 0.0, {})
-        return _Entry(step, float(meta.get("time", 0.0)), dict(meta.get("metrics", {})))
+            return _run.Entry(step, 0.0, {})
+        return _run.Entry(step, float(meta.get("time", 0.0)), dict(meta.get("metrics", {})))
 
     def _write_index(self, now: bool = False) -> None:
         """Rewrites the index: at once with ``now``, else as :meth:`_in_background` does."""
-        doc = {
-            "jaxckpt_manager_index": INDEX_VERSION,
-            "latest_step": self.latest_step,
-            "checkpoints": [
-                {"step": e.step, "path": f"{PREFIX}{e.step}", "time": e.time, "metrics": e.metrics}
-                for e in (self._entries[s] for s in self.steps)
-            ],
-        }
-        index = _checksum.seal(json.dumps(doc, indent=1).encode())
+        index = _run.index_bytes([self._entries[s] for s in self.steps])
         if now:
-            _storage.write_bytes_atomic(self.directory, INDEX, index)
+            _storage.write_bytes_atomic(self.directory, _run.INDEX, index)
         else:
-            what = f"rewriting its index {self.directory}/{INDEX}"
-            self._in_background(what, _storage.write_bytes_atomic, self.directory, INDEX, index)
+            what = f"rewriting its index {self.directory}/{_run.INDEX}"
+            self._in_background(
+                what, _storage.write_bytes_atomic, self.directory, _run.INDEX, index
+            )
 
     def _in_background(self, what: str, fn: Callable[..., None], *args: Any) -> None:
         """Runs ``fn(*args)`` after what the manager's worker already has, with ``async_save``;
@@ -339,7 +286,7 @@ class CheckpointManager:
         """The metrics saved with ``step``."""
         return dict(self._entry(step).metrics)
 
-    def _entry(self, step: int) -> _Entry:
+    def _entry(self, step: int) -> _run.Entry:
         if step not in self._entries:
             raise CheckpointNotFoundError(
                 f"Step {step} has no committed checkpoint in {self.directory}; its steps are "
@@ -421,11 +368,11 @@ class CheckpointManager:
                 continue
             # Not read back from the checkpoint: while the next save writes, even a small read
             # waits behind it.
-            self._committed(_Entry(pending.step, pending.handle._time, pending.metrics))
+            self._committed(_run.Entry(pending.step, pending.handle._time, pending.metrics))
         if first is not None:
             raise first from first.__cause__
 
-    def _committed(self, entry: _Entry) -> None:
+    def _committed(self, entry: _run.Entry) -> None:
         """Records a committed save, then applies retention and rewrites the index."""
         self._entries[entry.step] = entry
         doomed = self._doomed()
@@ -573,11 +520,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.directory!r}, steps={self.steps})"
-
-
-def _entry_json(e: _Entry) -> str:
-    """An entry as the index keeps it (so that NaN metrics compare equal)."""
-    return json.dumps([e.step, e.time, e.metrics], sort_keys=True)
 
 
 def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:

@@ -11,7 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _checksum, _chunks, _commit, _confine, _metadata, _paths, _split, _storage, _validate
+from . import (
+    _checksum,
+    _chunks,
+    _commit,
+    _confine,
+    _metadata,
+    _paths,
+    _run,
+    _split,
+    _storage,
+    _validate,
+)
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._log import phase
 
@@ -539,10 +550,8 @@ def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:
-    from . import _manager  # it imports this module
-
-    steps = _manager._committed_steps(path)
-    if steps or _storage.exists(path, _manager.INDEX):  # a manager's directory
+    steps = _run.committed_steps(path)
+    if steps or _storage.exists(path, _run.INDEX):  # a manager's directory
         fix = (
             f"restore one of them: jc.restore(jc.latest_checkpoint({path!r}), ...) for the "
             f"newest, or jc.CheckpointManager({path!r}).restore(step, target)."
@@ -550,7 +559,7 @@ def _not_found(path: str) -> CheckpointNotFoundError:
             else "check the path, or save a checkpoint there first (CheckpointManager.save)."
         )
         held = (
-            f"{len(steps)} checkpoints, the newest {_manager.PREFIX}{steps[-1]}"
+            f"{len(steps)} checkpoints, the newest {_run.step_name(steps[-1])}"
             if steps
             else "no checkpoint yet"
         )

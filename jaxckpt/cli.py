@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _checksum, _cli_json, _convert, _graph, _scan, _storage
+from . import __version__, _cli_json, _convert, _graph, _run, _scan, _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
@@ -91,8 +89,6 @@ def _open(path: str) -> Reader:
 
 # ---------------------------------------------------------------------------- ls
 
-_STEP_NAME = re.compile(r"ckpt-(\d+)$")
-
 
 def _disk_size(path: str) -> int:
     if _storage.is_url(path):  # listing an object store gives no sizes: count the array bytes
@@ -108,27 +104,14 @@ def _disk_size(path: str) -> int:
     return total
 
 
-def _index(directory: str) -> dict[int, dict[str, Any]]:
-    """The manager's ``checkpoint`` index (``{"checkpoints": [{"step", "time", "metrics"}]}``)
-    by step; {} when absent, damaged (it fails its own checksum), from an older jaxckpt (it has
-    none) or unreadable: the step directories are the truth."""
-    raw = _storage.read_bytes(directory, "checkpoint") or b""
-    if not _checksum.is_sealed(raw):
-        return {}
-    try:
-        entries = json.loads(raw)["checkpoints"]
-        return {int(e["step"]): e for e in entries}
-    except (ValueError, KeyError, TypeError):
-        return {}
-
-
 def _committed(directory: str) -> list[tuple[int, str]]:
-    """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step."""
+    """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step (a
+    checkpoint whose name is no step's, saved there by ``jc.save``, has -1)."""
     out = []
     for name in _storage.list_names(directory):
         if _storage.is_committed(_storage.join(directory, name)):
-            m = _STEP_NAME.match(name)
-            out.append((int(m.group(1)) if m else -1, name))
+            step = _run.step_of(name)
+            out.append((-1 if step is None else step, name))
     return sorted(out)
 
 
@@ -143,7 +126,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
             f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
         )
-    index = _index(directory)
+    index = _run.read_index(directory).entries
     rows = []
     for step, name in _committed(directory):
         path = _storage.join(directory, name)
@@ -152,15 +135,15 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         except CheckpointError as e:
             meta = {"error": f"unreadable: {str(e).split('. ')[0]}"}
         step = meta.get("step", step)
-        extra = index.get(step, {})
-        when = meta.get("time") or extra.get("time")
-        metrics = meta.get("metrics") or extra.get("metrics")
+        extra = index.get(step)
+        when = meta.get("time") or (extra.time if extra else None)
+        metrics = meta.get("metrics") or (extra.metrics if extra else None)
         rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
     unfinished = [
         n
         for n in _storage.list_names(directory)
         if _storage.is_debris(n)
-        or (_STEP_NAME.match(n) and not _storage.is_committed(_storage.join(directory, n)))
+        or (_run.step_of(n) is not None and not _storage.is_committed(_storage.join(directory, n)))
     ]
     if args.json:
         rows.sort(key=lambda r: (r[0], r[1]))

@@ -519,3 +519,16 @@ def test_ls_ignores_a_damaged_index(tmp_path, capsys):
     code, out, _ = run(capsys, "ls", str(run_dir))
     assert code == 0
     assert [line.split()[-1] for line in out.splitlines()[1:3]] == ["loss=0.5", "-"]
+
+
+def test_ls_and_the_manager_agree_on_which_names_are_steps(tmp_path, capsys):
+    """ckpt-007 is no step's name for either (a manager names step 7 ckpt-7)."""
+    run_dir = tmp_path / "run"
+    with jc.CheckpointManager(run_dir) as mngr:
+        mngr.save(7, seed_tree(7))
+    jc.save(run_dir / "ckpt-007", seed_tree(8))  # a plain save with no step, not the manager's
+    assert jc.CheckpointManager(run_dir).steps == [7]
+    assert jc.latest_checkpoint(run_dir) == str(run_dir / "ckpt-7")
+    code, out, _ = run(capsys, "ls", str(run_dir), "--json")
+    rows = {c["name"]: c["step"] for c in json.loads(out)["checkpoints"]}
+    assert code == 0 and rows == {"ckpt-7": 7, "ckpt-007": None}  # listed, as no step
