@@ -14,7 +14,6 @@ import json
 import operator
 import os
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from concurrent import futures
@@ -23,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _buffers, _chunks, _commit, _metadata, _multihost, _snapshot, _split, _storage, _write
+from . import _commit, _metadata, _multihost, _runtime, _snapshot, _split, _storage, _write
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
 from ._log import logged_save, logged_save_async
 
@@ -223,16 +222,15 @@ class SaveHandle:
     """A save in flight: ``wait()`` returns the final path or raises the save's error."""
 
     def __init__(self, save: _Save, held: int, on_device: list[_write.Piece]):
-        global _last
         self.path = save.final
         self._time = 0.0  # when it was written, as its metadata says (a manager indexes it)
         self._error: BaseException | None = None
         self._seen = False
         # A worker of a pool, not a thread of its own: starting a thread waits until it runs,
         # which took 35-70 ms of the caller's time while an earlier save's threads were busy.
-        with _order:
-            self._after, _last = _last, self
-            self._future = _chunks.pool("save").submit(self._run, save, held, on_device)
+        with _runtime.order:
+            self._after, _runtime.last = _runtime.last, self
+            self._future = _runtime.pool("save").submit(self._run, save, held, on_device)
 
     def _run(self, save: _Save, held: int, on_device: list[_write.Piece]) -> None:
         try:
@@ -247,9 +245,9 @@ class SaveHandle:
             self._error = e
         finally:
             save.arrays, save.packs = [], []  # nothing refers to the snapshot's buffers now
-            _buffers.give(save.buffers, async_host_bytes())
+            _runtime.give_buffers(save.buffers)
             save.buffers = []
-            _release(held)
+            _runtime.release(held)
 
     def done(self) -> bool:
         """Whether the save has finished (committed, or failed)."""
@@ -260,7 +258,7 @@ class SaveHandle:
         futures.wait([self._future], timeout)
         if not self._future.done():
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        _unfinished.discard(self)
+        _runtime.unfinished.discard(self)
         if self._error is not None:
             self._seen = True
             raise self._error
@@ -271,62 +269,23 @@ class SaveHandle:
         return f"SaveHandle({self.path!r}, {state})"
 
 
-_unfinished: set[SaveHandle] = set()
-# The latest save_async: the next one writes after it, so saves commit in the order they were
-# made (and do not split the disk between them) while their snapshots are taken at once.
-_last: SaveHandle | None = None
-_order = threading.Lock()
-
-
 def _finish_at_exit() -> None:
     """A script that ends with saves in flight still commits them (or says why not)."""
-    for h in list(_unfinished):
+    for h in list(_runtime.unfinished):
         try:
             h.wait()
         except BaseException as e:  # noqa: BLE001 - reported, the interpreter is exiting
             print(f"jaxckpt: the asynchronous save to {h.path} failed: {e}", file=sys.stderr)
 
 
-# Runs after the main thread ends and before the I/O thread pools shut down (threading calls
-# these hooks in reverse order of registration; _chunks registered its pools' hook first).
-threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
-
-# Host memory held by the snapshots of saves in flight. A new save_async waits for older ones
-# to finish while its snapshot would push the total over the limit (one save alone may exceed
-# it: it then runs by itself). See docs/speed.md.
-_held = 0
-_held_cv = threading.Condition()
-
-
-def async_host_bytes() -> int:
-    """The bound on host bytes held by async saves in flight (``JAXCKPT_ASYNC_HOST_BYTES``)."""
-    env = os.environ.get("JAXCKPT_ASYNC_HOST_BYTES")
-    if env:
-        return int(env)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1 << 30, total // 4)
-
-
-def _reserve(n: int) -> None:
-    global _held
-    limit = async_host_bytes()
-    with _held_cv:
-        _held_cv.wait_for(lambda: _held == 0 or _held + n <= limit)
-        _held += n
-
-
-def _release(n: int) -> None:
-    global _held
-    with _held_cv:
-        _held -= n
-        _held_cv.notify_all()
+_runtime.at_exit(_finish_at_exit)
 
 
 def _raise_earlier_errors() -> None:
     """An async save's error nobody waited for is raised by the next save."""
-    for h in list(_unfinished):
+    for h in list(_runtime.unfinished):
         if h.done():
-            _unfinished.discard(h)
+            _runtime.unfinished.discard(h)
             if h._error is not None and not h._seen:
                 h._seen = True
                 raise CheckpointError(
@@ -375,25 +334,27 @@ def save_async(
     the background (see docs/speed.md). ``handle.wait()`` blocks until the checkpoint is
     committed and raises the save's error, if any; an error nobody waited for is raised by
     the next save. Saves in flight write one at a time, in call order, so they commit in
-    that order. While the snapshots of saves in flight would exceed :func:`async_host_bytes`,
+    that order. While the snapshots of saves in flight would exceed :func:`jaxckpt._runtime.async_host_bytes`,
     this call first waits for older saves to finish.
     """
     _raise_earlier_errors()
-    with _chunks.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
+    with _runtime.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
         s = _prepare(path, tree, extra_attributes(step, metrics))
     held = _snapshot.snapshot_bytes(s.arrays, s.packs)
-    _reserve(held)  # the most the snapshot can hold; what its zero pieces do not is given back
+    _runtime.reserve(
+        held
+    )  # the most the snapshot can hold; what its zero pieces do not is given back
     try:
-        with _chunks.writes_paused():
+        with _runtime.writes_paused():
             on_device = _snapshot.copy_on_device(s.arrays)
             s.buffers = _snapshot.snapshot(s.arrays, s.packs, skip=on_device)
     except BaseException:
-        _release(held)
+        _runtime.release(held)
         raise
     kept = _snapshot.snapshot_bytes(s.arrays, s.packs)
-    _release(held - kept)
+    _runtime.release(held - kept)
     h = SaveHandle(s, kept, on_device)
-    _unfinished.add(h)
+    _runtime.unfinished.add(h)
     return h
 
 

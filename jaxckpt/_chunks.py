@@ -15,7 +15,6 @@ any other missing chunk as damage.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import itertools
@@ -23,103 +22,20 @@ import json
 import math
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from . import _runtime
 from ._checksum import crc32c
 from ._confine import Violation
+from ._memory import Zeros, aligned_empty, as_bytes, is_zero
 
-ALIGN = 64  # XLA's CPU client aliases host buffers this aligned instead of copying them
-ZERO_SCAN = 4 << 20  # bytes looked at per step of the zero check: non-zero data stops it early
 # Bytes per os.write / os.readv of a chunk, checksummed just before it is written or just after
 # it is read, while in the CPU cache (and a snapshot waits for at most about one such write).
 STEP = 2 << 20
 FILES_FIRST = 64 << 20  # an array larger than this is allocated once its chunk files are seen
-_pools: dict[str, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def pool(kind: str) -> ThreadPoolExecutor:
-    """Shared worker threads (``os`` calls and large copies release the GIL).
-
-    ``"write"`` writes and syncs files, ``"read"`` reads them, ``"copy"`` takes async
-    snapshots and ``"fetch"`` moves an async snapshot taken on an accelerator to the host:
-    neither a snapshot nor a read (a restore, a manager looking at a checkpoint) queues
-    behind the writes, or the device-to-host transfers, of a save still in flight. ``"save"``
-    runs each async save's background work, one worker per save in flight (more wait in
-    call order, as they would behind the writes of the saves before them anyway); ``"manager"``
-    deletes the checkpoints a manager retired and rewrites its index, one after another.
-
-    Every worker starts with the pool. A pool starts a worker when no idle one takes a job,
-    and ``Thread.start`` waits until the new thread runs: while a save's threads were busy,
-    that kept an async save call waiting 32-35 ms when saves first overlapped.
-    """
-    if kind in _pools:
-        return _pools[kind]
-    with _pools_lock:
-        if kind not in _pools:
-            n = {"copy": 4, "fetch": 4, "manager": 1}.get(kind, 8)
-            ex = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"jaxckpt-{kind}")
-            started = threading.Barrier(n + 1)
-            for _ in range(n):  # each job holds its worker until all have one
-                ex.submit(started.wait)
-            started.wait()
-            _pools[kind] = ex
-        return _pools[kind]
-
-
-def aligned_empty(shape: Sequence[int], dtype: np.dtype, *, zeros: bool = False) -> np.ndarray:
-    """An uninitialised C-ordered array whose data is ``ALIGN``-byte aligned.
-
-    With ``zeros`` it is zero-filled (``calloc``: a large one gets fresh pages, touched later).
-    """
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = (np.zeros if zeros else np.empty)(n + ALIGN, np.uint8)
-    off = (-buf.ctypes.data) % ALIGN
-    return buf[off : off + n].view(dtype).reshape(tuple(shape))
-
-
-def as_bytes(arr: np.ndarray) -> np.ndarray:
-    """The bytes of a C-contiguous array as a flat uint8 view (no copy)."""
-    return arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-
-
-class Zeros:
-    """A piece known to be all zeros: what an async snapshot keeps instead of a copy."""
-
-    __slots__ = ("shape", "dtype")
-
-    def __init__(self, shape: Sequence[int], dtype: np.dtype):
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def array(self) -> np.ndarray:
-        return np.zeros(self.shape, self.dtype)
-
-
-def is_zero(arr: np.ndarray) -> bool:
-    """Whether every byte of the C-contiguous ``arr`` is zero (so ``-0.0`` and NaN are not).
-
-    The first 64 bytes are looked at first, so that most non-zero data costs nothing; then the
-    rest, ``ZERO_SCAN`` bytes at a time, as uint64 words (NumPy's ``max`` releases the GIL).
-    """
-    raw = as_bytes(arr)
-    if raw[:64].any():
-        return False
-    for lo in range(64, raw.size, ZERO_SCAN):
-        block = raw[lo : lo + ZERO_SCAN]
-        n = block.size // 8 * 8
-        if (n and block[:n].view(np.uint64).max()) or block[n:].any():
-            return False
-    return True
 
 
 def chunk_grid(shape: Sequence[int], chunks: Sequence[int]) -> tuple[int, ...]:
@@ -144,33 +60,6 @@ def zero_set(zero: str | Sequence[int] | None, n_chunks: int) -> set[int]:
 
 # ---------------------------------------------------------------------------- writing
 
-_snapshots = 0  # async snapshots being taken now
-_snapshots_cv = threading.Condition()
-
-
-@contextlib.contextmanager
-def writes_paused() -> Any:
-    """While a snapshot is taken, file writes (of earlier saves still in flight) wait.
-
-    The training loop waits for the snapshot, and on a host with few cores the writes' copies
-    into the page cache would take CPU time from it.
-    """
-    global _snapshots
-    with _snapshots_cv:
-        _snapshots += 1
-    try:
-        yield
-    finally:
-        with _snapshots_cv:
-            _snapshots -= 1
-            _snapshots_cv.notify_all()
-
-
-def _after_snapshots() -> None:
-    if _snapshots:
-        with _snapshots_cv:
-            _snapshots_cv.wait_for(lambda: _snapshots == 0)
-
 
 def write_file(path: str, parts: Iterable[Any]) -> None:
     """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it."""
@@ -179,7 +68,7 @@ def write_file(path: str, parts: Iterable[Any]) -> None:
         for part in parts:
             mv = memoryview(part).cast("B")
             while mv:
-                _after_snapshots()
+                _runtime.after_snapshots()
                 mv = mv[os.write(fd, mv[:STEP]) :]
     finally:
         os.close(fd)
@@ -230,7 +119,7 @@ def make_durable(root: str) -> None:
     finally:
         os.close(fd)
     paths = [os.path.join(d, n) for d, _, files in os.walk(root) for n in [*files, "."]]
-    list(pool("write").map(fsync_path, paths))
+    list(_runtime.pool("write").map(fsync_path, paths))
 
 
 def fsync_path(path: str) -> None:

@@ -30,8 +30,8 @@ from typing import Any
 
 import tensorstore as ts
 
-from . import _leases, _object_stores
-from ._chunks import fsync_path, pool
+from . import _leases, _object_stores, _runtime
+from ._chunks import fsync_path
 from ._errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -45,19 +45,6 @@ PENDING = "PENDING"
 TMP_MARK = ".jaxckpt-tmp-"
 _DRIVERS = {"s3": "s3", "gs": "gcs"}
 log = logging.getLogger("jaxckpt")
-
-_context: ts.Context | None = None
-_options: dict[str, dict[str, Any]] = {"s3": {}, "gs": {}}
-
-
-def context() -> ts.Context:
-    """One shared TensorStore context: one cache pool and one I/O concurrency limit."""
-    global _context
-    if _context is None:
-        _context = ts.Context(
-            {"cache_pool": {"total_bytes_limit": 0}, "data_copy_concurrency": {"limit": "shared"}}
-        )
-    return _context
 
 
 def set_storage_options(scheme: str, **spec: Any) -> None:
@@ -78,9 +65,11 @@ def set_storage_options(scheme: str, **spec: Any) -> None:
         >>> jc.set_storage_options("s3", endpoint="http://127.0.0.1:9000",
         ...                        s3_request_retries={"max_retries": 8})  # doctest: +SKIP
     """
-    if scheme not in _options:
-        raise ValueError(f"scheme must be one of {sorted(_options)}, got {scheme!r}")
-    _options[scheme] = dict(spec)
+    if scheme not in _runtime.storage_options:
+        raise ValueError(
+            f"scheme must be one of {sorted(_runtime.storage_options)}, got {scheme!r}"
+        )
+    _runtime.storage_options[scheme] = dict(spec)
 
 
 # ---------------------------------------------------------------------------- naming
@@ -139,7 +128,7 @@ def kvstore(root: str) -> dict[str, Any]:
     spec: dict[str, Any] = {"driver": _DRIVERS[scheme], "bucket": bucket}
     spec[_object_stores.RETRY_MEMBER[scheme]] = dict(_object_stores.RETRIES)  # bounded waits
     spec.update(_s3_env() if scheme == "s3" else _gcs_env())
-    spec.update(_options[scheme])
+    spec.update(_runtime.storage_options[scheme])
     spec["path"] = prefix + "/" if prefix else ""
     return spec
 
@@ -173,7 +162,7 @@ def _gcs_env() -> dict[str, Any]:
 
 
 def open_kv(root: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore(root), context=context()).result()
+    return ts.KvStore.open(kvstore(root), context=_runtime.context()).result()
 
 
 def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
@@ -185,7 +174,9 @@ def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     msg = f"Accessing {where}{of} failed: {detail.rstrip('.')}."
     scheme = scheme_of(where)
     if scheme is not None:  # what was tried (endpoint, credentials, retries) and the fix
-        msg += _object_stores.explain(scheme, kvstore(where), _options[scheme], detail)
+        msg += _object_stores.explain(
+            scheme, kvstore(where), _runtime.storage_options[scheme], detail
+        )
     else:
         msg += " Fix: check the free space and the permissions of that directory."
     if str(e).startswith("NOT_FOUND") and "http_response_code='404'" in str(e):  # no bucket
@@ -374,7 +365,7 @@ def read_jsons(
     else:
         paths = [os.path.join(root, k) for k in keys]
         datas = (
-            list(pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
+            list(_runtime.pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
         )
     if check is not None:
         for k, d in zip(keys, datas, strict=True):

@@ -16,13 +16,12 @@ import logging
 import math
 import operator
 import os
-import threading
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _chunks, _multihost, _restore, _run, _storage
+from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
@@ -126,7 +125,7 @@ class CheckpointManager:
             self._writing(self._write_index, True)
         # At interpreter exit, before the I/O thread pools shut down (threading runs these
         # hooks in reverse order of registration, after the main thread ends).
-        threading._register_atexit(_finish_at_exit, weakref.ref(self))  # type: ignore[attr-defined]
+        _runtime.at_exit(_finish_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------------ reading state
 
@@ -238,7 +237,7 @@ class CheckpointManager:
         """Runs ``fn(*args)`` after what the manager's worker already has, with ``async_save``;
         else now."""
         if self.async_save:
-            self._background.append((what, _chunks.pool("manager").submit(fn, *args)))
+            self._background.append((what, _runtime.pool("manager").submit(fn, *args)))
         else:
             fn(*args)
 

@@ -16,9 +16,11 @@ from . import (
     _chunks,
     _commit,
     _confine,
+    _memory,
     _metadata,
     _paths,
     _run,
+    _runtime,
     _split,
     _storage,
     _validate,
@@ -50,7 +52,7 @@ class Reader:
         """``prefetch``: node paths (``"a/b"``) whose group files are read beside the root's, in
         case the record is split there (a partial restore names the paths it will look up)."""
         self.path = _storage.normalize(path)
-        io = _chunks.pool("read")
+        io = _runtime.pool("read")
         commit = io.submit(_storage.read_bytes, self.path, _storage.COMMIT)  # all at once
         early = {
             f"{p}/zarr.json": io.submit(_storage.read_bytes, self.path, f"{p}/zarr.json")
@@ -257,7 +259,7 @@ class Reader:
                 direct.append(i)
             else:
                 rest.append(i)
-        io = _chunks.pool("read")
+        io = _runtime.pool("read")
 
         def read_direct(i: int) -> Any:
             arr = self._read_direct(recs[i])
@@ -330,7 +332,7 @@ class Reader:
             ):
                 if len(recs) == 1:  # no thread hand-off for a single leaf
                     return [self._read_one_packed(recs[0], paths[0])]
-                return list(_chunks.pool("read").map(self._read_one_packed, recs, paths))
+                return list(_runtime.pool("read").map(self._read_one_packed, recs, paths))
             runs: list[list[int]] = []
             for k in need:
                 if runs and runs[-1][1] == k:
@@ -338,7 +340,7 @@ class Reader:
                 else:
                     runs.append([k, k + 1])
             self._confined.dir(f"{loc}/c")
-            bufs = [_chunks.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
+            bufs = [_memory.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
             base = os.path.join(self.path, loc, "c")
             jobs = [
                 (
@@ -349,7 +351,7 @@ class Reader:
                 for (a, b), buf in zip(runs, bufs, strict=True)
                 for k in range(a, b)
             ]
-            list(_chunks.pool("read").map(lambda j: j[0](*j[1:]), jobs))
+            list(_runtime.pool("read").map(lambda j: j[0](*j[1:]), jobs))
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
             one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
             raise self._error(paths[0] if one else loc, e) from e
@@ -392,7 +394,7 @@ class Reader:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
         a failure names the leaf's ``path``."""
         offset, n, size = (int(v) for v in rec["packed"])
-        buf = _chunks.aligned_empty([n], np.dtype(np.uint8))
+        buf = _memory.aligned_empty([n], np.dtype(np.uint8))
         base = os.path.join(self.path, rec["loc"], "c")
         try:
             self._confined.dir(f"{rec['loc']}/c")

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import _chunks, _confine, _storage, _validate
+from . import _chunks, _confine, _runtime, _storage, _validate
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 
@@ -170,7 +170,7 @@ def _metadata_problems(reader: Reader) -> list[str]:
     if sums is None:
         return []
     keys = sorted(sums)
-    datas = list(_chunks.pool("read").map(lambda k: _storage.read_bytes(reader.path, k), keys))
+    datas = list(_runtime.pool("read").map(lambda k: _storage.read_bytes(reader.path, k), keys))
     out = []
     for key, data in zip(keys, datas, strict=True):
         try:
@@ -205,7 +205,7 @@ def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[s
                     return str(e)
                 return None
 
-            out += [p for p in _chunks.pool("read").map(check, chunks) if p]
+            out += [p for p in _runtime.pool("read").map(check, chunks) if p]
             continue
         try:
             store = _storage.open_array(reader.path, loc, meta, create=False).result()

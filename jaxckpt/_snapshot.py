@@ -1,9 +1,9 @@
 """Async snapshots: the pieces and packs of a planned save, copied into memory the save owns.
 
-``snapshot`` copies into host buffers from :mod:`jaxckpt._buffers` (small leaves straight
+``snapshot`` copies into host buffers from :mod:`jaxckpt._runtime` (``take_buffer``) (small leaves straight
 into their pack chunks); on an accelerator with room, ``copy_on_device`` copies within the
 device's memory instead and ``fetch`` moves those copies to the host in the background. A
-piece whose bytes are all zero is kept as a :class:`jaxckpt._chunks.Zeros` marker.
+piece whose bytes are all zero is kept as a :class:`jaxckpt._memory.Zeros` marker.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _buffers, _chunks, _device, _write
+from . import _device, _memory, _runtime, _write
 
 
 def snapshot_bytes(arrays: list[_write.Array], packs: list[_write.Pack]) -> int:
     """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none)."""
     return sum(
-        p.nbytes for a in arrays for p in a.pieces if not isinstance(p.data, _chunks.Zeros)
+        p.nbytes for a in arrays for p in a.pieces if not isinstance(p.data, _memory.Zeros)
     ) + sum(k.n_chunks * _write.PACK_CHUNK for k in packs)
 
 
@@ -77,7 +77,7 @@ def fetch(pieces: list[_write.Piece], taken: list[np.ndarray]) -> None:
     writes start while later pieces are still on their way.
     """
     for p in pieces:
-        p.data = _chunks.pool("fetch").submit(_host_copy, p.data, taken)
+        p.data = _runtime.pool("fetch").submit(_host_copy, p.data, taken)
 
 
 def snapshot(
@@ -86,13 +86,13 @@ def snapshot(
     """Copies every piece but ``skip`` to host memory that this save owns (donation-safe).
 
     The copies run on the copy threads (NumPy releases the GIL while copying), into buffers
-    from :mod:`jaxckpt._buffers`, which are returned (the caller gives them back once the
+    from :mod:`jaxckpt._runtime` (``take_buffer``), which are returned (the caller gives them back once the
     save is done); small leaves are copied straight into the chunks of their pack. A piece
-    whose bytes are all zero is not copied: a :class:`_chunks.Zeros` marker takes its place.
+    whose bytes are all zero is not copied: a :class:`_memory.Zeros` marker takes its place.
     """
     skipped = {id(p) for p in skip}
     pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
-    cp = _chunks.pool("copy")
+    cp = _runtime.pool("copy")
     taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
     jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]
     for k in packs:
@@ -107,15 +107,15 @@ def _copy_piece(p: _write.Piece, taken: list[np.ndarray]) -> None:
     p.data = _host_copy(p.data, taken)
 
 
-def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _chunks.Zeros:
+def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _memory.Zeros:
     """A host copy of ``data`` this save owns (a ``Zeros`` marker if its bytes are all zero)."""
     if _write._on_accelerator(data):
         host = _device.to_host(data)  # a fresh host copy already
-        return _chunks.Zeros(host.shape, host.dtype) if _chunks.is_zero(host) else host
+        return _memory.Zeros(host.shape, host.dtype) if _memory.is_zero(host) else host
     src = _write._to_host(data, copy=False)
-    if src.flags.c_contiguous and _chunks.is_zero(src):
-        return _chunks.Zeros(src.shape, src.dtype)
-    buf = _buffers.take(src.nbytes)
+    if src.flags.c_contiguous and _memory.is_zero(src):
+        return _memory.Zeros(src.shape, src.dtype)
+    buf = _runtime.take_buffer(src.nbytes)
     taken.append(buf)
     dst = buf.view(src.dtype).reshape(src.shape)
     np.copyto(dst, src)

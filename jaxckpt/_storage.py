@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from . import _runtime
 from ._chunks import json_bytes
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._locations import COMMIT as COMMIT
@@ -20,7 +21,6 @@ from ._locations import PENDING as PENDING
 from ._locations import TMP_MARK as TMP_MARK
 from ._locations import begin as begin
 from ._locations import commit as commit
-from ._locations import context as context
 from ._locations import exists as exists
 from ._locations import hold_writer as hold_writer
 from ._locations import is_committed as is_committed
@@ -164,13 +164,15 @@ def open_array(
         # Every chunk is written, zeros included: no record lists chunks TensorStore skipped.
         spec["store_data_equal_to_fill_value"] = True
         if peer_creates:
-            return ts.open(spec, open=True, assume_metadata=True, write=True, context=context())
+            return ts.open(
+                spec, open=True, assume_metadata=True, write=True, context=_runtime.context()
+            )
         if is_url(root):
             return _create_remote(root, rel, meta, spec)
         # open=True too: the local fast path may have written this array's zarr.json already.
-        return ts.open(spec, create=True, open=True, context=context())
+        return ts.open(spec, create=True, open=True, context=_runtime.context())
     spec["fill_missing_data_reads"] = fill_missing
-    return ts.open(spec, open=True, assume_metadata=assume, read=True, context=context())
+    return ts.open(spec, open=True, assume_metadata=assume, read=True, context=_runtime.context())
 
 
 def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, Any]) -> ts.Future:
@@ -180,7 +182,7 @@ def _create_remote(root: str, rel: str, meta: dict[str, Any], spec: dict[str, An
     (3 requests per array); the prefix is this save's own, so nothing there can be lost.
     """
     put = open_kv(root).write(f"{rel}/zarr.json", json_bytes(meta))
-    opened = ts.open(spec, open=True, assume_metadata=True, context=context())
+    opened = ts.open(spec, open=True, assume_metadata=True, context=_runtime.context())
     promise, future = ts.Promise.new()  # type: ignore[var-annotated]
 
     def settle(_: Any) -> None:

@@ -7,7 +7,7 @@ local disk and through TensorStore elsewhere.
 
 A single-process save to a local disk leaves all-zero chunks unwritten and lists them in the
 leaf record (``"zero_chunks"``); an async snapshot keeps an all-zero piece as a
-:class:`_chunks.Zeros` marker instead of a copy.
+:class:`_memory.Zeros` marker instead of a copy.
 """
 
 from __future__ import annotations
@@ -24,7 +24,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _buffers, _checksum, _chunks, _device, _metadata, _multihost, _paths, _split, _storage
+from . import (
+    _checksum,
+    _chunks,
+    _device,
+    _memory,
+    _metadata,
+    _multihost,
+    _paths,
+    _runtime,
+    _split,
+    _storage,
+)
 from ._log import phase
 
 PyTree = Any
@@ -45,7 +56,7 @@ PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides wi
 @dataclasses.dataclass
 class Piece:
     index: tuple[slice, ...]
-    # np.ndarray, a single-device jax.Array not yet on the host, _chunks.Zeros, or a Future of
+    # np.ndarray, a single-device jax.Array not yet on the host, _memory.Zeros, or a Future of
     # one of those on its way from a device copy (fetch)
     data: Any
     nbytes: int
@@ -87,12 +98,12 @@ class Pack:
         if taken is None:
             buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
         else:
-            buf = _buffers.take(PACK_CHUNK)
+            buf = _runtime.take_buffer(PACK_CHUNK)
             buf.fill(0)
             taken.append(buf)
         i = max(0, bisect.bisect_right(self.starts, lo) - 1)
         while i < len(self.starts) and self.starts[i] < hi:
-            off, raw = self.starts[i], _chunks.as_bytes(np.ascontiguousarray(self.leaves[i]))
+            off, raw = self.starts[i], _memory.as_bytes(np.ascontiguousarray(self.leaves[i]))
             a, b = max(lo, off), min(hi, off + raw.size)
             if b > a:
                 buf[a - lo : b - lo] = raw[a - off : b - off]
@@ -208,7 +219,7 @@ def _on_accelerator(data: Any) -> bool:
 def _to_host(data: Any, copy: bool) -> np.ndarray:
     if isinstance(data, Future):  # a device copy on its way to the host (fetch)
         data = data.result()
-    if isinstance(data, _chunks.Zeros):
+    if isinstance(data, _memory.Zeros):
         return data.array()
     if isinstance(data, np.ndarray):
         return np.array(data, copy=True) if copy else data
@@ -235,7 +246,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
             store = _result(root, k.loc, _storage.open_array(root, k.loc, k.meta, create=True))
             _result(root, k.loc, store.write(whole))
         return
-    io = _chunks.pool("write")
+    io = _runtime.pool("write")
     jobs: deque[tuple[Any, int, Array | str | None]] = deque()
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
@@ -280,7 +291,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
                 _host_of(p.data),
                 skip_zeros,
             )
-            cost = 0 if isinstance(p.data, (np.ndarray, _chunks.Zeros)) else p.nbytes
+            cost = 0 if isinstance(p.data, (np.ndarray, _memory.Zeros)) else p.nbytes
             queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
         d = os.path.join(root, k.loc, "c")
@@ -305,7 +316,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
 
 def _host_of(data: Any) -> Any:
     """What ``write_piece`` calls for a piece's host bytes (a ``Zeros`` marker as it is)."""
-    if isinstance(data, _chunks.Zeros):
+    if isinstance(data, _memory.Zeros):
         return lambda: data
     if isinstance(data, Future):  # a device copy on its way to the host: it may be Zeros
         return data.result

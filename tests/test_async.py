@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _chunks, _snapshot, _write
+from jaxckpt import _checkpoint, _chunks, _runtime, _snapshot, _write
 
 
 def _tree():
@@ -88,23 +88,23 @@ def test_async_host_memory_is_bounded(tmp_path, monkeypatch):
     tree = {"x": np.ones((1024, 1024), np.float32), "s": np.ones(10, np.float32)}  # ~5 MiB
     size = _snapshot.snapshot_bytes(*_write.plan(tree)[1:])
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(size + size // 2))
-    assert _checkpoint.async_host_bytes() == size + size // 2
+    assert _runtime.async_host_bytes() == size + size // 2
     handles = []
     for i in range(4):
         handles.append(jc.save_async(tmp_path / f"ckpt-{i}", tree))
         # Two snapshots do not fit: when a save_async returns, every older save has finished.
         assert all(h.done() for h in handles[:-1])
-        assert _checkpoint._held <= size + size // 2
+        assert _runtime.held_bytes() <= size + size // 2
     for h in handles:
         _assert_same(jc.restore(h.wait()), tree)
-    assert _checkpoint._held == 0
+    assert _runtime.held_bytes() == 0
 
 
 def test_one_save_larger_than_the_bound_still_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", "1000")
     tree = {"x": np.ones((1024, 1024), np.float32)}
     _assert_same(jc.restore(jc.save_async(tmp_path / "ckpt", tree).wait()), tree)
-    assert _checkpoint._held == 0
+    assert _runtime.held_bytes() == 0
 
 
 def test_failed_save_releases_its_memory(tmp_path):
@@ -112,7 +112,7 @@ def test_failed_save_releases_its_memory(tmp_path):
     h = jc.save_async(tmp_path / "afile" / "ckpt", _tree())
     with pytest.raises(OSError):
         h.wait()
-    assert _checkpoint._held == 0
+    assert _runtime.held_bytes() == 0
 
 
 def _packed_tree(step):
@@ -128,14 +128,14 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     one_set = 200_000 * 8 + _write.PACK_CHUNK  # a snapshot's buffers: big + one pack chunk
     a = _packed_tree(1)
     jc.save_async(tmp_path / "a", a).wait()
-    assert _buffers.pooled_bytes() == one_set
+    assert _runtime.pooled_bytes() == one_set
     b = _packed_tree(2)
     second = jc.save_async(tmp_path / "b", b)
-    assert _buffers.pooled_bytes() == 0  # the second snapshot took the first one's buffers
+    assert _runtime.pooled_bytes() == 0  # the second snapshot took the first one's buffers
     b["big"][:] = -1  # the caller's arrays change at once: the snapshot holds its own bytes
     b["small"]["s0"][:] = -1
     second.wait()
-    assert _buffers.pooled_bytes() == one_set
+    assert _runtime.pooled_bytes() == one_set
     # Overlapping saves: the third is held back while the fourth snapshots into fresh buffers;
     # then the pool keeps both sets, and the next save takes no fresh memory.
     gate = threading.Event()
@@ -151,13 +151,13 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     fourth = jc.save_async(tmp_path / "d", _packed_tree(4))
     gate.set()
     third.wait(), fourth.wait()
-    assert _buffers.pooled_bytes() == 2 * one_set
+    assert _runtime.pooled_bytes() == 2 * one_set
     jc.save_async(tmp_path / "e", _packed_tree(5)).wait()
-    assert _buffers.pooled_bytes() == 2 * one_set  # one set taken and given back: no more
+    assert _runtime.pooled_bytes() == 2 * one_set  # one set taken and given back: no more
     # Another tree: buffers no snapshot of it could use are let go (both pack chunks fit it).
     other = {"big": np.arange(300_000, dtype=np.int64) + 1, "small": _packed_tree(6)["small"]}
     jc.save_async(tmp_path / "f", other).wait()
-    assert _buffers.pooled_bytes() == 300_000 * 8 + 2 * _write.PACK_CHUNK
+    assert _runtime.pooled_bytes() == 300_000 * 8 + 2 * _write.PACK_CHUNK
     for name, step in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)):
         _assert_same(jc.restore(tmp_path / name), _packed_tree(step))
     _assert_same(jc.restore(tmp_path / "f"), other)
@@ -169,13 +169,13 @@ def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
     monkeypatch.setattr(_buffers, "_free", {})
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(1 << 20))  # under one snapshot
     jc.save_async(tmp_path / "a", _packed_tree(1)).wait()
-    assert _buffers.pooled_bytes() == 1 << 20  # the pack chunk fits; the 1.6 MB array does not
+    assert _runtime.pooled_bytes() == 1 << 20  # the pack chunk fits; the 1.6 MB array does not
 
 
 def test_file_writes_wait_while_a_snapshot_is_taken(tmp_path, monkeypatch):
     """The training loop waits for a snapshot: earlier saves' writes leave it the CPU."""
     path, done = os.fspath(tmp_path / "f"), threading.Event()
-    with _chunks.writes_paused():
+    with _runtime.writes_paused():
         writer = threading.Thread(target=lambda: (_chunks.write_file(path, [b"abc"]), done.set()))
         writer.start()
         assert not done.wait(0.3) and os.path.getsize(path) == 0
@@ -183,10 +183,12 @@ def test_file_writes_wait_while_a_snapshot_is_taken(tmp_path, monkeypatch):
     seen = []
     snapshot = _snapshot.snapshot
     monkeypatch.setattr(
-        _snapshot, "snapshot", lambda *a, **k: seen.append(_chunks._snapshots) or snapshot(*a, **k)
+        _snapshot,
+        "snapshot",
+        lambda *a, **k: seen.append(_runtime.snapshots_in_progress()) or snapshot(*a, **k),
     )
     jc.save_async(tmp_path / "c", _packed_tree(1)).wait()
-    assert seen == [1] and _chunks._snapshots == 0
+    assert seen == [1] and _runtime.snapshots_in_progress() == 0
 
 
 def test_a_restore_does_not_queue_behind_a_save_in_flight(tmp_path, monkeypatch):
@@ -305,8 +307,8 @@ def test_async_saves_run_on_workers_that_stay(tmp_path, monkeypatch):
     run = _checkpoint._execute
     monkeypatch.setattr(_checkpoint, "_execute", execute)
     jc.save_async(tmp_path / "first", _tree()).wait()  # the pool exists, all its workers started
-    workers = set(_chunks.pool("save")._threads)
+    workers = set(_runtime.pool("save").threads)
     for i in range(3):
         jc.save_async(tmp_path / f"c{i}", _tree()).wait()
-    assert set(_chunks.pool("save")._threads) == workers  # no thread started
+    assert set(_runtime.pool("save").threads) == workers  # no thread started
     assert all(n.startswith("jaxckpt-save") for n in names), names

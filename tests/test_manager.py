@@ -15,7 +15,7 @@ import pytest
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _chunks, _storage
+from jaxckpt import _checkpoint, _runtime, _storage
 
 
 def tree_of(step):
@@ -456,11 +456,11 @@ def test_retention_deletes_on_a_worker_that_stays(tmp_path, monkeypatch):
         m.save(0, tree_of(0))
         m.save(1, tree_of(1))
         m.wait_until_finished()
-        workers = set(_chunks.pool("manager")._threads)
+        workers = set(_runtime.pool("manager").threads)
         for step in range(2, 6):
             m.save(step, tree_of(step))
             m.wait_until_finished()
-        assert set(_chunks.pool("manager")._threads) == workers  # no thread started
+        assert set(_runtime.pool("manager").threads) == workers  # no thread started
     assert m.steps == [5] and sorted(os.listdir(tmp_path)) == [
         ".jaxckpt-writer",
         "checkpoint",

@@ -16,7 +16,7 @@ import zarr
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _metadata, _write
+from jaxckpt import _chunks, _memory, _metadata, _write
 
 
 @pytest.fixture(autouse=True)
@@ -235,8 +235,8 @@ def test_restored_arrays_are_aligned_for_zero_copy(tmp_path):
         tmp_path / "ckpt", {"big": np.ones((512, 1024), np.float32), "s": np.ones(3, np.int8)}
     )
     out = jc.restore(path)
-    assert out["big"].ctypes.data % _chunks.ALIGN == 0
-    assert out["s"].ctypes.data % _chunks.ALIGN == 0
+    assert out["big"].ctypes.data % _memory.ALIGN == 0
+    assert out["s"].ctypes.data % _memory.ALIGN == 0
 
 
 def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):

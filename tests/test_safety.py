@@ -16,7 +16,7 @@ import pytest
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _split, _write
+from jaxckpt import _memory, _split, _write
 from jaxckpt.cli import main
 
 
@@ -338,7 +338,7 @@ def test_a_size_its_files_cannot_hold_allocates_nothing(tmp_path, monkeypatch):
 
     edit_metadata(ck, "a/zarr.json", edit)
     sizes = []
-    real = _chunks.aligned_empty
+    real = _memory.aligned_empty
     monkeypatch.setattr(
         _chunks, "aligned_empty", lambda s, *a, **k: sizes.append(s) or real(s, *a, **k)
     )

@@ -23,7 +23,7 @@ from core_helpers import assert_tree_equal, files_under
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _scan, _snapshot, _write
+from jaxckpt import _chunks, _memory, _scan, _snapshot, _write
 from jaxckpt.cli import main
 
 P = PartitionSpec
@@ -195,7 +195,7 @@ def test_async_snapshot_keeps_no_copy_of_a_zero_piece_and_is_donation_safe(tmp_p
     _, arrays, packs = _write.plan(tree)
     full = _snapshot.snapshot_bytes(arrays, packs)
     _snapshot.snapshot(arrays, packs)
-    kept = [p for a in arrays for p in a.pieces if not isinstance(p.data, _chunks.Zeros)]
+    kept = [p for a in arrays for p in a.pieces if not isinstance(p.data, _memory.Zeros)]
     assert len(kept) == 2  # the shard with a 1 and the int8 range: nothing else is copied
     assert _snapshot.snapshot_bytes(arrays, packs) == 64 + 10 < full
 
@@ -208,7 +208,7 @@ def test_async_snapshot_keeps_no_copy_of_a_zero_piece_and_is_donation_safe(tmp_p
     host["big"][:] = 7  # in-place mutation of the caller's NumPy arrays
     host["data"][:] = 0
     assert_tree_equal(jc.restore(h.wait()), expected)
-    assert jc._checkpoint._held == 0
+    assert jc._runtime.held_bytes() == 0
     assert _records(h.path)["host/big"]["zero_chunks"] == "all"
     assert _records(h.path)["params/w"]["zero_chunks"] == [1, 2, 3, 4, 5, 6, 7]
 
