@@ -70,3 +70,10 @@ def test_the_fine_tuning_notebook_restores_only_the_encoder(tmp_path, monkeypatc
     assert "Converted the Orbax checkpoint" in out
     assert "params/encoder/out/kernel     (32, 16)" in out
     assert "from the Orbax checkpoint, the same encoder" in out
+
+
+def test_the_graph_is_shown_inline_as_svg_in_the_stored_outputs():
+    nb = nbformat.read(ROOT / "colab" / "inspect_and_convert.ipynb", as_version=4)
+    [cell] = [c for c in nb.cells if c.source.startswith('jaxckpt("graph"')]
+    [svg] = [o.data["image/svg+xml"] for o in cell.outputs if "image/svg+xml" in o.get("data", {})]
+    assert svg.lstrip().startswith(("<svg", "<?xml")) and "params" in svg and "</svg>" in svg
