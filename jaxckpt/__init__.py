@@ -17,6 +17,7 @@ from ._manager import CheckpointManager as CheckpointManager
 from ._manager import latest_checkpoint as latest_checkpoint
 from ._match import MatchStatus as MatchStatus
 from ._match import match as match
+from ._progress import set_progress as set_progress
 from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open

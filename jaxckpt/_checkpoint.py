@@ -22,7 +22,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _commit, _metadata, _multihost, _runtime, _snapshot, _split, _storage, _write
+from . import (
+    _commit,
+    _metadata,
+    _multihost,
+    _progress,
+    _runtime,
+    _snapshot,
+    _split,
+    _storage,
+    _write,
+)
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
 from ._log import logged_save, logged_save_async
 
@@ -140,7 +150,9 @@ def _execute(s: _Save, budget: int) -> str:
         elif states and s.sync.multi:
             _keep_every_state(s, states)
         begun = True
-        _write.write_arrays(tmp, s.arrays, s.packs, budget)
+        nbytes = sum(p.nbytes for a in s.arrays for p in a.pieces) + sum(k.nbytes for k in s.packs)
+        with _progress.shown(f"save {s.final}", nbytes):
+            _write.write_arrays(tmp, s.arrays, s.packs, budget)
         s.time = time.time()
         written = _write.written_keys(s.arrays, s.packs, primary)
         if primary:

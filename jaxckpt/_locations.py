@@ -365,7 +365,9 @@ def read_jsons(
     else:
         paths = [os.path.join(root, k) for k in keys]
         datas = (
-            list(_runtime.pool("read").map(_read_file, paths)) if len(paths) > 1 else [_read_file(paths[0])]
+            list(_runtime.pool("read").map(_read_file, paths))
+            if len(paths) > 1
+            else [_read_file(paths[0])]
         )
     if check is not None:
         for k, d in zip(keys, datas, strict=True):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _device, _match, _metadata, _multihost
+from . import _device, _match, _metadata, _multihost, _progress
 from ._errors import StructureMismatchError
 from ._log import logged_restore
 from ._reader import Reader
@@ -59,7 +60,12 @@ def restore(
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     if target is None:
         reader = Reader(path)
-        return reader.tree(_match.check_prefix(reader, prefix))
+        base = _match.check_prefix(reader, prefix)
+        under = [p for p in reader.paths if not base or p == base or p.startswith(base + "/")]
+        with _progress.shown(
+            f"restore {reader.path}", _read_bytes(reader, [(p, None) for p in under])
+        ):
+            return reader.tree(base)
     want = _match.Target.of(target, prefix, rename)
     # A partial restore looks up few paths: their group files are read beside the root's.
     reader = Reader(path, prefetch=want.groups() if partial else ())
@@ -101,12 +107,14 @@ def restore(
             to_device[slots[None]] = (np.dtype(x.dtype), sharding)
 
     def put(i: int, host: np.ndarray) -> Any:  # on the I/O thread that read it
+        bar.add(host.nbytes)  # other reads (slices, packed leaves) count when all have landed
         if i not in to_device:
             return host
         dtype, sharding = to_device[i]
         return _device.put_many([host.astype(dtype, copy=False)], [sharding])[0]
 
-    arrays = reader.read_many(requests, then=put)
+    with _progress.shown(f"restore {reader.path}", _read_bytes(reader, requests)) as bar:
+        arrays = reader.read_many(requests, then=put)
 
     leaves: list[Any] = []
     states = []
@@ -144,6 +152,21 @@ def restore(
     for obj, state in states:
         obj.set_state(state)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _read_bytes(reader: Reader, requests: list[tuple[str, Any]]) -> int:
+    """Bytes the reads of a restore bring in: whole arrays, or the slices asked for."""
+    total = 0
+    for path, idx in requests:
+        rec = reader.record(path)
+        if rec["t"] != "array":
+            continue
+        shape = rec["shape"]
+        if idx is not None:
+            shape = [len(range(*s.indices(n))) for s, n in zip(idx, shape, strict=False)]
+            shape += rec["shape"][len(idx) :]
+        total += math.prod(shape) * np.dtype(rec["dtype"]).itemsize
+    return total
 
 
 def _sharding(x: Any) -> jax.sharding.Sharding | None:

@@ -32,6 +32,7 @@ from . import (
     _metadata,
     _multihost,
     _paths,
+    _progress,
     _runtime,
     _split,
     _storage,
@@ -247,6 +248,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
             _result(root, k.loc, store.write(whole))
         return
     io = _runtime.pool("write")
+    bar = _progress.current()
     jobs: deque[tuple[Any, int, Array | str | None]] = deque()
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
@@ -291,6 +293,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
                 _host_of(p.data),
                 skip_zeros,
             )
+            bar.after(job, p.nbytes)
             cost = 0 if isinstance(p.data, (np.ndarray, _memory.Zeros)) else p.nbytes
             queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
@@ -298,6 +301,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
         _wrap_os(root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
         for i in range(k.n_chunks):
             job = io.submit(_chunks.write_chunk, os.path.join(d, str(i)), k.chunk(i))
+            bar.after(job, k.nbytes // k.n_chunks)
             cost = 0 if k.chunks is not None else PACK_CHUNK
             queue(job, cost, k.loc, min(budget, PACK_FLIGHT))
     try:
@@ -398,6 +402,7 @@ def _write_arrays_ts(root: str, arrays: list[Array], budget: int) -> None:
     ]
     inflight: deque[tuple[Any, int, str]] = deque()
     held = 0
+    bar = _progress.current()
     try:
         for a, fut in zip(arrays, opened, strict=True):
             store = _result(root, a.loc, fut)
@@ -411,9 +416,11 @@ def _write_arrays_ts(root: str, arrays: list[Array], budget: int) -> None:
                 while held > budget and inflight:
                     done, n, loc = inflight.popleft()
                     _result(root, loc, done)
+                    bar.add(n)
                     held -= n
-        for w, _, loc in inflight:
+        for w, n, loc in inflight:
             _result(root, loc, w)
+            bar.add(n)
     except BaseException:
         # Let every write still in flight land before the caller removes what was written.
         for f in [*opened, *(w for w, _, _ in inflight)]:

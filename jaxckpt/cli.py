@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _cli_json, _convert, _graph, _run, _scan, _storage
+from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan, _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
@@ -344,7 +344,16 @@ def cmd_graph(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
-    print(_convert.convert(args.src, args.dst), file=out)
+    # The progress of writing a jaxckpt checkpoint, on a terminal only: piped or logged
+    # output stays as it was.
+    shown = not args.quiet and sys.stderr.isatty()
+    was = dict(_progress._settings)
+    if shown:
+        _progress.set_progress(True, stream=sys.stderr)
+    try:
+        print(_convert.convert(args.src, args.dst), file=out)
+    finally:
+        _progress._settings.update(was)
     return 0
 
 
@@ -407,6 +416,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("src", metavar="SRC")
     s.add_argument("dst", metavar="DST")
+    s.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress on stderr (shown on a terminal)"
+    )
     s.set_defaults(fn=cmd_convert)
     return p
 

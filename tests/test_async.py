@@ -122,9 +122,7 @@ def _packed_tree(step):
 
 
 def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
-    from jaxckpt import _buffers
-
-    monkeypatch.setattr(_buffers, "_free", {})
+    monkeypatch.setattr(_runtime, "_free", {})
     one_set = 200_000 * 8 + _write.PACK_CHUNK  # a snapshot's buffers: big + one pack chunk
     a = _packed_tree(1)
     jc.save_async(tmp_path / "a", a).wait()
@@ -164,9 +162,7 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
 
 
 def test_the_buffer_pool_keeps_nothing_over_the_bound(tmp_path, monkeypatch):
-    from jaxckpt import _buffers
-
-    monkeypatch.setattr(_buffers, "_free", {})
+    monkeypatch.setattr(_runtime, "_free", {})
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(1 << 20))  # under one snapshot
     jc.save_async(tmp_path / "a", _packed_tree(1)).wait()
     assert _runtime.pooled_bytes() == 1 << 20  # the pack chunk fits; the 1.6 MB array does not

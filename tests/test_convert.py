@@ -158,3 +158,27 @@ def test_convert_errors_name_the_fix(tmp_path, capsys):
         assert code == 2 and out == "", (src, dst)
         assert err.startswith("jaxckpt convert: error: ") and message in err, err
     assert not os.path.exists(tmp_path / "d1") and not os.path.exists(tmp_path / "d4.msgpack")
+
+
+def test_convert_shows_its_progress_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    from jaxckpt import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    flax_file = tmp_path / "s.msgpack"
+    flax_file.write_bytes(serialization.to_bytes({"w": np.ones(256, np.float32)}))
+    assert main(["convert", str(flax_file), str(tmp_path / "piped")]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal: nothing
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["convert", "-q", str(flax_file), str(tmp_path / "quiet")]) == 0
+    assert terminal.getvalue() == ""
+    assert main(["convert", str(flax_file), str(tmp_path / "shown")]) == 0
+    full = "[##############################] 100.0%  1.0 KiB of 1.0 KiB"
+    assert terminal.getvalue().endswith(f"save {tmp_path / 'shown'}: {full}\n")
+    assert _progress._settings["on"] is False  # as it was before the command

@@ -38,3 +38,10 @@ def test_the_site_builds_with_no_warning(tmp_path):
     assert 'id="jaxckpt.save"' in html and 'id="jaxckpt.CheckpointManager.save"' in html
     guide = (tmp_path / "html" / "notebooks" / "seed_guide.html").read_text()
     assert "Saved checkpoint for step 100" in guide  # the notebook, run (errors fail the build)
+    sharded = (tmp_path / "html" / "notebooks" / "sharded_arrays.html").read_text()
+    assert "8 shards of shape (32, 8)" in sharded  # restored onto another mesh
+    tuned = (tmp_path / "html" / "notebooks" / "fine_tuning.html").read_text()
+    assert "from the Orbax checkpoint, the same encoder" in tuned
+    graph = (tmp_path / "html" / "notebooks" / "inspect_and_convert.html").read_text()
+    assert re.search(r'<img [^>]*src="\.\./_images/\w+\.svg"', graph)  # the graph, as SVG
+    assert 'id="jaxckpt.set_progress"' in html

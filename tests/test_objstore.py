@@ -546,3 +546,18 @@ def test_zero_chunks_in_a_bucket(s3_env, tmp_path, monkeypatch):
     kv.write("x/c/5/0", None).result()
     with pytest.raises(jc.CorruptCheckpointError, match="'x'.*x/c/5/0 is missing"):
         jc.restore(copied)
+
+
+def test_progress_on_an_object_store(gcs_env, monkeypatch):
+    """jc.set_progress: TensorStore's writes and reads count too (see test_progress.py)."""
+    from jaxckpt import _progress
+
+    monkeypatch.setattr(_progress, "_settings", dict(_progress._settings))
+    stream = io.StringIO()
+    jc.set_progress(True, stream=stream)
+    path = f"gs://{BUCKET}/{uuid.uuid4().hex[:10]}/ckpt-1"
+    state = {"w": np.ones((64, 64), np.float32), "step": 1}
+    jc.save(path, state)
+    assert_trees_equal(jc.restore(path, state), state)
+    full = "[##############################] 100.0%  16.0 KiB of 16.0 KiB"
+    assert stream.getvalue().splitlines() == [f"save {path}: {full}", f"restore {path}: {full}"]

@@ -1,6 +1,7 @@
 """The installable package: ``python -m build`` gives an sdist and a wheel (built from the
 sdist), and the wheel alone, installed into a fresh virtual environment by the notebooks'
-install cell, saves, restores and runs the ``jaxckpt`` command from outside the source tree.
+install cell, saves, restores and runs the ``jaxckpt`` command from outside the source tree,
+and runs every notebook of ``colab/`` top to bottom.
 
 Only the wheel's jaxckpt is importable there: the new environment reaches its dependencies
 (jax, tensorstore, ...) through a ``.pth`` line naming this environment's site-packages, and
@@ -38,6 +39,14 @@ back = jc.restore("ckpt-7", target=state)
 np.testing.assert_array_equal(back["params"]["w"], state["params"]["w"])
 assert back["step"] == 7
 print("smoke ok", here)
+"""
+
+RUN_CELLS = """
+import codeop, json
+namespace = {"__name__": "__main__"}
+compiler = codeop.Compile()  # like a kernel's: a __future__ import holds for later cells
+for i, cell in enumerate(json.load(open("cells.json"))):
+    exec(compiler(cell, f"<cell {i}>", "exec"), namespace)
 """
 
 
@@ -98,3 +107,16 @@ def test_the_wheel_alone_works_in_a_fresh_virtual_environment(tmp_path):
     assert p.stdout == f"jaxckpt {jc.__version__}\n"
     p = _run([cli, "inspect", "ckpt-7"], cwd=work, env=env)
     assert p.stdout.splitlines()[2].split() == ["params/w", "(2,", "3)", "float32", "24", "B"]
+
+    # Each notebook top to bottom, its code cells run one after another in one namespace as a
+    # kernel runs them, against the installed wheel alone (the install cell finds it there).
+    for name in sorted(os.listdir(os.path.join(ROOT, "colab"))):
+        if not name.endswith(".ipynb"):
+            continue
+        nb = json.loads((Path(ROOT) / "colab" / name).read_text())
+        cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+        assert cells[0] == install_cell(), name
+        run_dir = work / name.removesuffix(".ipynb")
+        run_dir.mkdir()
+        (run_dir / "cells.json").write_text(json.dumps(cells))
+        _run([str(python), "-c", RUN_CELLS], cwd=run_dir, env=env)
