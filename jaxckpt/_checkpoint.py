@@ -150,8 +150,7 @@ def _execute(s: _Save, budget: int) -> str:
         elif states and s.sync.multi:
             _keep_every_state(s, states)
         begun = True
-        nbytes = sum(p.nbytes for a in s.arrays for p in a.pieces) + sum(k.nbytes for k in s.packs)
-        with _progress.shown(f"save {s.final}", nbytes):
+        with _progress.shown(f"save {s.final}", lambda: _save_bytes(s)):
             _write.write_arrays(tmp, s.arrays, s.packs, budget)
         s.time = time.time()
         written = _write.written_keys(s.arrays, s.packs, primary)
@@ -193,6 +192,11 @@ def _execute(s: _Save, budget: int) -> str:
         if lock is not None:
             lock.release()
     return s.final
+
+
+def _save_bytes(s: _Save) -> int:
+    """The bytes this process writes for ``s``."""
+    return sum(p.nbytes for a in s.arrays for p in a.pieces) + sum(k.nbytes for k in s.packs)
 
 
 def _fs_error(final: str, e: BaseException) -> BaseException:

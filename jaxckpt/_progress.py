@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 _settings: dict[str, Any] = {"on": False, "stream": None, "every": None}
@@ -101,13 +101,13 @@ def current() -> Bar | _Off:
 
 
 @contextlib.contextmanager
-def shown(label: str, total: int) -> Iterator[Bar | _Off]:
-    """The bar of an operation moving ``total`` bytes, drawn if progress is on; it is drawn
-    complete when the block ends without an error."""
+def shown(label: str, total: Callable[[], int]) -> Iterator[Bar | _Off]:
+    """The bar of an operation moving ``total()`` bytes (asked only when progress is on),
+    drawn if progress is on; it is drawn complete when the block ends without an error."""
     if not _settings["on"]:
         yield _OFF
         return
-    bar = Bar(label, total)
+    bar = Bar(label, total())
     token = _current.set(bar)
     try:
         yield bar

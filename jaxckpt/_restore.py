@@ -61,10 +61,8 @@ def restore(
     if target is None:
         reader = Reader(path)
         base = _match.check_prefix(reader, prefix)
-        under = [p for p in reader.paths if not base or p == base or p.startswith(base + "/")]
-        with _progress.shown(
-            f"restore {reader.path}", _read_bytes(reader, [(p, None) for p in under])
-        ):
+        under = lambda: [(p, None) for p in reader.leaves(base)]  # noqa: E731
+        with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, under())):
             return reader.tree(base)
     want = _match.Target.of(target, prefix, rename)
     # A partial restore looks up few paths: their group files are read beside the root's.
@@ -113,7 +111,7 @@ def restore(
         dtype, sharding = to_device[i]
         return _device.put_many([host.astype(dtype, copy=False)], [sharding])[0]
 
-    with _progress.shown(f"restore {reader.path}", _read_bytes(reader, requests)) as bar:
+    with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, requests)) as bar:
         arrays = reader.read_many(requests, then=put)
 
     leaves: list[Any] = []

@@ -350,9 +350,14 @@ def _debris(final: str) -> bool:
     if _storage.is_url(final):
         return len(set(keys_of(final)) - {_storage.PENDING}) > 0
     parent, name = os.path.split(final)
-    return any(
-        any(tmp.glob("*/zarr.json")) for tmp in Path(parent).glob(name + _storage.TMP_MARK + "*")
-    )
+    return any(_holds_files(tmp) for tmp in Path(parent).glob(name + _storage.TMP_MARK + "*"))
+
+
+def _holds_files(tmp: Path) -> bool:
+    try:
+        return any(tmp.iterdir())
+    except FileNotFoundError:  # committed (renamed) meanwhile
+        return False
 
 
 def _kill_mid_save(final: str) -> None:
