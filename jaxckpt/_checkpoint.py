@@ -243,7 +243,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._seen = False
         # A worker of a pool, not a thread of its own: starting a thread waits until it runs,
-        # which took 35-70 ms of the caller's time while an earlier save's threads were busy.
+        # which the caller would wait for while an earlier save's threads are busy.
         with _runtime.order:
             self._after, _runtime.last = _runtime.last, self
             self._future = _runtime.pool("save").submit(self._run, save, held, on_device)

@@ -22,7 +22,7 @@ def crc32c(raw: np.ndarray, crc: int = 0) -> int:
     packed leaf's record holds.
 
     ``google_crc32c`` holds the GIL over a NumPy buffer, so the I/O threads would checksum one
-    at a time (on a 16-core host, 8 GiB restored in 1.1 s, as slowly as with 2 cores). Its C
+    at a time, however many cores the host has (docs/speed.md). Its C
     library called through ``ctypes`` runs without the GIL; small buffers, where the call's
     own cost dominates, stay with the extension.
     """

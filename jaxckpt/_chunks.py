@@ -106,7 +106,7 @@ def make_durable(root: str) -> None:
     """Makes every file and directory written under ``root`` durable.
 
     One ``syncfs`` of the file system replaces thousands of ``fsync`` calls (each one a
-    journal commit and a disk cache flush: 1-5 ms apiece on a VM); where ``syncfs`` is missing
+    journal commit and a disk cache flush); where ``syncfs`` is missing
     every file and directory under ``root`` is fsynced from the I/O threads.
     """
     fd = os.open(root, os.O_RDONLY)

@@ -1,9 +1,10 @@
 """Moving arrays between host and devices: many onto single devices at once, with as little
 per-array Python as possible, and device arrays to the host at the bus's speed.
 
-``jax.device_put`` spends ~100-200 us of Python per array; restoring 10,000 small leaves then
-costs seconds. XLA's own ``batched_device_put`` makes the same ``jax.Array`` (adopting a 64-byte
-aligned host buffer without a copy on CPU) in ~25 us. It is a private API, so any surprise
+``jax.device_put`` spends much Python per array, which restoring 10,000 small leaves pays
+10,000 times. XLA's own ``batched_device_put`` makes the same ``jax.Array`` (adopting a 64-byte
+aligned host buffer without a copy on CPU) for a fraction of it (docs/speed.md). It is a
+private API, so any surprise
 falls back to ``jax.device_put``.
 """
 

@@ -110,7 +110,7 @@ class CheckpointManager:
         self._primary = _multihost.is_primary()
         self._pending: collections.deque[_Pending] = collections.deque()  # in save order
         # With async_save, deleted checkpoints' files and index rewrites go on one worker, in
-        # order: on a disk busy with a save, an index rewrite took up to 0.19 s of a save call.
+        # order: on a disk busy with a save, an index rewrite inside a save call held it up.
         self._background: collections.deque[tuple[str, Future[None]]] = collections.deque()
         self._writer: weakref.finalize | None = None  # releases the run's writer lock
         self._unwritable: OSError | None = None  # why a directory we cannot write is read-only

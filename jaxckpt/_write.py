@@ -42,7 +42,7 @@ from ._log import phase
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
 STREAM_BYTES = 512 << 20
-# Array leaves under this size are packed together (DESIGN: 1 MiB or more has its own path).
+# Array leaves under this size are packed together; 1 MiB or more has its own zarr array.
 PACK_BELOW = 1 << 20
 # Packing starts at this many small leaves: a small model keeps one zarr array per leaf (each
 # readable by zarr-python at its own path), while 10,000 tiny arrays do not cost 10,000 files.
@@ -143,7 +143,7 @@ def _packable(x: Any, nbytes: int) -> bool:
     if nbytes >= PACK_BELOW or isinstance(x, jax.core.Tracer):
         return False  # a tracer is refused with its key path by _metadata.check_array
     if isinstance(x, jax.Array):
-        s = x.sharding  # device_set builds a set: ~6 us, 10,000 times for W2
+        s = x.sharding  # device_set builds a set: costly for 10,000 leaves
         return isinstance(s, jax.sharding.SingleDeviceSharding) or len(s.device_set) == 1
     return isinstance(x, (np.ndarray, np.generic))
 
@@ -364,9 +364,8 @@ def write_json_files(root: str, files: dict[str, Any]) -> None:
     ``COMMIT``'s checksums are then taken of without encoding the files again (a big tree's
     split records make a megabyte of JSON).
 
-    One thread, the directories first: W2's 1,101 group files and their directories took
-    0.22 s this way, against 0.77 s from the eight I/O threads, which contend for the
-    directories' and the file system's locks (and the GIL) more than they overlap.
+    One thread, the directories first: the I/O threads contend for the directories' and the
+    file system's locks (and the GIL) more than they overlap (docs/speed.md).
     """
     for k, obj in files.items():
         files[k] = obj if isinstance(obj, bytes) else _chunks.json_bytes(obj)
