@@ -1,7 +1,7 @@
 """Reading every array of a checkpoint in bounded blocks: ``verify`` and ``diff``.
 
 Arrays are read in blocks of whole chunks along their first axis, at most ``BLOCK_BYTES``
-each, and many blocks are read together (one batch of TensorStore reads), so a checkpoint of
+each, and many blocks are read together (one batch of reads: the chunk files on a local disk, TensorStore elsewhere), so a checkpoint of
 any size is scanned with bounded memory and without one round trip per leaf.
 """
 
