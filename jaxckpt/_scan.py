@@ -1,8 +1,9 @@
 """Reading every array of a checkpoint in bounded blocks: ``verify`` and ``diff``.
 
 Arrays are read in blocks of whole chunks along their first axis, at most ``BLOCK_BYTES``
-each, and many blocks are read together (one batch of reads: the chunk files on a local disk, TensorStore elsewhere), so a checkpoint of
-any size is scanned with bounded memory and without one round trip per leaf.
+each, and many blocks are read together (one batch of reads: chunk files on a local disk,
+TensorStore elsewhere), so a checkpoint of any size is scanned with bounded memory and without
+one round trip per leaf.
 """
 
 from __future__ import annotations
