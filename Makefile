@@ -18,7 +18,7 @@ test: install
 	$(BIN)/python -m pytest -n 2 -q --durations=15 tests
 
 lint: install
-	$(BIN)/ruff check jaxckpt tests benchmarks examples
+	$(BIN)/ruff check jaxckpt tests benchmarks examples colab
 	$(BIN)/ruff format --check jaxckpt tests benchmarks examples
 	$(BIN)/mypy
 

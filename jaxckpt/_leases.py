@@ -16,6 +16,7 @@ start time). A writer on this host is gone when its process is; one on another h
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -98,10 +99,10 @@ def make_locked_dir(path: str) -> Lock:
 def lock_file(fd: int) -> None:
     """Locks a file the caller just created (a temporary name it will rename): no process
     removing debris takes it for abandoned while it is written."""
-    try:
+    # A new file nobody else can hold yet; where the file system has no locks, it is written
+    # unprotected, as it was before locks.
+    with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # a new file nobody else can hold yet, or no locks here: written unprotected
 
 
 def claim_abandoned(path: str) -> Lock | None:
