@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _storage
 from ._checkpoint import save
 from ._reader import open as open_checkpoint
 
@@ -32,9 +33,7 @@ _KINDS = (
 def _kind(src: str) -> str:
     if os.path.isfile(src):
         return "flax"
-    if os.path.isfile(os.path.join(src, "COMMIT")) and os.path.isfile(
-        os.path.join(src, "zarr.json")
-    ):
+    if _storage.is_committed(src) and _storage.exists(src, "zarr.json"):
         return "jaxckpt"
     names = set(os.listdir(src))
     if names & {"_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt"}:
@@ -146,14 +145,8 @@ def write_flax_msgpack(tree: PyTree, dst: str) -> None:
     from flax import serialization
 
     data = serialization.msgpack_serialize(serialization.to_state_dict(tree))
-    tmp = f"{dst}.jaxckpt-tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    parent, name = os.path.split(os.path.abspath(dst))
+    _storage.write_bytes_atomic(parent, name, data)
 
 
 def convert(src: str, dst: str) -> str:
