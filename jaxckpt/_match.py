@@ -74,16 +74,19 @@ class MatchStatus:
     def assert_existing_objects_matched(self) -> MatchStatus:
         """Every leaf of the target was found in the checkpoint with a compatible shape/dtype."""
         if self.missing or self.mismatched:
-            raise StructureMismatchError(self._message(unused=False))
+            raise StructureMismatchError(self.message(unused=False))
         return self
 
     def assert_consumed(self) -> MatchStatus:
         """As above, and every saved leaf was used by the target."""
         if self.missing or self.mismatched or self.unused:
-            raise StructureMismatchError(self._message())
+            raise StructureMismatchError(self.message())
         return self
 
-    def _message(self, *, missing: bool = True, unused: bool = True) -> str:
+    def message(self, *, missing: bool = True, unused: bool = True) -> str:
+        """The differences as the error a restore raises for them: the leaves the checkpoint
+        lacks (with ``missing``), those the target does not ask for (with ``unused``) and
+        those whose shape or dtype the target cannot take, each by key path, then the fix."""
         lines = [f"The checkpoint at {self.path} does not match the target."]
         if missing and self.missing:
             lines.append(f"  Target leaves the checkpoint lacks ({len(self.missing)}):")

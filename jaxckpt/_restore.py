@@ -73,9 +73,7 @@ def restore(
         or (status.missing and missing == "error")
         or (status.unused and not partial)
     ):
-        raise StructureMismatchError(
-            status._message(missing=missing == "error", unused=not partial)
-        )
+        raise StructureMismatchError(status.message(missing=missing == "error", unused=not partial))
     if status.missing:
         log.warning(
             "jaxckpt: kept the target's own value for %d leaves the checkpoint at %s lacks: %s",

@@ -245,3 +245,15 @@ def test_each_array_goes_to_its_device_as_soon_as_it_is_read(tmp_path, monkeypat
     for k, v in tree.items():
         assert isinstance(out[k], jax.Array) and out[k].dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(out[k], np.float32), v)
+
+
+def test_a_match_status_says_what_a_restore_would_raise(seed_ckpt):
+    path, _ = seed_ckpt
+    target = {"params": {"l1": {"bias": jnp.zeros(5)}}, "extra": jnp.zeros(2)}
+    status = jc.match(path, target)
+    with pytest.raises(jc.StructureMismatchError) as raised:
+        jc.restore(path, target)
+    assert status.message() == str(raised.value)
+    assert "Saved leaves the target lacks" in status.message()  # the optimizer state, say
+    assert "Saved leaves the target lacks" not in status.message(unused=False)
+    assert "['extra']" in status.message(unused=False)  # what the checkpoint lacks
