@@ -55,25 +55,28 @@ def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) 
     final = _storage.normalize(path)
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
     if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
-        try:
-            _check_free(final)
-        except OSError as e:  # a directory it may not list, say
-            error = _fs_error(final, e)
-            if error is e:
-                raise
-            raise error from e
+        _check_free(final)
     record, arrays, packs = _write.plan(tree)
     return _Save(final, record, arrays, packs, extra, sync)
 
 
 def _check_free(final: str) -> None:
-    """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory."""
-    if _storage.is_committed(final):
+    """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory (a
+    ``StorageError`` where the file system refuses to tell: a directory it may not list)."""
+    try:
+        committed = _storage.is_committed(final)
+        occupied = not committed and _storage.occupied(final)
+    except OSError as e:
+        error = _storage.save_error(final, e)
+        if error is e:
+            raise
+        raise error from e
+    if committed:
         raise CheckpointExistsError(
             f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
             "to a new path (e.g. one per step), or delete the old checkpoint first."
         )
-    if _storage.occupied(final):
+    if occupied:
         raise CheckpointExistsError(
             f"{final} exists and is neither an empty directory nor a checkpoint. Fix: choose "
             "another path, or remove that directory."
@@ -177,7 +180,7 @@ def _execute(s: _Save, budget: int) -> str:
                 raise
         s.sync.barrier("committed")
     except BaseException as e:
-        error = _fs_error(s.final, e)
+        error = _storage.save_error(s.final, e)
         s.sync.abandon(error)
         gone = begun and primary and isinstance(error, CheckpointError)
         gone = gone and tmp is not None and not _storage.is_dir(tmp)
@@ -197,19 +200,6 @@ def _execute(s: _Save, budget: int) -> str:
 def _save_bytes(s: _Save) -> int:
     """The bytes this process writes for ``s``."""
     return sum(p.nbytes for a in s.arrays for p in a.pieces) + sum(k.nbytes for k in s.packs)
-
-
-def _fs_error(final: str, e: BaseException) -> BaseException:
-    """A local file system error of the save to ``final`` as a ``StorageError`` naming
-    ``final`` (not the temporary directory) and the fix; any other error as it is."""
-    if (
-        isinstance(e, OSError)
-        and not isinstance(e, CheckpointError)
-        and e.errno is not None
-        and _storage.is_local(final)
-    ):
-        return _storage.local_error(final, e)
-    return e
 
 
 def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> None:
@@ -350,16 +340,15 @@ def save_async(
     the background (see docs/speed.md). ``handle.wait()`` blocks until the checkpoint is
     committed and raises the save's error, if any; an error nobody waited for is raised by
     the next save. Saves in flight write one at a time, in call order, so they commit in
-    that order. While the snapshots of saves in flight would exceed :func:`jaxckpt._runtime.async_host_bytes`,
-    this call first waits for older saves to finish.
+    that order. While the snapshots of saves in flight would exceed
+    :func:`jaxckpt._runtime.async_host_bytes`, this call first waits for older saves to finish.
     """
     _raise_earlier_errors()
     with _runtime.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
         s = _prepare(path, tree, extra_attributes(step, metrics))
     held = _snapshot.snapshot_bytes(s.arrays, s.packs)
-    _runtime.reserve(
-        held
-    )  # the most the snapshot can hold; what its zero pieces do not is given back
+    # The most the snapshot can hold; what its zero pieces do not is given back below.
+    _runtime.reserve(held)
     try:
         with _runtime.writes_paused():
             on_device = _snapshot.copy_on_device(s.arrays)

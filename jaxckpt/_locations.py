@@ -165,10 +165,24 @@ def open_kv(root: str) -> ts.KvStore:
     return ts.KvStore.open(kvstore(root), context=_runtime.context()).result()
 
 
+def save_error(where: str, e: BaseException, what: str = "") -> BaseException:
+    """``e`` as a save to ``where`` reports it: a local file system's error (an ``OSError``
+    with an errno) as the ``StorageError`` naming ``where`` and the fix; any other as it is."""
+    if (
+        isinstance(e, OSError)
+        and not isinstance(e, CheckpointError)
+        and e.errno is not None
+        and is_local(where)
+    ):
+        return local_error(where, e, what)
+    return e
+
+
 def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     """A permanent storage error (retries are TensorStore's), naming the URL and the array."""
-    if isinstance(e, OSError) and e.errno is not None and is_local(where):
-        return local_error(where, e, what)
+    local = save_error(where, e, what)
+    if isinstance(local, StorageError):
+        return local
     of = f" (the array {what!r})" if what else ""
     detail = re.sub(r" \[tensorstore_spec='.*?'\]", "", str(e))  # the JSON spec buries the cause
     msg = f"Accessing {where}{of} failed: {detail.rstrip('.')}."

@@ -123,8 +123,8 @@ class CheckpointManager:
         self._entries, stale = self._load()
         if stale and self._primary and not self.read_only:
             self._writing(self._write_index, True)
-        # At interpreter exit, before the I/O thread pools shut down (threading runs these
-        # hooks in reverse order of registration, after the main thread ends).
+        # At interpreter exit its last saves still commit (a manager's hook runs before the
+        # saves' own: hooks run in reverse order of registration).
         _runtime.at_exit(_finish_at_exit, weakref.ref(self))
 
     # ------------------------------------------------------------------------ reading state

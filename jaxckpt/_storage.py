@@ -47,6 +47,7 @@ from ._locations import remove as remove
 from ._locations import remove_if_abandoned as remove_if_abandoned
 from ._locations import remove_tree as remove_tree
 from ._locations import retire as retire
+from ._locations import save_error as save_error
 from ._locations import storage_error as storage_error
 from ._locations import tmp_sibling as tmp_sibling
 from ._locations import write_bytes_atomic as write_bytes_atomic
