@@ -77,8 +77,8 @@ def test_the_wheel_alone_works_in_a_fresh_virtual_environment(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         meta = z.read(f"jaxckpt-{jc.__version__}.dist-info/METADATA").decode()
-    modules = {
-        f"jaxckpt/{f}" for f in os.listdir(os.path.join(ROOT, "jaxckpt")) if f.endswith(".py")
+    modules = {  # every module, in the package's folders too
+        str(f.relative_to(ROOT)) for f in Path(ROOT, "jaxckpt").rglob("*.py")
     }
     assert modules | {"jaxckpt/py.typed"} <= names
     assert f"jaxckpt-{jc.__version__}.dist-info/licenses/LICENSE" in names
