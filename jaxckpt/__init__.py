@@ -24,3 +24,28 @@ from ._reader import open as open
 from ._restore import restore as restore
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CoordinationError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "latest_checkpoint",
+    "list_variables",
+    "match",
+    "MatchStatus",
+    "open",
+    "Reader",
+    "restore",
+    "save",
+    "save_async",
+    "SaveHandle",
+    "set_progress",
+    "set_storage_options",
+    "StorageError",
+    "StructureMismatchError",
+    "UnsupportedLeafError",
+]
