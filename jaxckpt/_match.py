@@ -11,7 +11,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -285,13 +285,31 @@ class Target:
         return list(out)
 
 
+class Pairing(NamedTuple):
+    """One target leaf and what it restores from."""
+
+    keypath: tuple[Any, ...]  # the target leaf's jax.tree_util key path
+    value: Any  # the target's leaf
+    cpath: str | None  # the checkpoint path it maps to (None: the rename dropped it)
+    record: dict[str, Any] | None  # the saved leaf record there (None: the checkpoint lacks it)
+
+
+class Plan(NamedTuple):
+    """What a restore reads: the target's leaves paired with records, in flatten order."""
+
+    pairings: list[Pairing]
+    treedef: Any
+    status: MatchStatus
+
+
 @phase("restore: matched the target")
-def plan(reader: Reader, target: Target, prefix: str | None, unused: bool):
+def plan(reader: Reader, target: Target, prefix: str | None, unused: bool) -> Plan:
     """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
     leaves the target lacks, so that only the records on the target's paths are read."""
     base = check_prefix(reader, prefix)
     scope = reader.leaves(base) if unused else {}  # read in first: all group files at once
-    entries, missing, mismatched, keypaths, used = [], [], [], {}, set()
+    pairings: list[Pairing] = []
+    missing, mismatched, keypaths, used = [], [], {}, set()
     for (keypath, x), cpath in zip(target.flat, target.cpaths, strict=True):
         rec = reader.find(cpath) if cpath is not None else None
         shown = cpath if cpath is not None else _paths.path_str(keypath)
@@ -303,10 +321,10 @@ def plan(reader: Reader, target: Target, prefix: str | None, unused: bool):
             why = _problem(x, rec)
             if why is not None:
                 mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
-        entries.append((keypath, x, cpath, rec))
+        pairings.append(Pairing(keypath, x, cpath, rec))
     left = [p for p in scope if p not in used]
     status = MatchStatus(reader.path, missing, left, mismatched, keypaths, reader.keystr)
-    return entries, target.treedef, status
+    return Plan(pairings, target.treedef, status)
 
 
 def match(
@@ -331,4 +349,4 @@ def match(
         >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
         >>> status.assert_existing_objects_matched()  # doctest: +SKIP
     """
-    return plan(Reader(path), Target.of(target, prefix, rename), prefix, unused=True)[2]
+    return plan(Reader(path), Target.of(target, prefix, rename), prefix, unused=True).status

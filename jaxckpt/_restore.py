@@ -87,7 +87,7 @@ def restore(
     plans: list[Any] = []
     to_device: dict[int, tuple[np.dtype, Any]] = {}  # whole arrays for one device each
     for _, x, cpath, rec in entries:
-        if rec is None or rec["t"] != "array":
+        if rec is None or cpath is None or rec["t"] != "array":  # (a record has a path)
             plans.append(None)
             continue
         shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))

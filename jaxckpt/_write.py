@@ -19,7 +19,7 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -154,7 +154,16 @@ def _nbytes(x: Any) -> int:
     return math.prod(x.shape) * dtype.itemsize if dtype is not None and hasattr(x, "shape") else 0
 
 
-def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
+class Plan(NamedTuple):
+    """What a save writes: the structure record, the arrays with their own zarr paths, and the
+    packs of small leaves."""
+
+    record: dict[str, Any]
+    arrays: list[Array]
+    packs: list[Pack]
+
+
+def plan(tree: PyTree) -> Plan:
     arrays: list[Array] = []
     packs: list[Pack] = []
     # Packing needs every byte of a leaf on this process; multi-process saves keep one path each.
@@ -194,7 +203,7 @@ def plan(tree: PyTree) -> tuple[dict[str, Any], list[Array], list[Pack]]:
         return rec
 
     record, _ = _metadata.describe(tree, array_record)
-    return record, arrays, packs
+    return Plan(record, arrays, packs)
 
 
 def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
