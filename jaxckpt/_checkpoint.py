@@ -15,7 +15,7 @@ import operator
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -229,7 +229,7 @@ class SaveHandle:
 
     def __init__(self, save: _Save, held: int, on_device: list[_write.Piece]):
         self.path = save.final
-        self._time = 0.0  # when it was written, as its metadata says (a manager indexes it)
+        self.time = 0.0  # when it was written, as its metadata says; set once it is committed
         self._error: BaseException | None = None
         self._seen = False
         # A worker of a pool, not a thread of its own: starting a thread waits until it runs,
@@ -246,7 +246,7 @@ class SaveHandle:
                 futures.wait([self._after._future])
                 self._after = None
             _execute(save, budget=1 << 62)
-            self._time = save.time
+            self.time = save.time
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
         finally:
@@ -258,6 +258,15 @@ class SaveHandle:
     def done(self) -> bool:
         """Whether the save has finished (committed, or failed)."""
         return self._future.done()
+
+    def exception(self) -> BaseException | None:
+        """The error the save ended with; None while it runs or once it has committed."""
+        return self._error if self._future.done() else None
+
+    def add_done_callback(self, fn: Callable[[SaveHandle], Any]) -> None:
+        """Calls ``fn(handle)`` once the save has ended, committed or failed (at once if it has
+        ended), on the thread that ended it."""
+        self._future.add_done_callback(lambda _: fn(self))
 
     def wait(self, timeout: float | None = None) -> str:
         """Blocks until the save is committed; returns its path or raises its error."""

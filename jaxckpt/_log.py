@@ -81,7 +81,7 @@ def logged_save_async(fn: F) -> F:
         blocked = time.perf_counter() - t0
 
         def done(_: Any) -> None:
-            if handle._error is not None:
+            if handle.exception() is not None:
                 return  # raised to the caller by wait(), the next save or the manager
             seconds = time.perf_counter() - t0
             log.info(
@@ -96,7 +96,7 @@ def logged_save_async(fn: F) -> F:
                 _rate(nbytes, seconds),
             )
 
-        handle._future.add_done_callback(done)
+        handle.add_done_callback(done)
         return handle
 
     return save_async  # type: ignore[return-value]
@@ -159,7 +159,7 @@ def logged_deletion(fn: F) -> F:
     @functools.wraps(fn)
     def delete(mngr: Any, step: int) -> Any:
         out = fn(mngr, step)
-        log.info("deleted %s (step %d)", mngr._path(step), step)
+        log.info("deleted %s (step %d)", mngr.checkpoint_path(step), step)
         return out
 
     return delete  # type: ignore[return-value]

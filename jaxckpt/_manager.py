@@ -129,7 +129,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------ reading state
 
-    def _path(self, step: int) -> str:
+    def checkpoint_path(self, step: int) -> str:
+        """Where the checkpoint of ``step`` is (or would be) in this run: ``DIR/ckpt-<step>``."""
         return _storage.join(self.directory, _run.step_name(step))
 
     def _writing(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -216,7 +217,7 @@ class CheckpointManager:
 
     def _entry_from_metadata(self, step: int) -> _run.Entry:
         try:
-            meta = Reader(self._path(step)).metadata
+            meta = Reader(self.checkpoint_path(step)).metadata
         except CheckpointError as e:
             log.warning("jaxckpt: %s", e)
             return _run.Entry(step, 0.0, {})
@@ -268,12 +269,12 @@ class CheckpointManager:
     @property
     def checkpoints(self) -> list[str]:
         """The paths of the committed checkpoints, oldest first."""
-        return [self._path(s) for s in self.steps]
+        return [self.checkpoint_path(s) for s in self.steps]
 
     @property
     def latest_checkpoint(self) -> str | None:
         step = self.latest_step
-        return None if step is None else self._path(step)
+        return None if step is None else self.checkpoint_path(step)
 
     @property
     def best_step(self) -> int | None:
@@ -334,17 +335,19 @@ class CheckpointManager:
         if step in self._entries or any(p.step == step for p in self._pending):
             raise CheckpointExistsError(
                 f"Step {step} is already saved (or being saved) in {self.directory} "
-                f"({self._path(step)}); a manager never overwrites a checkpoint. Fix: save under "
+                f"({self.checkpoint_path(step)}); a manager never overwrites a checkpoint. Fix: save under "
                 "a new step, or restore from this one to continue the run."
             )
         as_saved = _checkpoint.check_metrics(metrics)
         if self._writer is None and self._primary:
             self._hold_writer()
         if self.async_save:
-            handle = _checkpoint.save_async(self._path(step), tree, step=step, metrics=as_saved)
-            self._pending.append(_Pending(step, self._path(step), handle, as_saved))
+            handle = _checkpoint.save_async(
+                self.checkpoint_path(step), tree, step=step, metrics=as_saved
+            )
+            self._pending.append(_Pending(step, self.checkpoint_path(step), handle, as_saved))
         else:
-            _checkpoint.save(self._path(step), tree, step=step, metrics=as_saved)
+            _checkpoint.save(self.checkpoint_path(step), tree, step=step, metrics=as_saved)
             self._committed(self._entry_from_metadata(step))
         return True
 
@@ -367,7 +370,7 @@ class CheckpointManager:
                 continue
             # Not read back from the checkpoint: while the next save writes, even a small read
             # waits behind it.
-            self._committed(_run.Entry(pending.step, pending.handle._time, pending.metrics))
+            self._committed(_run.Entry(pending.step, pending.handle.time, pending.metrics))
         if first is not None:
             raise first from first.__cause__
 
@@ -393,7 +396,7 @@ class CheckpointManager:
     def _delete(self, step: int) -> None:
         """Deletes a checkpoint; with ``async_save`` its files go in the background (while a
         save writes, a local directory's unlinks can take a second)."""
-        rest = _storage.retire(self._path(step))
+        rest = _storage.retire(self.checkpoint_path(step))
         if rest is None:
             return
         self._in_background(f"deleting {rest}", _storage.remove, rest)
@@ -489,7 +492,7 @@ class CheckpointManager:
                     "directory, or start from scratch when mngr.latest_step is None."
                 )
         self._entry(step)
-        path = self._path(step)
+        path = self.checkpoint_path(step)
         try:
             return _restore.restore(path, target, **restore_kwargs)
         except (CheckpointError, OSError) as e:

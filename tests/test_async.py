@@ -308,3 +308,26 @@ def test_async_saves_run_on_workers_that_stay(tmp_path, monkeypatch):
         jc.save_async(tmp_path / f"c{i}", _tree()).wait()
     assert set(_runtime.pool("save").threads) == workers  # no thread started
     assert all(n.startswith("jaxckpt-save") for n in names), names
+
+
+def test_a_handle_reports_its_end_to_callbacks_and_exception(tmp_path):
+    seen = []
+    handle = jc.save_async(tmp_path / "ok", {"w": np.ones(3)})
+    handle.add_done_callback(lambda h: seen.append((h, h.exception())))
+    handle.wait()
+    assert seen == [(handle, None)] and handle.exception() is None
+    (tmp_path / "afile").write_text("not a directory")
+    failed = jc.save_async(tmp_path / "afile" / "ckpt", {"w": np.ones(3)})
+    with pytest.raises(jc.StorageError):
+        failed.wait()
+    assert isinstance(failed.exception(), jc.StorageError)
+    failed.add_done_callback(lambda h: seen.append((h, type(h.exception()))))
+    assert seen[-1] == (failed, jc.StorageError)  # at once: it has ended
+
+
+def test_a_manager_names_the_path_of_a_step(tmp_path):
+    mngr = jc.CheckpointManager(tmp_path / "run")
+    assert mngr.checkpoint_path(7) == os.path.join(str(tmp_path / "run"), "ckpt-7")
+    mngr.save(7, {"w": np.ones(2)})
+    mngr.wait_until_finished()
+    assert mngr.latest_checkpoint == mngr.checkpoint_path(7)
