@@ -25,6 +25,7 @@ from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
+from .interop import foreign
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")
@@ -130,6 +131,8 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ reading state
 
     def _path(self, step: int) -> str:
+        if step in self._foreign and step not in self._entries:
+            return self._foreign[step]
         return _storage.join(self.directory, _run.step_name(step))
 
     def _writing(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -182,6 +185,9 @@ class CheckpointManager:
                 _run.INDEX,
                 index.problem,
             )
+        # Steps another library (Orbax) wrote here: listed and restored, never written nor
+        # deleted; retention and the index count only the manager's own.
+        self._foreign: dict[int, str] = foreign.run_steps(self.directory)
         entries = {}
         # Steps described by the index alone: checked against the checkpoints' own metadata
         # before retention deletes anything on what the index says (_check_index).
@@ -224,7 +230,7 @@ class CheckpointManager:
 
     def _write_index(self, now: bool = False) -> None:
         """Rewrites the index: at once with ``now``, else as :meth:`_in_background` does."""
-        index = _run.index_bytes([self._entries[s] for s in self.steps])
+        index = _run.index_bytes([self._entries[s] for s in sorted(self._entries)])
         if now:
             _storage.write_bytes_atomic(self.directory, _run.INDEX, index)
         else:
@@ -258,12 +264,13 @@ class CheckpointManager:
 
     @property
     def steps(self) -> list[int]:
-        """The committed steps, oldest first (a save still in flight is not among them)."""
-        return sorted(self._entries)
+        """The committed steps, oldest first (a save still in flight is not among them), with
+        the steps another library (Orbax) wrote in the directory."""
+        return sorted({*self._entries, *self._foreign})
 
     @property
     def latest_step(self) -> int | None:
-        return max(self._entries, default=None)
+        return max((*self._entries, *self._foreign), default=None)
 
     @property
     def checkpoints(self) -> list[str]:
@@ -286,6 +293,8 @@ class CheckpointManager:
         return dict(self._entry(step).metrics)
 
     def _entry(self, step: int) -> _run.Entry:
+        if step not in self._entries and step in self._foreign:
+            return foreign.run_entry(step, self._foreign[step])
         if step not in self._entries:
             raise CheckpointNotFoundError(
                 f"Step {step} has no committed checkpoint in {self.directory}; its steps are "
@@ -300,7 +309,7 @@ class CheckpointManager:
         ``save_interval_steps`` and newer than every step saved or being saved (so a loop
         resumed at a saved step does not save it again)."""
         step = _checkpoint.check_step(step)
-        newest = max([*self._entries, *(p.step for p in self._pending)], default=-1)
+        newest = max([*self.steps, *(p.step for p in self._pending)], default=-1)
         return step > newest and step % self.save_interval_steps == 0
 
     def save(
@@ -414,7 +423,7 @@ class CheckpointManager:
 
     @logged_retention
     def _doomed(self) -> list[int]:
-        steps = self.steps
+        steps = sorted(self._entries)  # the manager's own: a foreign step is never deleted
         if self.max_to_keep is None or not steps:
             return []
         keep = {steps[-1]}
@@ -493,7 +502,7 @@ class CheckpointManager:
         try:
             return _restore.restore(path, target, **restore_kwargs)
         except (CheckpointError, OSError) as e:
-            if _storage.is_committed(path):
+            if _storage.is_committed(path) or path == self._foreign.get(step):
                 raise
             raise CheckpointNotFoundError(
                 f"Step {step} ({path}) was deleted while it was being restored: another "
