@@ -337,10 +337,10 @@ def open_source(path: str | os.PathLike[str]) -> Source | None:
     from . import unreadable
 
     where = _storage.normalize(path)
+    unreadable.check(where)  # first: a file's magic bytes can also start a msgpack map
     for mod in _recognisers():
         if mod.recognise(where):
             return mod.open(where)  # type: ignore[no-any-return]
-    unreadable.check(where)
     return None
 
 

@@ -50,12 +50,16 @@ def check(path: str) -> None:
     what = describe(path)
     if what is None:
         return
-    extra = (
-        " A pickle runs code when it is loaded: load it only if you trust its source."
-        if "pickle" in what or "PyTorch" in what
-        else ""
-    )
+    if "pickle" in what or "PyTorch" in what:
+        fix = (
+            " A pickle runs code when it is loaded: load it only if you trust its source. Fix: "
+            "save its tensors as safetensors with PyTorch, e.g. safetensors.torch.save_file("
+            f"torch.load({path!r}, weights_only=True), 'model.safetensors') for a state dict, "
+            "then jc.restore('model.safetensors', target)."
+        )
+    else:
+        fix = " " + _SAFETENSORS_FIX
     raise CheckpointError(
         f"{path} is {what}, which jaxckpt does not read: it reads jaxckpt, Orbax, Flax msgpack "
-        f"and safetensors checkpoints.{extra} {_SAFETENSORS_FIX}"
+        f"and safetensors checkpoints.{fix}"
     )
