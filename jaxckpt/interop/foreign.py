@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import _metadata, _paths, _run, _runtime
+from .._errors import CheckpointNotFoundError
 from .._reader import _checked_index
 from .source import Keys, Leaf, Source
 
@@ -341,6 +342,14 @@ def open_source(path: str | os.PathLike[str]) -> Source | None:
     for mod in _recognisers():
         if mod.recognise(where):
             return mod.open(where)  # type: ignore[no-any-return]
+    steps = run_steps(where)
+    if steps:
+        newest = steps[max(steps)]
+        raise CheckpointNotFoundError(
+            f"{where} is the directory of an Orbax run ({len(steps)} steps, the newest "
+            f"{newest}), not one checkpoint. Fix: restore one step, e.g. jc.restore({newest!r}, "
+            f"target), or jc.CheckpointManager({where!r}).restore(target) for the newest."
+        )
     return None
 
 

@@ -147,6 +147,11 @@ def test_jaxckpt_manager_continues_an_orbax_run(tmp_path, capsys):
         for step in (1, 2):
             mgr.save(step, args=ocp.args.StandardSave({"w": jnp.full(2, step, jnp.float32)}))
         mgr.wait_until_finished()
+    with pytest.raises(
+        jc.CheckpointNotFoundError,
+        match=r"is the directory of an Orbax run \(2 steps, the newest .*/2\), not one checkpoint. Fix: restore one step",
+    ):
+        jc.restore(str(run))
     with jc.CheckpointManager(run, max_to_keep=1, async_save=False) as m:
         assert m.steps == [1, 2] and m.latest_step == 2
         np.testing.assert_array_equal(m.restore({"w": jnp.zeros(2)})["w"], [2.0, 2.0])
