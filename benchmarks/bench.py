@@ -324,6 +324,22 @@ class Orbax(Tool):
         self.ckptr.close()
 
 
+class JaxckptOnOrbax(Orbax):
+    """An Orbax checkpoint (saved by Orbax's StandardCheckpointer, as ``orbax``) restored by
+    jaxckpt directly (docs/interop.md): set against ``orbax``'s own restore of it."""
+
+    name = "jaxckpt_orbax"
+
+    def restore(self, path: str, tree: Any) -> Any:
+        return block(jc.restore(path, abstract(tree)))
+
+    def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
+        return pick(
+            block(jc.restore(path, subtree_of(tree, keypath, abstract(leaf)), partial=True)),
+            keypath,
+        )
+
+
 class OrbaxManager(Tool):
     name = "orbax_mgr"
     ops = ("save",)
@@ -383,7 +399,9 @@ class Raw(Tool):
         return np.fromfile(os.path.join(path, str(i)), dtype=leaf.dtype).reshape(leaf.shape)
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (Jaxckpt, Orbax, OrbaxManager, FlaxMsgpack, Raw)}
+TOOLS: dict[str, type[Tool]] = {
+    t.name: t for t in (Jaxckpt, Orbax, JaxckptOnOrbax, OrbaxManager, FlaxMsgpack, Raw)
+}
 
 
 # ---------------------------------------------------------------------------- runs
@@ -770,6 +788,14 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
         times(m("W2", "partial_cold", "orbax"), 0.01),
         "s",
     )
+    for wl in ("W1", "W2"):  # issue 15: an Orbax checkpoint read by jaxckpt, no slower
+        for op in ("restore_warm", "restore_cold"):
+            check(
+                f"{wl} {op.replace('_', ' ')} of an Orbax checkpoint by jaxckpt <= Orbax's own",
+                m(wl, op, "jaxckpt_orbax"),
+                m(wl, op, "orbax"),
+                "s",
+            )
     # W3 (a GPU): the issue's aims, from Orbax 0.12.4 on an H200, and Orbax in the same run.
     for desc, op, aim in (
         ("W3 async block <= 0.19 s and <= Orbax", "async_block", 0.19),

@@ -25,6 +25,7 @@ from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
+from .interop import foreign
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")
@@ -130,7 +131,10 @@ class CheckpointManager:
     # ------------------------------------------------------------------------ reading state
 
     def checkpoint_path(self, step: int) -> str:
-        """Where the checkpoint of ``step`` is (or would be) in this run: ``DIR/ckpt-<step>``."""
+        """Where the checkpoint of ``step`` is (or would be) in this run: ``DIR/ckpt-<step>``,
+        or the step directory another library (Orbax) wrote for it."""
+        if step in self._foreign and step not in self._entries:
+            return self._foreign[step]
         return _storage.join(self.directory, _run.step_name(step))
 
     def _writing(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -183,6 +187,9 @@ class CheckpointManager:
                 _run.INDEX,
                 index.problem,
             )
+        # Steps another library (Orbax) wrote here: listed and restored, never written nor
+        # deleted; retention and the index count only the manager's own.
+        self._foreign: dict[int, str] = foreign.run_steps(self.directory)
         entries = {}
         # Steps described by the index alone: checked against the checkpoints' own metadata
         # before retention deletes anything on what the index says (_check_index).
@@ -225,7 +232,7 @@ class CheckpointManager:
 
     def _write_index(self, now: bool = False) -> None:
         """Rewrites the index: at once with ``now``, else as :meth:`_in_background` does."""
-        index = _run.index_bytes([self._entries[s] for s in self.steps])
+        index = _run.index_bytes([self._entries[s] for s in sorted(self._entries)])
         if now:
             _storage.write_bytes_atomic(self.directory, _run.INDEX, index)
         else:
@@ -259,12 +266,13 @@ class CheckpointManager:
 
     @property
     def steps(self) -> list[int]:
-        """The committed steps, oldest first (a save still in flight is not among them)."""
-        return sorted(self._entries)
+        """The committed steps, oldest first (a save still in flight is not among them), with
+        the steps another library (Orbax) wrote in the directory."""
+        return sorted({*self._entries, *self._foreign})
 
     @property
     def latest_step(self) -> int | None:
-        return max(self._entries, default=None)
+        return max((*self._entries, *self._foreign), default=None)
 
     @property
     def checkpoints(self) -> list[str]:
@@ -287,6 +295,8 @@ class CheckpointManager:
         return dict(self._entry(step).metrics)
 
     def _entry(self, step: int) -> _run.Entry:
+        if step not in self._entries and step in self._foreign:
+            return foreign.run_entry(step, self._foreign[step])
         if step not in self._entries:
             raise CheckpointNotFoundError(
                 f"Step {step} has no committed checkpoint in {self.directory}; its steps are "
@@ -301,7 +311,7 @@ class CheckpointManager:
         ``save_interval_steps`` and newer than every step saved or being saved (so a loop
         resumed at a saved step does not save it again)."""
         step = _checkpoint.check_step(step)
-        newest = max([*self._entries, *(p.step for p in self._pending)], default=-1)
+        newest = max([*self.steps, *(p.step for p in self._pending)], default=-1)
         return step > newest and step % self.save_interval_steps == 0
 
     def save(
@@ -417,7 +427,7 @@ class CheckpointManager:
 
     @logged_retention
     def _doomed(self) -> list[int]:
-        steps = self.steps
+        steps = sorted(self._entries)  # the manager's own: a foreign step is never deleted
         if self.max_to_keep is None or not steps:
             return []
         keep = {steps[-1]}
@@ -496,7 +506,7 @@ class CheckpointManager:
         try:
             return _restore.restore(path, target, **restore_kwargs)
         except (CheckpointError, OSError) as e:
-            if _storage.is_committed(path):
+            if _storage.is_committed(path) or path == self._foreign.get(step):
                 raise
             raise CheckpointNotFoundError(
                 f"Step {step} ({path}) was deleted while it was being restored: another "

@@ -20,7 +20,7 @@ import numpy as np
 from . import _metadata, _paths
 from ._errors import StructureMismatchError
 from ._log import phase
-from ._reader import Reader
+from ._reader import Reader, open_reader
 
 PyTree = Any
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
@@ -314,10 +314,10 @@ def plan(reader: Reader, target: Target, prefix: str | None, unused: bool) -> Pl
         rec = reader.find(cpath) if cpath is not None else None
         shown = cpath if cpath is not None else _paths.path_str(keypath)
         keypaths[shown] = keypath
-        if rec is None:
+        if rec is None or cpath is None:  # (a record was found at a path)
             missing.append(shown)
         else:
-            used.add(cpath)
+            used.add(reader.resolve(cpath))
             why = _problem(x, rec)
             if why is not None:
                 mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))
@@ -349,4 +349,4 @@ def match(
         >>> status = jc.match(path, {"params": {"l1": {"bias": jnp.zeros(5)}}})  # doctest: +SKIP
         >>> status.assert_existing_objects_matched()  # doctest: +SKIP
     """
-    return plan(Reader(path), Target.of(target, prefix, rename), prefix, unused=True).status
+    return plan(open_reader(path), Target.of(target, prefix, rename), prefix, unused=True).status

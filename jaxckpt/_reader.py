@@ -173,6 +173,11 @@ class Reader:
             )
         return _storage.parse_json(_storage.join(self.path, key), data)
 
+    def resolve(self, path: str) -> str:
+        """The saved path a looked-up ``path`` stands for: itself (a foreign checkpoint's
+        reader may find it under another name, see jaxckpt.interop.foreign)."""
+        return path
+
     def find(self, path: str) -> dict[str, Any] | None:
         """The record of the leaf at ``path``, or None; reads only the metadata on its path."""
         if self._records is not None:
@@ -580,11 +585,27 @@ def _not_found(path: str) -> CheckpointNotFoundError:
     )
 
 
+def open_reader(path: str | os.PathLike[str], prefetch: Sequence[str] = ()) -> Reader:
+    """The reader of the checkpoint at ``path``: a jaxckpt checkpoint, or a foreign one (Orbax,
+    Flax msgpack, safetensors) recognised by its content and read through the same interface
+    (:class:`jaxckpt.interop.foreign.ForeignReader`)."""
+    try:
+        return Reader(path, prefetch)
+    except CheckpointNotFoundError:
+        from .interop import foreign
+
+        reader = foreign.open_reader(path)
+        if reader is None:
+            raise
+        return reader  # type: ignore[return-value]  # Reader's interface
+
+
 def open(path: str | os.PathLike[str]) -> Reader:  # noqa: A001 - the public name is jc.open
-    """Opens a checkpoint lazily; see :class:`Reader`."""
-    return Reader(path)
+    """Opens a checkpoint lazily (a jaxckpt checkpoint, or an Orbax, Flax msgpack or
+    safetensors one); see :class:`Reader`."""
+    return open_reader(path)
 
 
 def list_variables(path: str | os.PathLike[str]) -> list[tuple[str, tuple[int, ...], str]]:
     """``[(path, shape, dtype_name), ...]`` of every leaf, sorted by path; reads no array."""
-    return Reader(path).variables()
+    return open_reader(path).variables()

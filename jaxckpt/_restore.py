@@ -14,7 +14,7 @@ import numpy as np
 from . import _device, _match, _metadata, _multihost, _progress
 from ._errors import StructureMismatchError
 from ._log import logged_restore
-from ._reader import Reader
+from ._reader import Reader, open_reader
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")
@@ -33,7 +33,8 @@ def restore(
     """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings.
 
     Args:
-        path: a checkpoint directory.
+        path: a checkpoint directory, or an Orbax, Flax msgpack or safetensors checkpoint
+            (see docs/interop.md).
         target: the tree to restore into. Its leaves may be ``jax.Array``, ``np.ndarray``,
             ``jax.ShapeDtypeStruct`` (with or without a sharding), Python scalars, str/bytes,
             or objects with ``get_state``/``set_state`` (``set_state`` is called). None:
@@ -59,14 +60,14 @@ def restore(
     if missing not in ("error", "keep"):
         raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
     if target is None:
-        reader = Reader(path)
+        reader = open_reader(path)
         base = _match.check_prefix(reader, prefix)
         under = lambda: [(p, None) for p in reader.leaves(base)]  # noqa: E731
         with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, under())):
             return reader.tree(base)
     want = _match.Target.of(target, prefix, rename)
     # A partial restore looks up few paths: their group files are read beside the root's.
-    reader = Reader(path, prefetch=want.groups() if partial else ())
+    reader = open_reader(path, prefetch=want.groups() if partial else ())
     entries, treedef, status = _match.plan(reader, want, prefix, unused=not partial)
     if (
         status.mismatched

@@ -20,6 +20,7 @@ from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
 from ._scan import human_bytes
+from .interop import foreign
 
 
 class UsageError(Exception):
@@ -59,6 +60,8 @@ def _shape(shape: Sequence[int]) -> str:
 def _describe(reader: Reader) -> str:
     meta = reader.metadata
     parts = [reader.path]
+    if meta.get("format"):  # a foreign checkpoint
+        parts.append(f"({foreign.NAMES.get(meta['format'], meta['format'])})")
     if meta.get("step") is not None:
         parts.append(f"step {meta['step']}")
     if meta.get("time"):
@@ -112,6 +115,8 @@ def _committed(directory: str) -> list[tuple[int, str]]:
         if _storage.is_committed(_storage.join(directory, name)):
             step = _run.step_of(name)
             out.append((-1 if step is None else step, name))
+    prefix = _storage.join(directory, "")
+    out += [(step, path[len(prefix) :]) for step, path in foreign.run_steps(directory).items()]
     return sorted(out)
 
 
@@ -128,6 +133,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         )
     index = _run.read_index(directory).entries
     rows = []
+    kinds: dict[str, str] = {}
     for step, name in _committed(directory):
         path = _storage.join(directory, name)
         try:
@@ -138,6 +144,8 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         extra = index.get(step)
         when = meta.get("time") or (extra.time if extra else None)
         metrics = meta.get("metrics") or (extra.metrics if extra else None)
+        if meta.get("format"):  # another library's step, shown as such
+            kinds[name] = foreign.NAMES.get(meta["format"], meta["format"])
         rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
     unfinished = [
         n
@@ -155,7 +163,13 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     else:
         rows.sort(key=lambda r: (r[0], r[1]))
         table = [
-            (str(s) if s >= 0 else "-", n, human_bytes(size), _when(t), err or _metrics(mt))
+            (
+                str(s) if s >= 0 else "-",
+                f"{n} ({kinds[n]})" if n in kinds else n,
+                human_bytes(size),
+                _when(t),
+                err or _metrics(mt),
+            )
             for s, n, size, t, mt, err in rows
         ]
         print(_table(("STEP", "NAME", "SIZE", "SAVED", "METRICS"), table, right=(0, 2)), file=out)
@@ -257,7 +271,10 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     progress = _scan.Progress(sys.stderr, quiet=args.quiet)
     try:
         reader = _open(args.ckpt)
-        report = _scan.verify(reader, progress)  # a record a reader refuses: damage too
+        if isinstance(reader, foreign.ForeignReader):
+            report = foreign.verify(reader, progress)
+        else:
+            report = _scan.verify(reader, progress)  # a record a reader refuses: damage too
     except CorruptCheckpointError as e:
         if args.json:
             _cli_json.write(_cli_json.verify(os.path.abspath(args.ckpt), None, str(e)), out)
@@ -289,8 +306,13 @@ def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
         )
         return 1
+    checked = (
+        foreign.VERIFIED.format(foreign.NAMES.get(reader.format, reader.format))
+        if isinstance(reader, foreign.ForeignReader)
+        else "every chunk's checksum verified"
+    )
     print(
-        f"OK: {reader.path}: {report.arrays} arrays, {human_bytes(report.nbytes)}, every chunk's checksum verified.",
+        f"OK: {reader.path}: {report.arrays} arrays, {human_bytes(report.nbytes)}, {checked}.",
         file=out,
     )
     return 0

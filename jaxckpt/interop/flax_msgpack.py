@@ -1,0 +1,88 @@
+"""Flax msgpack files: ``flax.serialization.to_bytes`` / ``msgpack_serialize`` output.
+
+The file is one msgpack map (a state dict: a list's items are named ``"0"``, ``"1"``...), its
+arrays msgpack extension values; arrays over Flax's chunk size are kept as
+``{"__msgpack_chunked_array__": ..., "chunks": ..., "shape": ...}`` maps. Flax's own
+``msgpack_restore`` decodes both, so the file is read with it, once, whole: the format has no
+index to read one array by.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._errors import CorruptCheckpointError
+from .source import Index, Keys, Leaf
+
+# A msgpack map's first byte: fixmap (0x80-0x8f), map16 (0xde), map32 (0xdf). A pickle starts
+# with 0x80 too (its PROTO opcode, then the protocol number 2-5): an empty fixmap is only a
+# whole file of that one byte.
+_MAP_START = frozenset([*range(0x81, 0x90), 0xDE, 0xDF])
+
+
+def recognise(path: str) -> bool:
+    """A local file that starts as a msgpack map does (and is no pickle)."""
+    try:
+        with builtins.open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:  # a directory, a URL, nothing there
+        return False
+    return head == b"\x80" or (len(head) == 2 and head[0] in _MAP_START and head != b"\x80\x02")
+
+
+def _walk(node: Any, keys: Keys, out: dict[Keys, Leaf]) -> None:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _walk(v, (*keys, k if isinstance(k, str) else str(k)), out)
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            _walk(v, (*keys, i), out)
+    elif isinstance(node, np.ndarray):
+        out[keys] = Leaf(node.shape, node.dtype, value=node)
+    elif isinstance(node, np.generic):
+        out[keys] = Leaf((), node.dtype, value=node)
+    elif node is not None:
+        out[keys] = Leaf((), np.dtype(object), value=node)
+
+
+class FlaxMsgpackSource:
+    """A Flax msgpack file, as a :class:`~jaxckpt.interop.source.Source`."""
+
+    format = "flax-msgpack"
+    step = None
+
+    def __init__(self, path: str):
+        from flax import serialization
+
+        self.path = path
+        with builtins.open(path, "rb") as f:
+            data = f.read()
+        try:
+            tree = serialization.msgpack_restore(data)
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"{path} starts as a Flax msgpack file but cannot be decoded ({type(e).__name__}: "
+                f"{e}): it is truncated or damaged. Fix: write it again "
+                "(flax.serialization.to_bytes), or copy it again in full."
+            ) from e
+        self._leaves: dict[Keys, Leaf] = {}
+        _walk(tree, (), self._leaves)
+
+    def leaves(self) -> Mapping[Keys, Leaf]:
+        return self._leaves
+
+    def read(self, keys: Keys, index: Index | None = None) -> np.ndarray:
+        arr = np.asarray(self._leaves[keys].value)
+        return arr if index is None else arr[index]
+
+    def close(self) -> None:
+        self._leaves = {}
+
+
+def open(path: str) -> FlaxMsgpackSource:  # noqa: A001 - every reader module names it open
+    return FlaxMsgpackSource(os.fspath(path))

@@ -1,0 +1,108 @@
+"""Flax msgpack files written by flax.serialization, and files jaxckpt cannot read."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+import jaxckpt as jc
+from jaxckpt import cli
+
+
+def _bits(x):
+    arr = np.asarray(x)
+    return arr.view(f"u{arr.dtype.itemsize}") if arr.dtype.kind in "fV" else arr
+
+
+def _tree():
+    odd = np.array([np.nan, -0.0, 0.0, np.inf, 1.5], np.float32)
+    return {
+        "params": {
+            "w": jnp.asarray(odd, jnp.bfloat16),
+            "b": odd,
+            "layers": [np.arange(3), np.ones(2)],
+        },
+        "step": 5,
+        "lr": np.float32(0.5),
+        "name": "m",
+    }
+
+
+def test_to_bytes_restores_bit_for_bit(tmp_path):
+    path = tmp_path / "model.msgpack"
+    tree = _tree()
+    path.write_bytes(serialization.to_bytes(tree))
+    got = jc.restore(str(path))
+    assert got["params"]["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_bits(got["params"]["w"]), _bits(np.asarray(tree["params"]["w"])))
+    np.testing.assert_array_equal(_bits(got["params"]["b"]), _bits(tree["params"]["b"]))
+    assert got["step"] == 5 and got["name"] == "m" and got["lr"] == np.float32(0.5)
+    # Into the original tree (a list meets Flax's "0", "1" names).
+    target = {
+        "params": {"w": jnp.zeros(5, jnp.bfloat16), "b": np.zeros(5, np.float32),
+                   "layers": [np.zeros(3, np.int64), np.zeros(2)]},
+        "step": 0, "lr": np.float32(0), "name": "",
+    }  # fmt: skip
+    back = jc.restore(str(path), target)
+    assert isinstance(back["params"]["layers"], list)
+    np.testing.assert_array_equal(back["params"]["layers"][0], np.arange(3))
+    np.testing.assert_array_equal(
+        _bits(back["params"]["w"]), _bits(np.asarray(tree["params"]["w"]))
+    )
+    assert back["step"] == 5 and back["name"] == "m"
+    assert ("params/layers/0", (3,), "int64") in jc.list_variables(str(path))
+    enc = jc.restore(str(path), {"w": jnp.zeros(5, jnp.float32)}, prefix="params", partial=True)
+    assert np.isnan(enc["w"][0]) and str(enc["w"].dtype) == "float32"
+
+
+def test_chunked_large_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 64)  # Flax chunks arrays over this
+    big = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    path = tmp_path / "big.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({"big": big, "small": np.ones(2)}))
+    assert b"__msgpack_chunked_array__" in path.read_bytes()
+    got = jc.restore(str(path), {"big": np.zeros((10, 100), np.float32), "small": np.zeros(2)})
+    np.testing.assert_array_equal(got["big"], big)
+
+
+def test_cli_and_damage(tmp_path, capsys):
+    path = tmp_path / "m.msgpack"
+    path.write_bytes(serialization.to_bytes({"w": np.ones(3)}))
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "(Flax msgpack)" in capsys.readouterr().out
+    cut = tmp_path / "cut.msgpack"
+    cut.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(
+        jc.CorruptCheckpointError, match="starts as a Flax msgpack file but cannot be decoded"
+    ):
+        jc.restore(str(cut))
+
+
+def test_torch_and_other_formats_say_what_they_are(tmp_path):
+    pt = tmp_path / "model.pt"
+    with zipfile.ZipFile(pt, "w") as z:  # the layout torch.save writes since PyTorch 1.6
+        z.writestr("archive/data.pkl", pickle.dumps({"w": 1}))
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(
+        jc.CheckpointError,
+        match=r"is a PyTorch checkpoint \(torch.save\), which jaxckpt does not read.*Fix: .*safetensors",
+    ):
+        jc.restore(str(pt))
+    old = tmp_path / "old.pth"
+    old.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(jc.CheckpointError, match="is a Python pickle"):
+        jc.list_variables(str(old))
+    h5 = tmp_path / "w.h5"
+    h5.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(jc.CheckpointError, match="is an HDF5 file"):
+        jc.open(str(h5))
+    assert cli.main(["inspect", str(pt)]) == 2
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
+        jc.restore(str(other))
