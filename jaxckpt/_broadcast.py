@@ -13,9 +13,11 @@ each process: NumPy, a single device, no sharding). Sharded and partly replicate
 read directly: each process reads only its own slices, which is already no more than it needs.
 
 When: ``$JAXCKPT_BROADCAST``: ``auto`` (default) broadcasts from object stores (``gs://``,
-``s3://``), where every byte read is a request over the network; a local path reads directly
-(a host's page cache and disk outrun the job's connection between processes on one machine, and
-a shared file system's client caches too). ``1`` broadcasts from any store, ``0`` never.
+``s3://``), where every byte read is a request over the network, in a job on accelerators,
+whose collectives run over NCCL or ICI; a local or shared file system path reads directly (its
+page cache and client caches serve repeated reads), and so do CPU-only jobs (their collectives
+run over Gloo's TCP, far slower than a read: docs/speed.md). ``1`` broadcasts from any store,
+``0`` never.
 
 Every process must restore the same leaves with the same targets (as multihost.md asks): they
 all join each all-gather, in the same order. A process that fails to read its share still
@@ -29,6 +31,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from . import _chunks, _memory, _multihost, _shares, _storage
@@ -60,7 +63,10 @@ def wanted(path: str) -> bool:
     if _multihost.process_count() == 1:
         return False
     m = mode()
-    return m == "always" or (m == "auto" and not _storage.is_local(path))
+    if m != "auto":
+        return m == "always"
+    # CPU processes gather over Gloo (TCP), slower than reading even from a local disk.
+    return not _storage.is_local(path) and jax.devices()[0].platform != "cpu"
 
 
 def everywhere(rec: dict[str, Any], sharding: Any) -> bool:
