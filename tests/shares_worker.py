@@ -151,6 +151,11 @@ def scenario_shares() -> None:
             jc.save(os.path.join(DIRECTORY, f"ckpt-{mode}"), tree)
         report(f"wrote-{mode}", pieces=pieces, **wrote)
     os.environ.pop(_shares.ENV)
+    # An async save snapshots only this process's share (chunks cut out of the shards).
+    with count_writes() as wrote:
+        jc.save_async(os.path.join(DIRECTORY, "ckpt-async"), tree).wait(60)
+    report("wrote-async", **wrote)
+    check(jc.restore(os.path.join(DIRECTORY, "ckpt-async"), target()), target())
     ckpt = os.path.join(DIRECTORY, "ckpt-1")
     for mode in ("1", "0"):  # read once and broadcast; then every process reads all
         os.environ[_broadcast.ENV] = mode

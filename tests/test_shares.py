@@ -33,6 +33,7 @@ def test_replicas_share_the_writing_and_the_reading(tmp_path):
         assert sum(r["wrote-1"]["pieces"][leaf] for r in results) == 1, leaf
     assert [r["wrote-1"]["pieces"]["sharded"] for r in results] == [1, 1, 1, 1]
     assert [r["wrote-1"]["pieces"]["host"] for r in results] == [1, 0, 0, 0]  # process 0's
+    assert [r["wrote-async"]["bytes"] for r in results] == wrote
     # Switched off: the holder of replica 0 (process 0) writes all replicated data, as before.
     off = [r["wrote-0"]["bytes"] for r in results]
     assert off[1:] == [8192, 8192, 8192] and sum(off) == total
