@@ -5,10 +5,12 @@ Usage (``make bench`` runs the first)::
     python benchmarks/bench.py                      # W1 + W2 at the issue's sizes, 3 repeats
     python benchmarks/bench.py --scale 0.1 -r 1     # smaller trees while iterating
     python benchmarks/bench.py --workloads W3       # 8 GiB on the first accelerator (GPU)
+    python benchmarks/bench.py --workloads W5       # 4 processes, a replicated 256 MiB tree
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
-8 GiB of arrays on the device. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
+8 GiB of arrays on the device; W5 4 processes on 127.0.0.1 (1 CPU device each) saving and
+restoring a fully replicated 256 MiB tree, replicas sharing the work or not. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
 Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
 and writes JSON (``--json``).
 """
@@ -804,7 +806,75 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
     ):
         peer = m("W3", op, "orbax")
         check(desc, m("W3", op, "jaxckpt"), None if peer is None else min(aim, peer), "s")
+    # W5 (issue 18): replicas share the writing; the save against today's, in the same run.
+    out.append(
+        (
+            "W5 largest share of the bytes written <= 0.3 (4 processes)",
+            None
+            if m("W5", "write_max_share_x", "jaxckpt") is None
+            else m("W5", "write_max_share_x", "jaxckpt") <= 0.3,
+            f"{m('W5', 'write_max_share_x', 'jaxckpt')} of the bytes",
+        )
+    )
+    check("W5 save <= today's", m("W5", "save", "jaxckpt"), m("W5", "save", "unshared"), "s")
     return [c for c in out if c[0].split()[0] in res.notes]  # the workloads run
+
+
+def run_w5(res: Results, args: argparse.Namespace, processes: int = 4) -> None:
+    """W5: ``processes`` JAX processes (benchmarks/replicas_worker.py) save a fully replicated
+    tree with replicas sharing the writing and without (today's way), and restore it reading
+    each part once and broadcasting it, and without; bytes and seconds per process."""
+    import socket
+    import subprocess
+
+    mib = 256 * args.scale
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = os.path.join(args.dir, "W5")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replicas_worker.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXCKPT_"))}
+    print(f"\nW5: {processes} processes, a replicated tree of {mib:.1f} MiB", flush=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(processes), str(port), base, str(mib)]
+            + [str(args.repeats)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for i in range(processes)
+    ]
+    outs = [p.communicate(timeout=1800)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("W5 failed:\n" + "\n".join(o[-2000:] for o in outs))
+    rows = [
+        json.loads(line.split(" ", 1)[1])
+        for o in outs
+        for line in o.splitlines()
+        if line.startswith("W5RESULT ")
+    ]
+    res.notes["W5"] = {"bytes": int(mib * (1 << 20)), "processes": processes}
+    tool = {"1": "jaxckpt", "0": "unshared"}
+    for r in rows:
+        if r["process"] == 0:  # the job's time: every process's ends at the closing barrier
+            op = "save" if r["op"].startswith("save") else "restore_warm"
+            res.add("W5", op, tool[r["op"][-1]], r["seconds"])
+    for op in ("save_share1", "save_share0", "restore_bcast1", "restore_bcast0"):
+        key = "wrote" if op.startswith("save") else "read"
+        per = [0] * processes
+        for r in rows:
+            if r["op"] == op and r["rep"] == 0:
+                per[r["process"]] = r[key]
+        total = sum(per)
+        res.notes["W5"][f"{op}_{key}_mib"] = [round(b / (1 << 20), 1) for b in per]
+        name = f"{'write' if key == 'wrote' else 'read'}_max_share_x"
+        if total:
+            res.add("W5", name, tool[op[-1]], max(per) / total)
+        print(f"    W5 {op}: MiB {key} per process {res.notes['W5'][f'{op}_{key}_mib']}")
 
 
 def machine() -> str:
@@ -856,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3")
+    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W5")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -893,6 +963,10 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
     for wl in args.workloads.split(","):
+        if wl == "W5":
+            run_w5(res, args)
+            report(res, args, can_drop)
+            continue
         names = args.tools.split(",")
         if wl == "W3":
             names = [n for n in names if n in ("jaxckpt", "orbax", "raw")]

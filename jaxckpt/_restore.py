@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _device, _match, _metadata, _multihost, _progress
+from . import _broadcast, _device, _match, _metadata, _multihost, _progress
 from ._errors import StructureMismatchError
 from ._log import logged_restore
 from ._reader import Reader, open_reader
@@ -87,6 +87,8 @@ def restore(
     requests: list[tuple[str, Any]] = []
     plans: list[Any] = []
     to_device: dict[int, tuple[np.dtype, Any]] = {}  # whole arrays for one device each
+    everywhere: list[int] = []  # whole arrays every process restores: read once, broadcast
+    broadcast = _broadcast.wanted(reader.path)
     for _, x, cpath, rec in entries:
         if rec is None or cpath is None or rec["t"] != "array":  # (a record has a path)
             plans.append(None)
@@ -100,6 +102,8 @@ def restore(
                 requests.append((cpath, idx))
         plans.append((shards, slots))
         sharding = _sharding(x)
+        if broadcast and len(slots) == 1 and _broadcast.everywhere(rec, sharding):
+            everywhere.append(next(iter(slots.values())))
         if sharding is not None and len(sharding.device_set) == 1 and "key" not in rec:
             to_device[slots[None]] = (np.dtype(x.dtype), sharding)
 
@@ -111,7 +115,7 @@ def restore(
         return _device.put_many([host.astype(dtype, copy=False)], [sharding])[0]
 
     with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, requests)) as bar:
-        arrays = reader.read_many(requests, then=put)
+        arrays = _broadcast.read_many(reader, requests, everywhere, then=put)
 
     leaves: list[Any] = []
     states = []

@@ -34,6 +34,7 @@ from . import (
     _paths,
     _progress,
     _runtime,
+    _shares,
     _split,
     _storage,
 )
@@ -170,6 +171,7 @@ def plan(tree: PyTree) -> Plan:
     pack = _multihost.process_count() == 1 and (
         sum(_packable(x, _nbytes(x)) for x in jax.tree_util.tree_leaves(tree)) >= PACK_MIN_LEAVES
     )
+    shares = _shares.Shares.start()  # several processes: replicas share the writing
 
     def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
         dtype = np.dtype(x.dtype)
@@ -194,15 +196,21 @@ def plan(tree: PyTree) -> Plan:
         pieces, shard = _pieces(x)
         data_type = _storage.stored_dtype(dtype)
         chunks = _storage.chunk_shape(shape, dtype.itemsize, shard)
+        if shares is not None and shares.spans(x):
+            chunks = shares.chunk_shape(x, dtype.itemsize)
         loc = path or "%"
         meta = _storage.array_metadata(shape, data_type, chunks)
         arrays.append(Array(loc, meta, pieces, rec))
+        if shares is not None:
+            shares.add(arrays[-1], x, nbytes)
         rec["chunks"], rec["loc"] = chunks, loc
         if data_type != name:
             rec["stored"] = data_type
         return rec
 
     record, _ = _metadata.describe(tree, array_record)
+    if shares is not None:
+        shares.deal()
     return Plan(record, arrays, packs)
 
 
@@ -229,6 +237,8 @@ def _on_accelerator(data: Any) -> bool:
 def _to_host(data: Any, copy: bool) -> np.ndarray:
     if isinstance(data, Future):  # a device copy on its way to the host (fetch)
         data = data.result()
+    if isinstance(data, _shares.Part):  # a chunk of a shard (written by a share of replicas)
+        data = data.host()
     if isinstance(data, _memory.Zeros):
         return data.array()
     if isinstance(data, np.ndarray):

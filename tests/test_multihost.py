@@ -49,8 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list[Proc]:
-    """Runs ``scenario`` in ``n`` joined processes; kills only them if they outlive ``timeout``."""
+def launch(
+    scenario: str, n: int, directory: str, timeout: float = 90.0, worker: str = WORKER
+) -> list[Proc]:
+    """Runs ``scenario`` of ``worker`` in ``n`` joined processes; kills only them if they
+    outlive ``timeout``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXCKPT_"))}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -61,7 +64,7 @@ def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list
         results = [os.path.join(results_dir, f"{i}.jsonl") for i in range(n)]
         procs = [
             subprocess.Popen(
-                [sys.executable, WORKER, scenario, str(i), str(n), str(port), directory],
+                [sys.executable, worker, scenario, str(i), str(n), str(port), directory],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -161,15 +164,16 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
     assert_all_done(procs)
     p0, p1 = (p.results for p in procs)
 
-    # Each distinct shard is written once, by the process holding its replica 0. The save mesh
-    # is 4x2; process 0 holds its rows 0-1, process 1 rows 2-3.
+    # Each distinct shard is written once. The save mesh is 4x2; process 0 holds its rows 0-1,
+    # process 1 rows 2-3: a shard both hold (b, c, n) is written by one of them, the less loaded
+    # (process 0 also writes the process-local values), a shard one holds by that one.
     host = {"host/np": 1, "host/dev": 1}  # process-local values: process 0's are saved
     assert p0["pieces"]["pieces"] == {
-        **{"params/w": 4, "params/b": 1, "opt/m": 2, "opt/c": 2, "opt/n": 1},
+        **{"params/w": 4, "params/b": 0, "opt/m": 2, "opt/c": 1, "opt/n": 1},
         **host,
     }
     assert p1["pieces"]["pieces"] == {
-        **{"params/w": 4, "params/b": 0, "opt/m": 2, "opt/c": 0, "opt/n": 0},
+        **{"params/w": 4, "params/b": 1, "opt/m": 2, "opt/c": 1, "opt/n": 0},
         **dict.fromkeys(host, 0),
     }
     ckpt = str(tmp_path / "run" / "ckpt-3")
@@ -291,7 +295,7 @@ def test_peer_killed_mid_save_then_restart_with_four_processes(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".jaxckpt-writer", "checkpoint", "ckpt-1", "ckpt-3"]
     written = [p.results["pieces"]["pieces"] for p in procs]
     assert [w["params/w"] for w in written] == [4, 4, 4, 4]  # an 8x2 mesh: 16 shards, once each
-    assert [w["params/b"] for w in written] == [1, 0, 0, 0]  # replicated: written by process 0
+    assert sum(w["params/b"] for w in written) == 1  # replicated: written by one process
     assert sum(w["opt/m"] for w in written) == 8 and sum(w["opt/c"] for w in written) == 2
     restore_on_two_devices(str(tmp_path / "ckpt-3"), 3)
 
