@@ -78,7 +78,7 @@ def write_file(path: str, tensors: list[Tensor], metadata: dict[str, str] | None
         with open(tmp, "wb") as f:
             f.write(head)
             for t in ordered:
-                arr = np.ascontiguousarray(t.get())
+                arr = np.asarray(t.get(), order="C")  # ascontiguousarray makes 0-d 1-d
                 if arr.shape != t.shape or arr.dtype != t.dtype:
                     raise ValueError(
                         f"The tensor {t.name!r} read as {arr.dtype}{list(arr.shape)}, not the "
