@@ -119,6 +119,7 @@ def write(dst: str, tensors: list[Tensor], max_shard_size: int | None = None) ->
     ``max_shard_size``, to shards beside it named from its stem and the index
     ``dst + ".index.json"``; returns what was written that reads them all (file or index)."""
     groups = shards(tensors, max_shard_size) if max_shard_size else [tensors]
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     if len(groups) <= 1:
         write_file(dst, tensors)
         return dst
