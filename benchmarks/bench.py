@@ -6,11 +6,14 @@ Usage (``make bench`` runs the first)::
     python benchmarks/bench.py --scale 0.1 -r 1     # smaller trees while iterating
     python benchmarks/bench.py --workloads W3       # 8 GiB on the first accelerator (GPU)
     python benchmarks/bench.py --workloads W5       # 4 processes, a replicated 256 MiB tree
+    python benchmarks/bench.py --workloads ST       # a 1 GiB safetensors file restored
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
 8 GiB of arrays on the device; W5 4 processes on 127.0.0.1 (1 CPU device each) saving and
-restoring a fully replicated 256 MiB tree, replicas sharing the work or not. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
+restoring a fully replicated 256 MiB tree, replicas sharing the work or not; ST W1's parameters
+(3x wider, ~1 GiB) in one safetensors file, restored into jax.Arrays by jaxckpt and by
+``safetensors.flax.load_file``. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
 Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
 and writes JSON (``--json``).
 """
@@ -922,11 +925,66 @@ def report(res: Results, args: argparse.Namespace, can_drop: bool) -> None:
     print(f"\nwrote {args.json}", flush=True)
 
 
+def read_chars() -> int:
+    """Bytes this process has read through system calls so far (``rchar`` of /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+def safetensors_workload(args: argparse.Namespace, res: Results) -> None:
+    """ST: a safetensors file restored into jax.Arrays, jaxckpt against the library's own
+    ``safetensors.flax.load_file``; then the bytes one tensor's restore reads (``rchar``:
+    read system calls only, so the library's memory-mapped reads do not show in it)."""
+    import safetensors.flax
+
+    params = block(make_w1(3 * args.scale)["params"])
+    flat = {
+        ".".join(k.key for k in kp): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    size = sum(x.nbytes for x in flat.values())
+    base = os.path.join(args.dir, "ST")
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, "model.safetensors")
+    safetensors.flax.save_file(dict(flat), path)  # it turns the values into NumPy in place
+    fsync_tree(base)
+    name, leaf = min(flat.items(), key=lambda kv: abs(kv[1].nbytes - (4 << 20)))
+    keypath = tuple(jax.tree_util.DictKey(k) for k in name.split("."))
+    print(f"\nST: {size / GiB:.3f} GiB in {len(flat)} tensors; partial restore of {name}")
+    res.notes["ST"] = {"bytes": size, "leaves": len(flat), "partial_leaf": name}
+    target = abstract(params)
+
+    def ours() -> Any:
+        return block(jc.restore(path, target))
+
+    def theirs() -> Any:
+        return block(safetensors.flax.load_file(path))
+
+    def ours_one() -> Any:
+        return block(jc.restore(path, subtree_of(params, keypath, abstract(leaf)), partial=True))
+
+    def theirs_one() -> Any:
+        with safetensors.safe_open(path, framework="flax") as f:
+            return block(f.get_tensor(name))
+
+    for _ in range(args.repeats):
+        for tool, whole, one in (("jaxckpt", ours, ours_one), ("safetensors", theirs, theirs_one)):
+            whole()  # warm the page cache
+            res.add("ST", "restore_warm", tool, timed(whole)[0])
+            drop_caches(base)
+            res.add("ST", "restore_cold", tool, timed(whole)[0])
+            drop_caches(base)
+            before = read_chars()
+            res.add("ST", "partial_cold", tool, timed(one)[0])
+            res.notes["ST"][f"partial_read_bytes_{tool}"] = read_chars() - before
+    print(f"  one tensor of {leaf.nbytes} bytes read: {res.notes['ST']}", flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W5")
+    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W5, ST")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -963,8 +1021,8 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
     for wl in args.workloads.split(","):
-        if wl == "W5":
-            run_w5(res, args)
+        if wl in ("W5", "ST"):
+            run_w5(res, args) if wl == "W5" else safetensors_workload(args, res)
             report(res, args, can_drop)
             continue
         names = args.tools.split(",")

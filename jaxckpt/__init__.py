@@ -3,6 +3,7 @@
 from ._checkpoint import SaveHandle as SaveHandle
 from ._checkpoint import save as save
 from ._checkpoint import save_async as save_async
+from ._convert import convert as convert
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointExistsError as CheckpointExistsError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "convert",
     "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",

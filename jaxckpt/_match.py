@@ -8,6 +8,7 @@ whose message names every such leaf by its key path, with the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ from ._reader import Reader, open_reader
 
 PyTree = Any
 Rename = Mapping[str, str] | Callable[[str], str | None] | None
+Prefix = str | tuple[str | int, ...] | None  # a checkpoint path, or its keys in turn
 
 _LIMIT = 20  # paths listed per section of a mismatch message
 _FIX_MISSING = (
@@ -32,9 +34,10 @@ _FIX_MISSING = (
     "(jc.list_variables(path) lists the saved paths)."
 )
 _FIX_MISMATCHED = (
-    "  Fix: build the target with the saved shapes (the same model config), and dtypes the "
-    "saved ones cast to safely (bool -> int -> float -> complex; float32 -> bfloat16 is fine, "
-    "float -> int is not); or leave these leaves out of the target and pass partial=True."
+    '  Fix: pass mismatched="keep" to keep the target\'s own value for these (e.g. a new head '
+    "with another number of classes on a pretrained backbone); or build the target with the "
+    "saved shapes (the same model config), and dtypes the saved ones cast to safely (bool -> "
+    "int -> float -> complex; float32 -> bfloat16 is fine, float -> int is not)."
 )
 _FIX_UNUSED = (
     "  Fix: pass partial=True to restore only the leaves the target asks for (the others "
@@ -118,7 +121,7 @@ def _listed(items: list[Any], line: Callable[[Any], str]) -> list[str]:
     return [*map(line, items[:_LIMIT]), f"    ... and {len(items) - _LIMIT} more"]
 
 
-def _renamer(prefix: str | None, rename: Rename) -> Callable[[str], str | None]:
+def _renamer(prefix: Prefix, rename: Rename) -> Callable[[str], str | None]:
     base = _prefix_of(prefix)
     if rename is None:
         fn: Callable[[str], str | None] = lambda p: p  # noqa: E731
@@ -215,11 +218,17 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
 
 
 def _prefix_of(prefix: Any) -> str:
-    """``prefix`` without empty segments ("" for None); anything but a str is a TypeError."""
+    """``prefix`` as a checkpoint path without empty segments ("" for None). A tuple of keys
+    names the edges in turn: a str a dict key or attribute, an int a list/tuple index."""
+    if isinstance(prefix, (tuple, list)) and all(
+        isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in prefix
+    ):
+        return "/".join(_paths.escape(k) if isinstance(k, str) else str(k) for k in prefix)
     if prefix is not None and not isinstance(prefix, str):
         raise TypeError(
-            f"prefix must be a path in the checkpoint, as a str such as 'params/backbone', or "
-            f"None, not {prefix!r} ({type(prefix).__name__}). Fix: pass the path as a str."
+            f"prefix must be a path in the checkpoint, as a str such as 'params/backbone' or a "
+            f"tuple of keys such as ('params', 'backbone'), or None, not {prefix!r} "
+            f"({type(prefix).__name__}). Fix: pass the path as a str."
         )
     return "/".join(p for p in (prefix or "").split("/") if p)
 
@@ -249,14 +258,30 @@ def _rename_rules(rename: Any) -> list[tuple[re.Pattern[str], str]]:
     return rules
 
 
-def check_prefix(reader: Reader, prefix: str | None) -> str:
+def check_prefix(reader: Reader, prefix: Prefix) -> str:
     base = _prefix_of(prefix)
     if base and reader.node(base) is None:
+        near = _nearest(base, reader.paths)
+        hint = f"Did you mean {' or '.join(near)}? " if near else ""
         raise StructureMismatchError(
-            f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. Fix: pick a "
+            f"prefix={prefix!r} is not a path in the checkpoint {reader.path}. {hint}Fix: pick a "
             "prefix among the leading parts of jc.list_variables(path)."
         )
     return base
+
+
+def _nearest(base: str, paths: list[str], most: int = 3) -> list[str]:
+    """The saved nodes closest to ``base``: those ending in its last part first, then the
+    nearest by spelling."""
+    nodes: dict[str, None] = {}
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            nodes["/".join(parts[:i])] = None
+    last = base.split("/")[-1]
+    ends = [n for n in nodes if n.split("/")[-1] == last]
+    close = difflib.get_close_matches(base, list(nodes), n=most, cutoff=0.8)
+    return list(dict.fromkeys(ends + close))[:most]
 
 
 @dataclasses.dataclass
@@ -268,7 +293,7 @@ class Target:
     cpaths: list[str | None]
 
     @classmethod
-    def of(cls, target: PyTree, prefix: str | None, rename: Rename) -> Target:
+    def of(cls, target: PyTree, prefix: Prefix, rename: Rename) -> Target:
         flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
         to_ckpt = _renamer(prefix, rename)
         return cls(flat, treedef, [to_ckpt(_paths.path_str(k)) for k, _ in flat])
@@ -303,7 +328,7 @@ class Plan(NamedTuple):
 
 
 @phase("restore: matched the target")
-def plan(reader: Reader, target: Target, prefix: str | None, unused: bool) -> Plan:
+def plan(reader: Reader, target: Target, prefix: Prefix, unused: bool) -> Plan:
     """Pairs each target leaf with its saved record; ``unused=False`` skips listing the saved
     leaves the target lacks, so that only the records on the target's paths are read."""
     base = check_prefix(reader, prefix)
@@ -331,7 +356,7 @@ def match(
     path: str | os.PathLike[str],
     target: PyTree,
     *,
-    prefix: str | None = None,
+    prefix: Prefix = None,
     rename: Rename = None,
 ) -> MatchStatus:
     """Compares ``target`` with the checkpoint at ``path`` without reading any array.

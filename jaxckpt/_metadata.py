@@ -301,12 +301,27 @@ def rebuild(
         return leaf("/".join(names), node)
     if t == "none":
         return None
+    if _is_nnx_variable(node):  # its value alone: the pure dict nnx.update takes
+        kind, k, child = node["c"][0]
+        return rebuild(child, leaf, (*names, _paths.name_of(kind, k)))
     kids = [(k, rebuild(c, leaf, (*names, _paths.name_of(kind, k)))) for kind, k, c in node["c"]]
     if t == "list":
         return [v for _, v in kids]
     if t == "tuple":
         return tuple(v for _, v in kids)
     return {k: v for k, v in kids}
+
+
+def _is_nnx_variable(node: dict[str, Any]) -> bool:
+    """An NNX ``Variable`` (``Param``, ``BatchStat``, ``RngKey``...) saved as the object node
+    holding its ``value``. Rebuilt as a dict it would be ``{"value": x}``, which ``nnx.update``
+    takes for the value itself (NNX then reads it with ``v[...]``: ``KeyError: Ellipsis``)."""
+    return (
+        node["t"] == "obj"
+        and node.get("cls", "").startswith("flax.nnx.")
+        and len(node["c"]) == 1
+        and node["c"][0][:2] == [_paths.ATTR, "value"]
+    )
 
 
 def root_attributes(tree_record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

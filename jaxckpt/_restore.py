@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 import jax
@@ -27,7 +28,8 @@ def restore(
     *,
     partial: bool = False,
     missing: str = "error",
-    prefix: str | None = None,
+    mismatched: str = "error",
+    prefix: _match.Prefix = None,
     rename: _match.Rename = None,
 ) -> PyTree:
     """Restores the checkpoint at ``path``, into ``target``'s structure, dtypes and shardings.
@@ -37,11 +39,17 @@ def restore(
             (see docs/interop.md).
         target: the tree to restore into. Its leaves may be ``jax.Array``, ``np.ndarray``,
             ``jax.ShapeDtypeStruct`` (with or without a sharding), Python scalars, str/bytes,
-            or objects with ``get_state``/``set_state`` (``set_state`` is called). None:
-            rebuild the saved tree as dicts, lists and tuples of NumPy arrays.
+            or objects with ``get_state``/``set_state`` (``set_state`` is called). An
+            ``nnx.Module`` is restored in place (its ``nnx.state``, then ``nnx.update``) and
+            returned. None: rebuild the saved tree as dicts, lists and tuples of NumPy arrays
+            (an NNX state as the pure dict ``nnx.update`` takes).
         partial: skip saved leaves the target does not ask for (they are never read).
         missing: ``"keep"`` keeps the target's own value for leaves the checkpoint lacks.
-        prefix: the checkpoint subtree (``"params/backbone"``) restored as the target's root.
+        mismatched: ``"keep"`` keeps the target's own value for leaves whose saved shape or
+            dtype the target cannot take (a new head with another number of classes); they
+            are not read.
+        prefix: the checkpoint subtree (``"params/backbone"``, or the keys
+            ``("params", "backbone")``) restored as the target's root.
         rename: maps target paths to checkpoint paths: a dict of regex -> replacement
             (applied in order) or a callable returning the checkpoint path or None.
 
@@ -57,8 +65,19 @@ def restore(
     Example:
         >>> state = jc.restore("/tmp/run/ckpt-10", target=state)  # doctest: +SKIP
     """
-    if missing not in ("error", "keep"):
-        raise ValueError(f'missing must be "error" or "keep", not {missing!r}')
+    for name, value in (("missing", missing), ("mismatched", mismatched)):
+        if value not in ("error", "keep"):
+            raise ValueError(f'{name} must be "error" or "keep", not {value!r}')
+    module = _nnx_module(target)
+    if module is not None:  # NNX's convention: the module is updated in place
+        from flax import nnx
+
+        state = restore(
+            path, nnx.state(module), partial=partial, missing=missing,
+            mismatched=mismatched, prefix=prefix, rename=rename,
+        )  # fmt: skip
+        nnx.update(module, state)
+        return module
     if target is None:
         reader = open_reader(path)
         base = _match.check_prefix(reader, prefix)
@@ -69,6 +88,17 @@ def restore(
     # A partial restore looks up few paths: their group files are read beside the root's.
     reader = open_reader(path, prefetch=want.groups() if partial else ())
     entries, treedef, status = _match.plan(reader, want, prefix, unused=not partial)
+    if status.mismatched and mismatched == "keep":
+        kept = {m.path for m in status.mismatched}
+        entries = [e._replace(record=None) if e.cpath in kept else e for e in entries]
+        log.warning(
+            "jaxckpt: kept the target's own value for %d leaves whose saved shape or dtype it "
+            "cannot take, in %s: %s",
+            len(kept),
+            reader.path,
+            ", ".join(str(m) for m in status.mismatched),
+        )
+        status.mismatched = []
     if (
         status.mismatched
         or (status.missing and missing == "error")
@@ -153,6 +183,12 @@ def restore(
     for obj, state in states:
         obj.set_state(state)
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _nnx_module(target: Any) -> Any:
+    """``target`` if it is an ``nnx.Module`` (flax imported only when the caller has)."""
+    nnx = sys.modules.get("flax.nnx")
+    return target if nnx is not None and isinstance(target, nnx.Module) else None
 
 
 def _read_bytes(reader: Reader, requests: list[tuple[str, Any]]) -> int:

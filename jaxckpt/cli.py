@@ -373,7 +373,10 @@ def cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
     if shown:
         _progress.set_progress(True, stream=sys.stderr)
     try:
-        print(_convert.convert(args.src, args.dst), file=out)
+        print(
+            _convert.convert_summary(args.src, args.dst, args.max_shard_size, not args.whole_names),
+            file=out,
+        )
     finally:
         _progress._settings.update(was)
     return 0
@@ -434,10 +437,22 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_graph)
     s = sub.add_parser(
         "convert",
-        help="Flax msgpack or Orbax -> jaxckpt; jaxckpt -> Flax msgpack (DST ending in .msgpack)",
+        help="safetensors, Flax msgpack or Orbax -> jaxckpt; jaxckpt -> Flax msgpack (DST "
+        "ending in .msgpack) or safetensors (DST ending in .safetensors)",
     )
     s.add_argument("src", metavar="SRC")
     s.add_argument("dst", metavar="DST")
+    s.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="safetensors DST: shards of at most SIZE (e.g. 5GB) with an index, as Hugging "
+        "Face writes them",
+    )
+    s.add_argument(
+        "--whole-names",
+        action="store_true",
+        help="safetensors SRC: keep tensor names whole instead of splitting them on '.'",
+    )
     s.add_argument(
         "-q", "--quiet", action="store_true", help="no progress on stderr (shown on a terminal)"
     )

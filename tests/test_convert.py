@@ -111,8 +111,9 @@ def test_orbax_checkpoints_convert(tmp_path, capsys):
 
 
 KINDS = (
-    "jaxckpt convert reads a Flax msgpack file (flax.serialization.to_bytes), an Orbax checkpoint "
-    "directory (one step, or one item of it), or a jaxckpt checkpoint."
+    "jaxckpt convert reads a safetensors file (or the index of a sharded set), a Flax msgpack "
+    "file (flax.serialization.to_bytes), an Orbax checkpoint directory (one step, or one item of "
+    "it), or a jaxckpt checkpoint."
 )
 
 
@@ -139,7 +140,8 @@ def test_convert_errors_name_the_fix(tmp_path, capsys):
         (
             ckpt,
             tmp_path / "d3",
-            f"{ckpt} is already a jaxckpt checkpoint. Fix: give a DST ending in .msgpack",
+            f"{ckpt} is already a jaxckpt checkpoint. Fix: give a DST ending in .msgpack or "
+            ".safetensors to export it.",
         ),
         (
             flax_file,
