@@ -5,10 +5,12 @@ Usage (``make bench`` runs the first)::
     python benchmarks/bench.py                      # W1 + W2 at the issue's sizes, 3 repeats
     python benchmarks/bench.py --scale 0.1 -r 1     # smaller trees while iterating
     python benchmarks/bench.py --workloads W3       # 8 GiB on the first accelerator (GPU)
+    python benchmarks/bench.py --workloads W4       # a fine-tune's incremental saves (w4.py)
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
-8 GiB of arrays on the device. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
+8 GiB of arrays on the device; W4 a fine-tune (1 GiB frozen, 16 MiB trained with Adam) whose
+manager saves every step (benchmarks/w4.py). ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
 Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
 and writes JSON (``--json``).
 """
@@ -778,6 +780,10 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
     ):
         peer = m("W3", op, "orbax")
         check(desc, m("W3", op, "jaxckpt"), None if peer is None else min(aim, peer), "s")
+    import w4
+
+    for desc, mine, bound, unit in w4.floors(res):
+        check(desc, mine, bound, unit)
     return [c for c in out if c[0].split()[0] in res.notes]  # the workloads run
 
 
@@ -830,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3")
+    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W4")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -867,6 +873,12 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
     for wl in args.workloads.split(","):
+        if wl == "W4":  # its own loops (benchmarks/w4.py), with bench.py's helpers
+            import w4
+
+            w4.run(sys.modules[__name__], args.scale, res, args)
+            report(res, args, can_drop)
+            continue
         names = args.tools.split(",")
         if wl == "W3":
             names = [n for n in names if n in ("jaxckpt", "orbax", "raw")]
