@@ -135,8 +135,8 @@ class Save:
             self.base = _records.get(_locations.normalize(base))
             if self.base is None or self.base.failed:
                 log.info(
-                    "jaxckpt: the save to %s writes every chunk: this process holds no record "
-                    "of a save to its base %s",
+                    "jaxckpt: the save to %s writes every chunk: its base %s is no checkpoint "
+                    "this process saved (or its save failed)",
                     final,
                     base,
                 )

@@ -130,7 +130,8 @@ def test_packs_are_linked_while_their_bytes_are_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["rewritten", "replaced", "deleted", "checkpoint_deleted"])
-def test_a_damaged_or_deleted_previous_chunk_is_not_linked(tmp_path, damage):
+def test_a_damaged_or_deleted_previous_chunk_is_not_linked(tmp_path, damage, caplog):
+    caplog.set_level(logging.INFO, logger="jaxckpt")
     backbone = jnp.asarray(BACKBONE)
     with jc.CheckpointManager(tmp_path, async_save=False, max_to_keep=None) as mngr:
         mngr.save(1, {"backbone": backbone})
@@ -149,6 +150,11 @@ def test_a_damaged_or_deleted_previous_chunk_is_not_linked(tmp_path, damage):
         else:
             shutil.rmtree(tmp_path / "ckpt-1")
         mngr.save(2, {"backbone": backbone})
+    if damage == "checkpoint_deleted":
+        assert (
+            f"jaxckpt: the save to {tmp_path / 'ckpt-2'} writes every chunk: its base "
+            f"{tmp_path / 'ckpt-1'} is no longer the committed checkpoint this process wrote"
+        ) in caplog.messages
     after = chunk_files(tmp_path / "ckpt-2")["backbone/c/0/0"]
     assert after.st_nlink == 1 and after.st_ino != before.st_ino
     np.testing.assert_array_equal(jc.restore(tmp_path / "ckpt-2")["backbone"], BACKBONE)
@@ -273,8 +279,8 @@ def test_jc_save_links_from_a_base_this_process_saved(tmp_path, caplog):
     c = jc.save(tmp_path / "c", {"backbone": backbone}, base=b)
     assert ino(f"{c}/backbone/c/0/0") != ino(f"{b}/backbone/c/0/0")
     assert (
-        f"jaxckpt: the save to {c} writes every chunk: this process holds no record of a save "
-        f"to its base {b}" in caplog.messages
+        f"jaxckpt: the save to {c} writes every chunk: its base {b} is no checkpoint this "
+        "process saved (or its save failed)" in caplog.messages
     )
     with pytest.raises(TypeError, match=r"base must be the path of an earlier checkpoint"):
         jc.save(tmp_path / "d", {"x": np.ones(3)}, base=3)
