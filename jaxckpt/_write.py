@@ -313,16 +313,14 @@ def write_arrays(
                 skip_zeros,
                 put,
             )
+            # Decided before the job runs: a piece it cannot link becomes its array again.
+            cost = 0 if isinstance(p.data, (np.ndarray, _memory.Zeros)) else p.nbytes
             if isinstance(p.data, _incremental.Unchanged):  # linked, else written from the array
+                cost = 0
                 job = io.submit(linker.piece, a.loc, m, p, write)  # type: ignore[union-attr]
             else:
                 job = io.submit(write)
             bar.after(job, p.nbytes)
-            cost = (
-                0
-                if isinstance(p.data, (np.ndarray, _memory.Zeros, _incremental.Unchanged))
-                else p.nbytes
-            )
             queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
         d = os.path.join(root, k.loc, "c")
