@@ -424,3 +424,25 @@ def test_object_stores_write_in_full_and_restore_every_step(store, caplog):
     assert not [m for m in caplog.messages if "linked" in m]  # nothing is linked there
     assert jc.restore(f"{store}/ckpt-2")["backbone"].tobytes() == BACKBONE.tobytes()
     assert re.search(r"ckpt-2", jc.latest_checkpoint(store) or "")
+
+
+def test_a_save_whose_base_is_still_being_written_and_does_not_wait_writes_everything(
+    tmp_path, monkeypatch
+):
+    """jc.save does not wait for an async save in flight: it cannot link from it, so writes."""
+    gate, write_file = threading.Event(), _chunks.write_file
+
+    def held_back(path, parts):  # the async save to a waits
+        if f"{os.sep}a{jc._storage.TMP_MARK}" in path:
+            assert gate.wait(60)
+        return write_file(path, parts)
+
+    monkeypatch.setattr(_chunks, "write_file", held_back)
+    backbone = jnp.asarray(BACKBONE)
+    handle = jc.save_async(tmp_path / "a", {"backbone": backbone})
+    b = jc.save(tmp_path / "b", {"backbone": backbone}, base=tmp_path / "a")
+    gate.set()
+    a = handle.wait()
+    assert ino(f"{a}/backbone/c/0/0") != ino(f"{b}/backbone/c/0/0")
+    for path in (a, b):
+        np.testing.assert_array_equal(jc.restore(path)["backbone"], BACKBONE)
