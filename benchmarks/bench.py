@@ -5,15 +5,18 @@ Usage (``make bench`` runs the first)::
     python benchmarks/bench.py                      # W1 + W2 at the issue's sizes, 3 repeats
     python benchmarks/bench.py --scale 0.1 -r 1     # smaller trees while iterating
     python benchmarks/bench.py --workloads W3       # 8 GiB on the first accelerator (GPU)
+    python benchmarks/bench.py --workloads W4       # a fine-tune's incremental saves (w4.py)
     python benchmarks/bench.py --workloads W5       # 4 processes, a replicated 256 MiB tree
     python benchmarks/bench.py --workloads ST       # a 1 GiB safetensors file restored
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
-8 GiB of arrays on the device; W5 4 processes on 127.0.0.1 (1 CPU device each) saving and
-restoring a fully replicated 256 MiB tree, replicas sharing the work or not; ST W1's parameters
-(3x wider, ~1 GiB) in one safetensors file, restored into jax.Arrays by jaxckpt and by
-``safetensors.flax.load_file``. ``--scale`` multiplies the bytes (W1, W3) or the leaf count (W2).
+8 GiB of arrays on the device; W4 a fine-tune (1 GiB frozen, 16 MiB trained with Adam) whose
+manager saves every step (benchmarks/w4.py); W5 4 processes on 127.0.0.1 (1 CPU device each)
+saving and restoring a fully replicated 256 MiB tree, replicas sharing the work or not; ST W1's
+parameters (3x wider, ~1 GiB) in one safetensors file, restored into jax.Arrays by jaxckpt and
+by ``safetensors.flax.load_file``. ``--scale`` multiplies the bytes (W1, W3, W4) or the leaf
+count (W2).
 Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
 and writes JSON (``--json``).
 """
@@ -820,6 +823,10 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
         )
     )
     check("W5 save <= today's", m("W5", "save", "jaxckpt"), m("W5", "save", "unshared"), "s")
+    import w4
+
+    for desc, mine, bound, unit in w4.floors(res):
+        check(desc, mine, bound, unit)
     return [c for c in out if c[0].split()[0] in res.notes]  # the workloads run
 
 
@@ -984,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W5, ST")
+    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W4, W5, ST")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
     ap.add_argument("-r", "--repeats", type=int, default=3)
@@ -1021,8 +1028,13 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
     for wl in args.workloads.split(","):
-        if wl in ("W5", "ST"):
-            run_w5(res, args) if wl == "W5" else safetensors_workload(args, res)
+        if wl in ("W4", "W5", "ST"):  # their own loops (W4's in benchmarks/w4.py)
+            if wl == "W4":
+                import w4
+
+                w4.run(sys.modules[__name__], args.scale, res, args)
+            else:
+                run_w5(res, args) if wl == "W5" else safetensors_workload(args, res)
             report(res, args, can_drop)
             continue
         names = args.tools.split(",")

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import (
     _commit,
+    _incremental,
     _metadata,
     _multihost,
     _progress,
@@ -49,15 +50,28 @@ class _Save:
     sync: _multihost.SaveSync
     buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
     time: float = 0.0  # when it was written, as its metadata says
+    inc: _incremental.Save | None = None  # what it links from its base, and records
 
 
-def _prepare(path: str | os.PathLike[str], tree: PyTree, extra: dict[str, Any]) -> _Save:
+def _prepare(
+    path: str | os.PathLike[str],
+    tree: PyTree,
+    extra: dict[str, Any],
+    base: str | os.PathLike[str] | None = None,
+    hashing: bool = False,
+) -> _Save:
     final = _storage.normalize(path)
+    if base is not None and not isinstance(base, (str, os.PathLike)):
+        raise TypeError(
+            f"base must be the path of an earlier checkpoint (str or os.PathLike), not {base!r} "
+            f"({type(base).__name__}). Fix: pass the path that save returned, or base=None."
+        )
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
     if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
         _check_free(final)
     record, arrays, packs = _write.plan(tree)
-    return _Save(final, record, arrays, packs, extra, sync)
+    inc = _incremental.prepare(final, arrays, None if base is None else os.fspath(base), hashing)
+    return _Save(final, record, arrays, packs, extra, sync, inc=inc)
 
 
 def _check_free(final: str) -> None:
@@ -153,8 +167,11 @@ def _execute(s: _Save, budget: int) -> str:
         elif states and s.sync.multi:
             _keep_every_state(s, states)
         begun = True
+        linker = s.inc.linker(tmp) if s.inc is not None else None
         with _progress.shown(f"save {s.final}", lambda: _save_bytes(s)):
-            _write.write_arrays(tmp, s.arrays, s.packs, budget)
+            _write.write_arrays(tmp, s.arrays, s.packs, budget, linker)
+        if s.inc is not None:
+            s.inc.finish(s.arrays)
         s.time = time.time()
         written = _write.written_keys(s.arrays, s.packs, primary)
         if primary:
@@ -179,7 +196,11 @@ def _execute(s: _Save, budget: int) -> str:
                 _check_free(s.final)  # another save got there first: say so plainly
                 raise
         s.sync.barrier("committed")
+        if s.inc is not None:
+            s.inc.committed()
     except BaseException as e:
+        if s.inc is not None:
+            s.inc.failed()
         error = _storage.save_error(s.final, e)
         s.sync.abandon(error)
         gone = begun and primary and isinstance(error, CheckpointError)
@@ -317,6 +338,8 @@ def save(
     *,
     step: int | None = None,
     metrics: dict[str, Any] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    _hashing: bool = False,
 ) -> str:
     """Saves ``tree`` to the directory ``path``, atomically; returns the final path.
 
@@ -324,12 +347,16 @@ def save(
     arrays are copied to the host at most ``_write.STREAM_BYTES`` at a time. It is durable (fsynced)
     when it returns.
 
+    With ``base``, the path of an earlier checkpoint this process saved on the same local
+    disk, the chunks unchanged since are hard-linked from it instead of written (see
+    docs/manager.md, "Incremental saves"); ``path`` is still a complete checkpoint.
+
     Example:
         >>> jc.save("/tmp/ckpt-1", {"w": np.ones(3)})  # doctest: +SKIP
         '/tmp/ckpt-1'
     """
     _raise_earlier_errors()
-    s = _prepare(path, tree, extra_attributes(step, metrics))
+    s = _prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
     return _execute(s, budget=_write.STREAM_BYTES)
 
 
@@ -340,6 +367,8 @@ def save_async(
     *,
     step: int | None = None,
     metrics: dict[str, Any] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    _hashing: bool = False,
 ) -> SaveHandle:
     """Snapshots ``tree``, then saves it in the background.
 
@@ -351,10 +380,12 @@ def save_async(
     the next save. Saves in flight write one at a time, in call order, so they commit in
     that order. While the snapshots of saves in flight would exceed
     :func:`jaxckpt._runtime.async_host_bytes`, this call first waits for older saves to finish.
+    ``base`` is as for :func:`save`; it may be a save still in flight (its commit is awaited
+    before anything is linked), and a leaf linked from it is not snapshotted.
     """
     _raise_earlier_errors()
     with _runtime.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
-        s = _prepare(path, tree, extra_attributes(step, metrics))
+        s = _prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
     held = _snapshot.snapshot_bytes(s.arrays, s.packs)
     # The most the snapshot can hold; what its zero pieces do not is given back below.
     _runtime.reserve(held)

@@ -61,8 +61,9 @@ def zero_set(zero: str | Sequence[int] | None, n_chunks: int) -> set[int]:
 # ---------------------------------------------------------------------------- writing
 
 
-def write_file(path: str, parts: Iterable[Any]) -> None:
-    """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it."""
+def write_file(path: str, parts: Iterable[Any]) -> os.stat_result:
+    """Writes ``parts`` (buffers) to a new file at ``path``; :func:`make_durable` syncs it.
+    Returns the file's status once written (what an incremental save records of it)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for part in parts:
@@ -70,11 +71,12 @@ def write_file(path: str, parts: Iterable[Any]) -> None:
             while mv:
                 _runtime.after_snapshots()
                 mv = mv[os.write(fd, mv[:STEP]) :]
+        return os.fstat(fd)
     finally:
         os.close(fd)
 
 
-def write_chunk(path: str, data: np.ndarray) -> None:
+def write_chunk(path: str, data: np.ndarray) -> os.stat_result:
     """One chunk file: ``data``'s bytes (C-contiguous) then their CRC-32C.
 
     The checksum is taken a step at a time, just before the step is written: the bytes are
@@ -89,7 +91,7 @@ def write_chunk(path: str, data: np.ndarray) -> None:
             yield raw[lo : lo + STEP]
         yield crc.to_bytes(4, "little")
 
-    write_file(path, parts())
+    return write_file(path, parts())
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -193,10 +195,12 @@ def write_piece(
     index: Sequence[slice],
     host: Callable[[], np.ndarray | Zeros],
     skip_zeros: bool = False,
+    put: Callable[[str, np.ndarray], Any] | None = None,
 ) -> list[tuple[int, ...]] | None:
-    """Writes the chunk files of one piece; returns the coordinates of the all-zero chunks it
-    left unwritten (``skip_zeros``), or None when the piece does not cover whole chunks (the
-    caller then writes it through TensorStore)."""
+    """Writes the chunk files of one piece (each by ``put(path, chunk)``, else
+    :func:`write_chunk`); returns the
+    coordinates of the all-zero chunks it left unwritten (``skip_zeros``), or None when the
+    piece does not cover whole chunks (the caller then writes it through TensorStore)."""
     plan = piece_chunks(shape, chunks, index)
     if plan is None:
         return None
@@ -221,7 +225,7 @@ def write_piece(
             continue
         path = os.path.join(base, chunk_key(coords))
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_chunk(path, part)
+        (put or write_chunk)(path, part)
     return skipped
 
 

@@ -39,10 +39,11 @@ def checkpoint(reader: Reader) -> dict[str, Any]:
 
 def ls(
     directory: str,
-    rows: list[tuple[int, str, str, int, float | None, Any, str | None]],
+    rows: list[tuple[int, str, str, Any, float | None, Any, str | None]],
     unfinished: list[str],
 ) -> dict[str, Any]:
-    """``rows``: (step or -1, name, path, bytes, time, metrics, error) per committed checkpoint."""
+    """``rows``: (step or -1, name, path, disk usage, time, metrics, error) per committed
+    checkpoint (the usage's ``size``, ``shared`` and ``own`` bytes)."""
     return {
         "command": "ls",
         "directory": directory,
@@ -51,12 +52,14 @@ def ls(
                 "step": step if step >= 0 else None,
                 "name": name,
                 "path": path,
-                "bytes": size,
+                "bytes": use.size,
+                "shared_bytes": use.shared,
+                "own_bytes": use.own,
                 "time": when,
                 "metrics": metrics,
                 "error": err,
             }
-            for step, name, path, size, when, metrics, err in rows
+            for step, name, path, use, when, metrics, err in rows
         ],
         "unfinished": unfinished,
     }

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import jax
 
+from . import _incremental
+
 log = logging.getLogger("jaxckpt")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -30,7 +32,10 @@ def _files(path: str) -> str:
     if "://" in path:
         return ""  # counting an object store's keys would cost a listing
     n = sum(len(files) for _, _, files in os.walk(path))
-    return f" in {n} files"
+    done = _incremental.stats(path)
+    if done is None:
+        return f" in {n} files"
+    return f" in {n} files ({done[0]} written, {done[1]} linked)"
 
 
 def _rate(nbytes: int, seconds: float) -> str:
@@ -42,7 +47,8 @@ def _step(step: Any) -> str:
 
 
 def logged_save(fn: F) -> F:
-    """``save``: 'saved PATH (step S): B bytes in N files, T s, R GiB/s'."""
+    """``save``: 'saved PATH (step S): B bytes in N files (W written, L linked), T s, R GiB/s'
+    (W and L: the chunk bytes this process wrote and hard-linked, on a local disk)."""
 
     @functools.wraps(fn)
     def save(*args: Any, **kw: Any) -> Any:
@@ -67,8 +73,8 @@ def logged_save(fn: F) -> F:
 
 
 def logged_save_async(fn: F) -> F:
-    """``save_async``: once durable, 'saved PATH (step S) asynchronously: B bytes in N files,
-    the call blocked T0 s, durable after T1 s, R GiB/s' (R over T1)."""
+    """``save_async``: once durable, 'saved PATH (step S) asynchronously: B bytes in N files
+    (W written, L linked), the call blocked T0 s, durable after T1 s, R GiB/s' (R over T1)."""
 
     @functools.wraps(fn)
     def save_async(*args: Any, **kw: Any) -> Any:

@@ -60,8 +60,9 @@ class CheckpointManager:
     then the first one at least that many hours after the last one kept so. With ``async_save``
     a save commits in the background; its retention (or error) comes with the next ``save``,
     ``restore``, ``wait_until_finished`` or ``close``. On several processes all call the same
-    methods at the same steps; process 0 alone deletes and writes the index. See
-    docs/manager.md.
+    methods at the same steps; process 0 alone deletes and writes the index. With
+    ``incremental`` (the default) a save on a local disk hard-links the chunks unchanged since
+    the manager's previous save instead of writing them again. See docs/manager.md.
 
     Example:
         >>> with jc.CheckpointManager("./tf_ckpts", max_to_keep=3) as mngr:  # doctest: +SKIP
@@ -81,6 +82,7 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         async_save: bool = True,
         read_only: bool = False,
+        incremental: bool = True,
     ):
         _check_count("max_to_keep", max_to_keep, none_ok=True)
         _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
@@ -108,6 +110,8 @@ class CheckpointManager:
         self.save_interval_steps = save_interval_steps
         self.async_save = async_save
         self.read_only = read_only
+        self.incremental = bool(incremental)
+        self._last: str | None = None  # the path of this manager's previous save (a base)
         self._primary = _multihost.is_primary()
         self._pending: collections.deque[_Pending] = collections.deque()  # in save order
         # With async_save, deleted checkpoints' files and index rewrites go on one worker, in
@@ -351,13 +355,16 @@ class CheckpointManager:
         as_saved = _checkpoint.check_metrics(metrics)
         if self._writer is None and self._primary:
             self._hold_writer()
+        path = self.checkpoint_path(step)
+        base, hashing = (self._last, True) if self.incremental else (None, False)
+        self._last = path  # the base of the next save, even while this one is in flight
         if self.async_save:
             handle = _checkpoint.save_async(
-                self.checkpoint_path(step), tree, step=step, metrics=as_saved
+                path, tree, step=step, metrics=as_saved, base=base, _hashing=hashing
             )
-            self._pending.append(_Pending(step, self.checkpoint_path(step), handle, as_saved))
+            self._pending.append(_Pending(step, path, handle, as_saved))
         else:
-            _checkpoint.save(self.checkpoint_path(step), tree, step=step, metrics=as_saved)
+            _checkpoint.save(path, tree, step=step, metrics=as_saved, base=base, _hashing=hashing)
             self._committed(self._entry_from_metadata(step))
         return True
 

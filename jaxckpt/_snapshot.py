@@ -16,13 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _device, _memory, _runtime, _write
+from . import _device, _incremental, _memory, _runtime, _write
 
 
 def snapshot_bytes(arrays: list[_write.Array], packs: list[_write.Pack]) -> int:
-    """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none)."""
+    """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none,
+    nor does a piece an incremental save links)."""
     return sum(
-        p.nbytes for a in arrays for p in a.pieces if not isinstance(p.data, _memory.Zeros)
+        p.nbytes
+        for a in arrays
+        for p in a.pieces
+        if not isinstance(p.data, (_memory.Zeros, _incremental.Unchanged))
     ) + sum(k.n_chunks * _write.PACK_CHUNK for k in packs)
 
 
@@ -89,9 +93,15 @@ def snapshot(
     from :mod:`jaxckpt._runtime` (``take_buffer``), which are returned (the caller gives them back once the
     save is done); small leaves are copied straight into the chunks of their pack. A piece
     whose bytes are all zero is not copied: a :class:`_memory.Zeros` marker takes its place.
+    Nor is one an incremental save links (:class:`_incremental.Unchanged`: an immutable array).
     """
     skipped = {id(p) for p in skip}
-    pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
+    pieces = [
+        p
+        for a in arrays
+        for p in a.pieces
+        if id(p) not in skipped and not isinstance(p.data, _incremental.Unchanged)
+    ]
     cp = _runtime.pool("copy")
     taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
     jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, NamedTuple
@@ -28,6 +29,7 @@ from . import (
     _checksum,
     _chunks,
     _device,
+    _incremental,
     _memory,
     _metadata,
     _multihost,
@@ -70,6 +72,7 @@ class Array:
     meta: dict[str, Any]
     pieces: list[Piece]
     record: dict[str, Any]  # the leaf record, where the writer lists its absent zero chunks
+    source: weakref.ref[Any] | None = None  # the jax.Array leaf (incremental saves compare it)
 
 
 @dataclasses.dataclass
@@ -200,7 +203,7 @@ def plan(tree: PyTree) -> Plan:
             chunks = shares.chunk_shape(x, dtype.itemsize)
         loc = path or "%"
         meta = _storage.array_metadata(shape, data_type, chunks)
-        arrays.append(Array(loc, meta, pieces, rec))
+        arrays.append(Array(loc, meta, pieces, rec, _source(x)))
         if shares is not None:
             shares.add(arrays[-1], x, nbytes)
         rec["chunks"], rec["loc"] = chunks, loc
@@ -212,6 +215,14 @@ def plan(tree: PyTree) -> Plan:
     if shares is not None:
         shares.deal()
     return Plan(record, arrays, packs)
+
+
+def _source(x: Any) -> weakref.ref[Any] | None:
+    """A weak reference to a ``jax.Array`` leaf: the same object at the next save is unchanged
+    (a NumPy array is not: it may have been written to since)."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return weakref.ref(x)
+    return None
 
 
 def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -251,13 +262,20 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
 
 
 @phase("save: wrote the arrays")
-def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int) -> None:
+def write_arrays(
+    root: str,
+    arrays: list[Array],
+    packs: list[Pack],
+    budget: int,
+    linker: _incremental.Linker | None = None,
+) -> None:
     """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
 
     On a local disk the chunk files are written directly by the I/O threads (made durable
     by :func:`durable`); anything else goes through TensorStore. A single-process save to a
     local disk skips all-zero chunks and lists them in each array's record (multi-process
-    saves: process 0 writes the records but not the other processes' chunks).
+    saves: process 0 writes the records but not the other processes' chunks). With a
+    ``linker`` (a local save) chunks unchanged since its base are linked, not written.
     """
     if not _storage.is_local(root):
         _write_arrays_ts(root, arrays, budget)
@@ -277,6 +295,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
     fallback: dict[int, Array] = {}
     skip_zeros = _multihost.process_count() == 1
     zeros: dict[int, list[tuple[int, ...]]] = {}
+    put = linker.put if linker is not None else _chunks.write_chunk
 
     def settle(owner: Array | str | None, result: Any) -> None:
         if not isinstance(owner, Array):
@@ -301,7 +320,7 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
         for p in a.pieces:
             if math.prod(m["shape"]) == 0:
                 continue
-            job = io.submit(
+            write = functools.partial(
                 _chunks.write_piece,
                 root,
                 a.loc,
@@ -311,15 +330,22 @@ def write_arrays(root: str, arrays: list[Array], packs: list[Pack], budget: int)
                 p.index,
                 _host_of(p.data),
                 skip_zeros,
+                put,
             )
-            bar.after(job, p.nbytes)
+            # Decided before the job runs: a piece it cannot link becomes its array again.
             cost = 0 if isinstance(p.data, (np.ndarray, _memory.Zeros)) else p.nbytes
+            if isinstance(p.data, _incremental.Unchanged):  # linked, else written from the array
+                cost = 0
+                job = io.submit(linker.piece, a.loc, m, p, write)  # type: ignore[union-attr]
+            else:
+                job = io.submit(write)
+            bar.after(job, p.nbytes)
             queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
         d = os.path.join(root, k.loc, "c")
         _wrap_os(root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
         for i in range(k.n_chunks):
-            job = io.submit(_chunks.write_chunk, os.path.join(d, str(i)), k.chunk(i))
+            job = io.submit(put, os.path.join(d, str(i)), k.chunk(i))
             bar.after(job, k.nbytes // k.n_chunks)
             cost = 0 if k.chunks is not None else PACK_CHUNK
             queue(job, cost, k.loc, min(budget, PACK_FLIGHT))
@@ -341,6 +367,8 @@ def _host_of(data: Any) -> Any:
     """What ``write_piece`` calls for a piece's host bytes (a ``Zeros`` marker as it is)."""
     if isinstance(data, _memory.Zeros):
         return lambda: data
+    if isinstance(data, _incremental.Unchanged):  # read only if it cannot be linked after all
+        return lambda: _to_host(data.data, False)
     if isinstance(data, Future):  # a device copy on its way to the host: it may be Zeros
         return data.result
     return functools.partial(_to_host, data, False)

@@ -8,6 +8,7 @@ or ``verify`` finds damage, 2 for a usage error (a bad argument or path), with t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -93,18 +94,36 @@ def _open(path: str) -> Reader:
 # ---------------------------------------------------------------------------- ls
 
 
-def _disk_size(path: str) -> int:
+@dataclasses.dataclass
+class _Usage:
+    """A checkpoint's bytes on disk: all of them, those in files it shares with other
+    checkpoints (hard links: incremental saves), and those only it holds."""
+
+    size: int = 0
+    shared: int = 0
+    own: int = 0
+    inodes: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+
+
+def _disk_usage(path: str) -> _Usage:
     if _storage.is_url(path):  # listing an object store gives no sizes: count the array bytes
         reader = open_checkpoint(path)
-        return sum(_scan.nbytes(rec) or 0 for rec in reader.records.values())
-    total = 0
+        size = sum(_scan.nbytes(rec) or 0 for rec in reader.records.values())
+        return _Usage(size, 0, size)
+    use = _Usage()
     for root, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_size
+                st = os.lstat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            use.size += st.st_size
+            if st.st_nlink > 1:
+                use.shared += st.st_size
+            else:
+                use.own += st.st_size
+            use.inodes[(st.st_dev, st.st_ino)] = st.st_size
+    return use
 
 
 def _committed(directory: str) -> list[tuple[int, str]]:
@@ -146,7 +165,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         metrics = meta.get("metrics") or (extra.metrics if extra else None)
         if meta.get("format"):  # another library's step, shown as such
             kinds[name] = foreign.NAMES.get(meta["format"], meta["format"])
-        rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
+        rows.append((step, name, _disk_usage(path), when, metrics, meta.get("error")))
     unfinished = [
         n
         for n in _storage.list_names(directory)
@@ -155,7 +174,7 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     ]
     if args.json:
         rows.sort(key=lambda r: (r[0], r[1]))
-        rows_ = [(s, n, _storage.join(directory, n), size, t, m, e) for s, n, size, t, m, e in rows]
+        rows_ = [(s, n, _storage.join(directory, n), use, t, m, e) for s, n, use, t, m, e in rows]
         _cli_json.write(_cli_json.ls(directory, rows_, unfinished), out)
         return 0
     if not rows:
@@ -166,14 +185,19 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             (
                 str(s) if s >= 0 else "-",
                 f"{n} ({kinds[n]})" if n in kinds else n,
-                human_bytes(size),
+                human_bytes(u.size),
+                human_bytes(u.shared),
+                human_bytes(u.own),
                 _when(t),
                 err or _metrics(mt),
             )
-            for s, n, size, t, mt, err in rows
+            for s, n, u, t, mt, err in rows
         ]
-        print(_table(("STEP", "NAME", "SIZE", "SAVED", "METRICS"), table, right=(0, 2)), file=out)
-        total = sum(r[2] for r in rows)
+        heads = ("STEP", "NAME", "SIZE", "SHARED", "OWN", "SAVED", "METRICS")
+        print(_table(heads, table, right=(0, 2, 3, 4)), file=out)
+        # A file hard-linked into several checkpoints is counted once, as du counts it.
+        inodes = {k: v for _, _, u, _, _, _ in rows for k, v in u.inodes.items()}
+        total = sum(inodes.values()) if inodes else sum(r[2].size for r in rows)
         print(f"{len(rows)} checkpoints, {human_bytes(total)} on disk", file=out)
     if unfinished:
         print(f"{len(unfinished)} unfinished save(s) ignored: {', '.join(unfinished)}", file=out)

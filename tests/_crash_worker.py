@@ -1,11 +1,15 @@
 """A training-like process for test_crash.py: saves every step's data until it is killed.
 
-Usage: python _crash_worker.py DIRECTORY sync|async N  (N: uint32 elements of each big leaf)
+Usage: python _crash_worker.py DIRECTORY MODE N  (N: uint32 elements of each big leaf)
+
+MODE is sync or async, optionally with ``+frozen``: the tree then also holds ``frozen``, one
+``jax.Array`` (``base_of(N)``) that never changes, which incremental saves link.
 """
 
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 import jaxckpt as jc
@@ -38,11 +42,16 @@ def main() -> None:
     directory, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     base = base_of(n)
     a, b = np.empty_like(base), np.empty_like(base)
-    mngr = jc.CheckpointManager(directory, max_to_keep=1, async_save=mode == "async")
+    frozen = jnp.asarray(base) if mode.endswith("+frozen") else None
+    keep = 2 if frozen is not None else 1  # checkpoints sharing files, one deleted per save
+    mngr = jc.CheckpointManager(directory, max_to_keep=keep, async_save=mode.startswith("async"))
     step = (mngr.latest_step or 0) + 1
     print("start", step, time.monotonic(), flush=True)
     while True:
-        mngr.save(step, tree_of(step, base, a, b), metrics={"loss": 1.0 / step})
+        tree = tree_of(step, base, a, b)
+        if frozen is not None:
+            tree["frozen"] = frozen
+        mngr.save(step, tree, metrics={"loss": 1.0 / step})
         # Async: the save returned once snapshotted; latest_step is the newest known committed.
         print("saved", step, time.monotonic(), mngr.latest_step, flush=True)
         step += 1

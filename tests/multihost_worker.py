@@ -44,7 +44,7 @@ jax.distributed.initialize(
 from multihost_tree import SHAPES, Loader, expected  # noqa: E402
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _multihost, _reader, _write  # noqa: E402
+from jaxckpt import _incremental, _multihost, _reader, _write  # noqa: E402
 
 
 def save_mesh() -> jax.sharding.Mesh:
@@ -156,8 +156,8 @@ def inject(kind: str, path_part: str) -> None:
     """Makes this process fail in the way ``kind`` while saving a path containing ``path_part``."""
     real = _write.write_arrays
 
-    def write_then_fail(root, arrays, packs, budget):
-        real(root, arrays, packs, budget)
+    def write_then_fail(root, arrays, packs, budget, *rest):
+        real(root, arrays, packs, budget, *rest)
         if path_part not in root:
             return
         if kind == "raise":
@@ -215,6 +215,9 @@ def scenario_main() -> None:
             assert mngr.save(step, make_tree(step), force=True)
         mngr.wait_until_finished()
         report("manager", steps=mngr.steps, latest=mngr.latest_step)
+        # Incremental saves: (bytes written, bytes linked) by this process, per step.
+        done = {str(s): _incremental.stats(mngr.checkpoint_path(s)) for s in (1, 2, 3)}
+        report("incremental", stats=done)
         for step in mngr.steps:
             target = restore_target(step)
             with count_reads() as read:

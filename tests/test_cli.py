@@ -68,7 +68,7 @@ def test_ls_lists_steps_sizes_times_metrics_and_debris(tmp_path, capsys):
     code, out, _ = run(capsys, "ls", str(run_dir))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["STEP", "NAME", "SIZE", "SAVED", "METRICS"]
+    assert lines[0].split() == ["STEP", "NAME", "SIZE", "SHARED", "OWN", "SAVED", "METRICS"]
     rows = [line.split() for line in lines[1:5]]
     assert [r[:2] for r in rows] == [
         ["20", "ckpt-20"],
@@ -81,10 +81,17 @@ def test_ls_lists_steps_sizes_times_metrics_and_debris(tmp_path, capsys):
         _scan.human_bytes(_disk(run_dir / f"ckpt-{s}")) for s in (20, 30, 40, 50)
     ]
     assert all(
-        re.fullmatch(r"\d{4}-\d\d-\d\d", r[4]) and re.fullmatch(r"\d\d:\d\d:\d\d", r[5])
+        re.fullmatch(r"\d{4}-\d\d-\d\d", r[8]) and re.fullmatch(r"\d\d:\d\d:\d\d", r[9])
         for r in rows
     )
-    total = sum(_disk(run_dir / f"ckpt-{s}") for s in (20, 30, 40, 50))
+    # Files hard-linked into several checkpoints (incremental saves) count once.
+    inodes = {
+        os.stat(f).st_ino: os.path.getsize(f)
+        for s in (20, 30, 40, 50)
+        for f in glob.glob(f"{run_dir}/ckpt-{s}/**", recursive=True)
+        if os.path.isfile(f)
+    }
+    total = sum(inodes.values())
     assert lines[5] == f"4 checkpoints, {_scan.human_bytes(total)} on disk"
     assert lines[6] == "2 unfinished save(s) ignored: ckpt-60.jaxckpt-tmp-0123abcd, ckpt-70"
 

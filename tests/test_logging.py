@@ -38,7 +38,8 @@ def test_a_save_and_a_restore_log_one_line_each(tmp_path, caplog):
     path = jc.save(tmp_path / "ckpt-10", tree(), step=10)
     one(
         caplog,
-        rf"saved {re.escape(path)} \(step 10\): 160 bytes in {files_in(path)} files, "
+        rf"saved {re.escape(path)} \(step 10\): 160 bytes in {files_in(path)} files "
+        r"\(128 written, 0 linked\), "  # b is all zeros: not written
         rf"{NUMBER}, {RATE}",
     )
     jc.restore(path, tree())
@@ -58,7 +59,7 @@ def test_an_async_save_logs_its_blocking_time_and_when_it_was_durable(tmp_path, 
     one(
         caplog,
         rf"saved {re.escape(path)} \(step 7\) asynchronously: 160 bytes in {files_in(path)} "
-        rf"files, the call blocked {NUMBER}, durable after {NUMBER}, {RATE}",
+        rf"files \(128 written, 0 linked\), the call blocked {NUMBER}, durable after {NUMBER}, {RATE}",
     )
 
 

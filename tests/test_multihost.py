@@ -190,6 +190,13 @@ def test_two_processes_save_restore_and_fail_together(tmp_path):
             "params/w": 64, "params/b": 8, "opt/m": 64, "opt/c": 32, "opt/n": 1,
             "host/np": 3, "host/dev": 2,
         }  # fmt: skip
+    # Incremental saves: steps 2 and 3 hold the same values as step 1, so each process linked
+    # exactly the chunks it had written itself, and wrote nothing.
+    for r in (p0, p1):
+        done = r["incremental"]["stats"]
+        assert done["1"][0] > 0 and done["1"][1] == 0
+        assert done["2"] == done["3"] == [0, done["1"][0]]
+    assert p0["incremental"]["stats"]["1"] != p1["incremental"]["stats"]["1"]
     # Preemption: process 1 got SIGTERM at step 12; both saved at the same later step.
     step = p0["preempted"]["step"]
     assert step >= 12 and p1["preempted"]["step"] == step
