@@ -28,7 +28,8 @@ import ml_dtypes
 import numpy as np
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _snapshot, _storage, _write
+from jaxckpt import _checkpoint, _snapshot, _write
+from jaxckpt.storage import arrays as _storage
 
 KEEP = 3  # every manager of the soak keeps the newest 3 checkpoints
 

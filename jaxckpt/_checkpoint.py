@@ -22,19 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import (
-    _commit,
-    _metadata,
-    _multihost,
-    _progress,
-    _runtime,
-    _snapshot,
-    _split,
-    _storage,
-    _write,
-)
+from . import _commit, _metadata, _multihost, _progress, _runtime, _snapshot, _split, _write
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
 from ._log import logged_save, logged_save_async
+from .storage import arrays as _storage
 
 PyTree = Any
 

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _storage
 from ._checkpoint import save
 from ._reader import open as open_checkpoint
+from .storage import arrays as _storage
 
 PyTree = Any
 _KINDS = (

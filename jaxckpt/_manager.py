@@ -21,10 +21,11 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
+from . import _checkpoint, _multihost, _restore, _run, _runtime
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
+from .storage import arrays as _storage
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")

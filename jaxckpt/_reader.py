@@ -11,22 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from . import (
-    _checksum,
-    _chunks,
-    _commit,
-    _confine,
-    _memory,
-    _metadata,
-    _paths,
-    _run,
-    _runtime,
-    _split,
-    _storage,
-    _validate,
-)
+from . import _checksum, _commit, _memory, _metadata, _paths, _run, _runtime, _split, _validate
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._log import phase
+from .storage import arrays as _storage
+from .storage import chunk_files as _chunks
+from .storage import confine as _confine
 
 PyTree = Any
 Index = tuple[slice | int, ...]

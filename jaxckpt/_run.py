@@ -17,7 +17,8 @@ import json
 import re
 from typing import Any
 
-from . import _checksum, _storage
+from . import _checksum
+from .storage import arrays as _storage
 
 PREFIX = "ckpt-"
 INDEX = "checkpoint"

@@ -19,9 +19,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import _chunks, _confine, _runtime, _storage, _validate
+from . import _runtime, _validate
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
+from .storage import arrays as _storage
+from .storage import chunk_files as _chunks
+from .storage import confine as _confine
 
 BLOCK_BYTES = 16 << 20
 BATCH_BYTES = 64 << 20

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from . import _confine, _metadata, _paths, _storage
+from . import _metadata, _paths
 from ._errors import CorruptCheckpointError
+from .storage import arrays as _storage
+from .storage import confine as _confine
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
 SPLIT_CHILD_BYTES = 1024  # ... those whose own record takes at least this

@@ -26,7 +26,6 @@ import numpy as np
 
 from . import (
     _checksum,
-    _chunks,
     _device,
     _memory,
     _metadata,
@@ -35,9 +34,10 @@ from . import (
     _progress,
     _runtime,
     _split,
-    _storage,
 )
 from ._log import phase
+from .storage import arrays as _storage
+from .storage import chunk_files as _chunks
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).

@@ -15,11 +15,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan, _storage
+from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
 from ._scan import human_bytes
+from .storage import arrays as _storage
 
 
 class UsageError(Exception):

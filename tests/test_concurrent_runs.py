@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _locations, _reader, _storage, _write
+from jaxckpt import _reader, _write
+from jaxckpt.storage import arrays as _storage
+from jaxckpt.storage import locations as _locations
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("_concurrent_worker.py"))

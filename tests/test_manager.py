@@ -15,7 +15,8 @@ import pytest
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _runtime, _storage
+from jaxckpt import _checkpoint, _runtime
+from jaxckpt.storage import arrays as _storage
 
 
 def tree_of(step):

@@ -29,7 +29,9 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _storage, cli
+from jaxckpt import cli
+from jaxckpt.storage import arrays as _storage
+from jaxckpt.storage import locations as _locations
 
 BUCKET = "jaxckpt-test"
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _object_stores
+from jaxckpt.storage import locations as _locations
+from jaxckpt.storage import object_stores as _object_stores
 
 FAST = {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"}
 AWS_VARS = (

@@ -150,7 +150,7 @@ def test_lookups_read_only_the_group_files_on_their_path(saved, tmp_path):
 
 def test_a_partial_restore_reads_its_group_files_beside_the_root(saved, monkeypatch):
     """The group files on the target's paths are read together with the root's zarr.json."""
-    from jaxckpt import _storage
+    from jaxckpt.storage import arrays as _storage
 
     path, _ = saved
     batches = []

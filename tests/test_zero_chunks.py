@@ -23,8 +23,9 @@ from core_helpers import assert_tree_equal, files_under
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _memory, _scan, _snapshot, _write
+from jaxckpt import _memory, _scan, _snapshot, _write
 from jaxckpt.cli import main
+from jaxckpt.storage import chunk_files as _chunks
 
 P = PartitionSpec
 DTYPES = [np.bool_, np.int8, np.uint32, np.float16, ml_dtypes.bfloat16, np.float32, np.complex64]

@@ -13,45 +13,45 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from . import _runtime
-from ._chunks import json_bytes
-from ._errors import CheckpointError, CorruptCheckpointError
-from ._locations import COMMIT as COMMIT
-from ._locations import PENDING as PENDING
-from ._locations import TMP_MARK as TMP_MARK
-from ._locations import begin as begin
-from ._locations import commit as commit
-from ._locations import exists as exists
-from ._locations import hold_writer as hold_writer
-from ._locations import is_committed as is_committed
-from ._locations import is_debris as is_debris
-from ._locations import is_dir as is_dir
-from ._locations import is_local as is_local
-from ._locations import is_url as is_url
-from ._locations import join as join
-from ._locations import kvstore as kvstore
-from ._locations import list_keys as list_keys
-from ._locations import list_names as list_names
-from ._locations import local_error as local_error
-from ._locations import make_dirs as make_dirs
-from ._locations import missing as missing
-from ._locations import normalize as normalize
-from ._locations import occupied as occupied
-from ._locations import open_kv as open_kv
-from ._locations import parse_json as parse_json
-from ._locations import read_bytes as read_bytes
-from ._locations import read_json as read_json
-from ._locations import read_jsons as read_jsons
-from ._locations import release_writer as release_writer
-from ._locations import remove as remove
-from ._locations import remove_if_abandoned as remove_if_abandoned
-from ._locations import remove_tree as remove_tree
-from ._locations import retire as retire
-from ._locations import save_error as save_error
-from ._locations import storage_error as storage_error
-from ._locations import tmp_sibling as tmp_sibling
-from ._locations import write_bytes_atomic as write_bytes_atomic
-from ._locations import write_bytes_durable as write_bytes_durable
+from .. import _runtime
+from .._errors import CheckpointError, CorruptCheckpointError
+from .chunk_files import json_bytes
+from .locations import COMMIT as COMMIT
+from .locations import PENDING as PENDING
+from .locations import TMP_MARK as TMP_MARK
+from .locations import begin as begin
+from .locations import commit as commit
+from .locations import exists as exists
+from .locations import hold_writer as hold_writer
+from .locations import is_committed as is_committed
+from .locations import is_debris as is_debris
+from .locations import is_dir as is_dir
+from .locations import is_local as is_local
+from .locations import is_url as is_url
+from .locations import join as join
+from .locations import kvstore as kvstore
+from .locations import list_keys as list_keys
+from .locations import list_names as list_names
+from .locations import local_error as local_error
+from .locations import make_dirs as make_dirs
+from .locations import missing as missing
+from .locations import normalize as normalize
+from .locations import occupied as occupied
+from .locations import open_kv as open_kv
+from .locations import parse_json as parse_json
+from .locations import read_bytes as read_bytes
+from .locations import read_json as read_json
+from .locations import read_jsons as read_jsons
+from .locations import release_writer as release_writer
+from .locations import remove as remove
+from .locations import remove_if_abandoned as remove_if_abandoned
+from .locations import remove_tree as remove_tree
+from .locations import retire as retire
+from .locations import save_error as save_error
+from .locations import storage_error as storage_error
+from .locations import tmp_sibling as tmp_sibling
+from .locations import write_bytes_atomic as write_bytes_atomic
+from .locations import write_bytes_durable as write_bytes_durable
 
 CHUNK_BYTES = 64 << 20  # largest chunk a single array is cut into, unless its shards say otherwise
 

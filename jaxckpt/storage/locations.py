@@ -30,15 +30,17 @@ from typing import Any
 
 import tensorstore as ts
 
-from . import _leases, _object_stores, _runtime
-from ._chunks import fsync_path
-from ._errors import (
+from .. import _runtime
+from .._errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StorageError,
 )
-from ._log import phase
+from .._log import phase
+from . import leases as _leases
+from . import object_stores as _object_stores
+from .chunk_files import fsync_path
 
 COMMIT = "COMMIT"
 PENDING = "PENDING"
