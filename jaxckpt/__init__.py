@@ -21,6 +21,6 @@ from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open
 from ._restore import restore as restore
-from .storage.locations import set_storage_options as set_storage_options
+from .storage import set_storage_options as set_storage_options
 
 __version__ = "0.1.0"

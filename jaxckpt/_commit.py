@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _checksum
+from . import storage as _storage
 from ._errors import CorruptCheckpointError, FormatVersionError
 from ._metadata import FORMAT_VERSION
-from .storage import arrays as _storage
 from .storage import chunk_files as _chunks
 
 FIRST = 3  # the first format version whose COMMIT holds checksums

@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import storage as _storage
 from ._checkpoint import save
 from ._reader import open as open_checkpoint
-from .storage import arrays as _storage
 
 PyTree = Any
 _KINDS = (
@@ -33,7 +33,7 @@ _KINDS = (
 def _kind(src: str) -> str:
     if os.path.isfile(src):
         return "flax"
-    if _storage.is_committed(src) and _storage.exists(src, "zarr.json"):
+    if _storage.at(src).is_committed() and _storage.at(src).exists("zarr.json"):
         return "jaxckpt"
     names = set(os.listdir(src))
     if names & {"_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt"}:
@@ -146,7 +146,7 @@ def write_flax_msgpack(tree: PyTree, dst: str) -> None:
 
     data = serialization.msgpack_serialize(serialization.to_state_dict(tree))
     parent, name = os.path.split(os.path.abspath(dst))
-    _storage.write_bytes_atomic(parent, name, data)
+    _storage.at(parent).write_atomic(name, data)
 
 
 def convert(src: str, dst: str) -> str:

@@ -27,10 +27,10 @@ def _array_bytes(tree: Any) -> tuple[int, int]:
 
 
 def _files(path: str) -> str:
-    if "://" in path:
-        return ""  # counting an object store's keys would cost a listing
-    n = sum(len(files) for _, _, files in os.walk(path))
-    return f" in {n} files"
+    from . import storage  # storage logs its phases through this module
+
+    n = storage.at(path).count()  # None: counting would cost a listing
+    return "" if n is None else f" in {n} files"
 
 
 def _rate(nbytes: int, seconds: float) -> str:

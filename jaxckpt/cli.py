@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan
+from . import storage as _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
 from ._scan import human_bytes
-from .storage import arrays as _storage
 
 
 class UsageError(Exception):
@@ -92,25 +92,20 @@ def _open(path: str) -> Reader:
 
 
 def _disk_size(path: str) -> int:
-    if _storage.is_url(path):  # listing an object store gives no sizes: count the array bytes
+    size = _storage.at(path).size()
+    if size is None:  # the store gives no sizes (an object store's listing): count array bytes
         reader = open_checkpoint(path)
         return sum(_scan.nbytes(rec) or 0 for rec in reader.records.values())
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
+    return size
 
 
 def _committed(directory: str) -> list[tuple[int, str]]:
     """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step (a
     checkpoint whose name is no step's, saved there by ``jc.save``, has -1)."""
     out = []
-    for name in _storage.list_names(directory):
-        if _storage.is_committed(_storage.join(directory, name)):
+    store = _storage.at(directory)
+    for name in store.names():
+        if store.child(name).is_committed():
             step = _run.step_of(name)
             out.append((-1 if step is None else step, name))
     return sorted(out)
@@ -118,11 +113,12 @@ def _committed(directory: str) -> list[tuple[int, str]]:
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     directory = _storage.normalize(args.dir)
-    if not _storage.is_dir(directory):
+    store = _storage.at(directory)
+    if not store.is_dir():
         raise UsageError(
             f"No directory {directory}. Fix: give the directory a CheckpointManager writes to."
         )
-    if _storage.is_committed(directory):
+    if store.is_committed():
         raise UsageError(
             f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
             f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
@@ -142,9 +138,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         rows.append((step, name, _disk_size(path), when, metrics, meta.get("error")))
     unfinished = [
         n
-        for n in _storage.list_names(directory)
+        for n in store.names()
         if _storage.is_debris(n)
-        or (_run.step_of(n) is not None and not _storage.is_committed(_storage.join(directory, n)))
+        or (_run.step_of(n) is not None and not store.child(n).is_committed())
     ]
     if args.json:
         rows.sort(key=lambda r: (r[0], r[1]))

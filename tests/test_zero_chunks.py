@@ -127,7 +127,7 @@ def test_partly_zero_sharded_array_lists_its_zero_chunks(tmp_path, kind):
 
 
 def test_numpy_array_with_several_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(jc._storage, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
+    monkeypatch.setattr(jc.storage.arrays, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
     x = np.zeros((8, 1024), np.float32)
     x[5] = np.arange(1024)
     path = jc.save(tmp_path / "ckpt", {"x": x})

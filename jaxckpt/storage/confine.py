@@ -133,6 +133,20 @@ class Confined:
             )
 
 
+class Unconfined:
+    """:class:`Confined` for a store without links (an object store): a key names one object,
+    and the syntax checks (:func:`path_problem`) are all there is to enforce."""
+
+    def dir(self, rel: str) -> None:
+        pass
+
+    def file(self, rel: str) -> None:
+        pass
+
+    def tree(self, rel: str) -> None:
+        pass
+
+
 def read_json(path: str, check: Callable[[bytes | None], None] | None = None) -> Any:
     """The JSON file at ``path`` (an array's ``zarr.json``), not followed if a link; raises
     ``Violation`` when it is missing, a link, or not JSON. ``check(data)`` (the checksum the
