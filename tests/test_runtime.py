@@ -42,7 +42,10 @@ def test_no_private_threading_hook_and_no_environment_write():
                 isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ"
                 for t in node.targets
             ):
-                assert path == ROOT / "jaxckpt" / "storage" / "kvstore.py", (path, ast.unparse(node))
+                assert path == ROOT / "jaxckpt" / "storage" / "kvstore.py", (
+                    path,
+                    ast.unparse(node),
+                )
 
 
 def test_reset_forgets_saves_buffers_and_the_context(tmp_path):
