@@ -273,6 +273,7 @@ class Reader:
         return out  # type: ignore[return-value]
 
     def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+        assert self._files is not None  # read directly only from a store of files
         if id(rec) not in self._matched:  # before the array is allocated
             self._confined.dir(rec["loc"])
             path = os.path.join(self._files, rec["loc"], "zarr.json")
@@ -385,6 +386,7 @@ class Reader:
         a failure names the leaf's ``path``."""
         offset, n, size = (int(v) for v in rec["packed"])
         buf = _memory.aligned_empty([n], np.dtype(np.uint8))
+        assert self._files is not None  # read directly only from a store of files
         base = os.path.join(self._files, rec["loc"], "c")
         try:
             self._confined.dir(f"{rec['loc']}/c")

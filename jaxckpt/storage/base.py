@@ -208,7 +208,7 @@ class Store(abc.ABC):
         missing chunk as zeros (an array whose record lists absent zero chunks), else it is an
         error.
         """
-        spec = {
+        spec: dict[str, Any] = {
             "driver": "zarr3",
             "kvstore": self.kvstore_spec(rel),
             "metadata": {k: v for k, v in meta.items() if k not in ("zarr_format", "node_type")},
