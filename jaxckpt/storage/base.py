@@ -38,6 +38,8 @@ import tensorstore as ts
 
 from .. import _runtime
 from .._errors import CorruptCheckpointError
+from . import leases
+from .confine import Unconfined
 from .leases import Lock
 
 COMMIT = "COMMIT"
@@ -45,7 +47,7 @@ PENDING = "PENDING"
 TMP_MARK = ".jaxckpt-tmp-"
 
 
-def join(root: Any, name: str) -> str:
+def join(root: str | os.PathLike[str], name: str) -> str:
     """``root/name``, keeping ``root`` as the caller spelled it (relative paths stay relative)."""
     return os.fspath(root).rstrip("/") + "/" + name
 
@@ -269,16 +271,12 @@ class Store(abc.ABC):
         :meth:`release_writer` takes."""
 
     def release_writer(self, key: str) -> None:
-        from . import leases
-
         leases.release_run(key)
 
     def confined(self) -> Any:
         """What checks that files a checkpoint's metadata names lie inside it
         (:class:`jaxckpt.storage.confine.Confined`); a store without links has nothing to
         check."""
-        from .confine import Unconfined
-
         return Unconfined()
 
     # ------------------------------------------------------------------------ errors
