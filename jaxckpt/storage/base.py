@@ -132,7 +132,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def exists(self, key: str = "") -> bool:
-        """Whether ``key`` exists; ``""``: whether the location holds anything (:meth:`is_dir`)."""
+        """Whether the file ``key`` exists; ``""``: whether the location holds anything."""
 
     @abc.abstractmethod
     def is_dir(self) -> bool:

@@ -132,6 +132,8 @@ def test_a_range_read_reads_those_bytes(store):
     store.write_durable("r", data)
     assert store.read_range("r", 10, 5) == data[10:15]
     assert store.read_range("r", 0, 200) == data
+    assert store.read_range("r", 190, 20) == data[190:]  # fewer at its end
+    assert store.read_range("r", 300, 5) == b""
     assert store.read_range("missing", 0, 1) is None
 
 
