@@ -82,3 +82,6 @@ def _fill_value(data_type: str) -> Any:
     if data_type == "bool":
         return False
     return [0.0, 0.0] if data_type.startswith("complex") else 0
+
+
+__all__ = ["CHUNK_BYTES", "array_metadata", "chunk_shape", "group_json", "stored_dtype"]

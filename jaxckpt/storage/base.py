@@ -288,3 +288,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def explain(self, detail: str) -> str:
         """What was tried and the fix, for a storage error whose text is ``detail``."""
+
+
+__all__ = ["COMMIT", "PENDING", "TMP_MARK", "Store", "is_debris", "join", "parse_json"]

@@ -121,3 +121,6 @@ def _file_above(path: str) -> str | None:
         if up == path:
             return None
         path = up
+
+
+__all__ = ["local_error", "read_error", "save_error", "storage_error"]
