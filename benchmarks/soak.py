@@ -162,7 +162,7 @@ def problems(directory: str) -> list[str]:
     out = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if jc._storage.TMP_MARK in name:
+        if jc.storage.TMP_MARK in name:
             out.append(f"debris {name}")
         elif name.startswith("ckpt-"):
             if not os.path.isfile(os.path.join(path, "COMMIT")):

@@ -28,7 +28,9 @@ import ml_dtypes
 import numpy as np
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _snapshot, _storage, _write
+from jaxckpt import _checkpoint, _snapshot, _write
+from jaxckpt import storage as _storage
+from jaxckpt.storage.local import LocalStore
 
 KEEP = 3  # every manager of the soak keeps the newest 3 checkpoints
 
@@ -36,15 +38,15 @@ KEEP = 3  # every manager of the soak keeps the newest 3 checkpoints
 PHASES = [
     (_checkpoint, "_prepare", "plan"),
     (_snapshot, "snapshot", "snapshot"),
-    (_storage, "begin", "mkdir"),
+    (LocalStore, "begin", "mkdir"),
     (_write, "write_arrays", "chunks"),
     (_write, "write_json_files", "metadata"),
     (_write, "durable", "fsync"),
-    (_storage, "write_bytes_durable", "commit"),  # only the COMMIT marker: see _wrap
-    (_storage, "commit", "rename"),
-    (_storage, "retire", "retire"),
-    (_storage, "remove", "delete"),
-    (_storage, "write_bytes_atomic", "index"),
+    (LocalStore, "write_durable", "commit"),  # only the COMMIT marker: see _wrap
+    (LocalStore, "commit", "rename"),
+    (LocalStore, "retire", "retire"),
+    (LocalStore, "delete", "delete"),
+    (LocalStore, "write_atomic", "index"),
 ]
 SYNC_ONLY = {"snapshot"}  # phases a synchronous save never runs
 MANAGER_ONLY = {"retire", "delete", "index"}

@@ -13,7 +13,6 @@ from ._errors import FormatVersionError as FormatVersionError
 from ._errors import StorageError as StorageError
 from ._errors import StructureMismatchError as StructureMismatchError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
-from ._locations import set_storage_options as set_storage_options
 from ._manager import CheckpointManager as CheckpointManager
 from ._manager import latest_checkpoint as latest_checkpoint
 from ._match import MatchStatus as MatchStatus
@@ -23,6 +22,7 @@ from ._reader import Reader as Reader
 from ._reader import list_variables as list_variables
 from ._reader import open as open
 from ._restore import restore as restore
+from .storage import set_storage_options as set_storage_options
 
 __version__ = "0.1.0"
 

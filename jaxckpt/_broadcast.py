@@ -34,8 +34,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _chunks, _memory, _multihost, _shares, _storage
+from . import _memory, _multihost, _shares
+from . import storage as _storage
 from ._errors import CoordinationError
+from .storage import chunk_files as _chunks
 
 ENV = "JAXCKPT_BROADCAST"
 MIN_BYTES = 1 << 20  # smaller leaves are read directly: their reads cost little
@@ -66,7 +68,7 @@ def wanted(path: str) -> bool:
     if m != "auto":
         return m == "always"
     # CPU processes gather over Gloo (TCP), slower than reading even from a local disk.
-    return not _storage.is_local(path) and jax.devices()[0].platform != "cpu"
+    return _storage.at(path).os_path() is None and jax.devices()[0].platform != "cpu"
 
 
 def everywhere(rec: dict[str, Any], sharding: Any) -> bool:

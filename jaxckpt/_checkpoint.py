@@ -31,11 +31,12 @@ from . import (
     _runtime,
     _snapshot,
     _split,
-    _storage,
     _write,
 )
+from . import storage as _storage
 from ._errors import CheckpointError, CheckpointExistsError, StorageError
 from ._log import logged_save, logged_save_async
+from .storage import arrays as _arrays
 
 PyTree = Any
 
@@ -78,8 +79,9 @@ def _check_free(final: str) -> None:
     """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory (a
     ``StorageError`` where the file system refuses to tell: a directory it may not list)."""
     try:
-        committed = _storage.is_committed(final)
-        occupied = not committed and _storage.occupied(final)
+        store = _storage.at(final)
+        committed = store.is_committed()
+        occupied = not committed and store.occupied()
     except OSError as e:
         error = _storage.save_error(final, e)
         if error is e:
@@ -107,7 +109,7 @@ def _agree_on_tmp(s: _Save) -> str:
                 _check_free(s.final)
             except CheckpointExistsError as e:
                 refused = str(e)
-        return json.dumps([s.final, _storage.tmp_sibling(s.final), refused])
+        return json.dumps([s.final, _storage.at(s.final).temporary().root, refused])
 
     final, tmp, refused = json.loads(s.sync.share("tmp", pick))
     if refused:
@@ -123,7 +125,7 @@ def _agree_on_tmp(s: _Save) -> str:
 
 def _check_shared(tmp: str, final: str) -> None:
     """The directory process 0 made must be visible to every process: the storage is shared."""
-    if "://" in tmp or _storage.is_dir(tmp):
+    if _storage.at(tmp).is_dir():
         return
     raise CheckpointError(
         f"jaxckpt: process {_multihost.process_index()} does not see the directory {tmp} that "
@@ -160,7 +162,7 @@ def _execute(s: _Save, budget: int) -> str:
         if states:
             s.sync.post("states", json.dumps(states))
         if primary:
-            lock = _storage.begin(tmp)
+            lock = _storage.at(tmp).begin()
         s.sync.barrier("start")
         if not primary:
             _check_shared(tmp, s.final)
@@ -177,21 +179,21 @@ def _execute(s: _Save, budget: int) -> str:
         if primary:
             record, moved = _split.split(s.record)
             attrs = _metadata.root_attributes(record, {"time": s.time, **s.extra})
-            files = {"zarr.json": _storage.group_json(attrs)}
+            files = {"zarr.json": _arrays.group_json(attrs)}
             files.update(_write.group_files(s.record, moved))
             if s.packs:
-                files[f"{_write.PACK_DIR}/zarr.json"] = _storage.group_json()
+                files[f"{_write.PACK_DIR}/zarr.json"] = _arrays.group_json()
             _write.write_json_files(tmp, files)
             written += list(files)
         _write.durable(tmp)
         _check_written(tmp, s.final, written, primary)
         s.sync.barrier("written")
         if primary:
-            _storage.write_bytes_durable(
-                tmp, _storage.COMMIT, _commit.commit_bytes(files, s.arrays, s.packs)
+            _storage.at(tmp).write_durable(
+                _storage.COMMIT, _commit.commit_bytes(files, s.arrays, s.packs)
             )
             try:
-                _storage.commit(tmp, s.final)
+                _storage.at(tmp).commit(_storage.at(s.final))
             except OSError:
                 _check_free(s.final)  # another save got there first: say so plainly
                 raise
@@ -204,9 +206,9 @@ def _execute(s: _Save, budget: int) -> str:
         error = _storage.save_error(s.final, e)
         s.sync.abandon(error)
         gone = begun and primary and isinstance(error, CheckpointError)
-        gone = gone and tmp is not None and not _storage.is_dir(tmp)
+        gone = gone and tmp is not None and not _storage.at(tmp).is_dir()
         if primary and tmp is not None:
-            _storage.remove_tree(tmp)
+            _storage.at(tmp).delete()
         if gone:
             raise _lost(s.final, f"its directory {tmp}") from e
         if error is e:
@@ -229,8 +231,9 @@ def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> N
     A directory gone altogether, on a process other than 0, was removed by process 0 giving up
     on the save: the barrier that follows says why.
     """
-    lost = _storage.missing(tmp, written)
-    if lost and (primary or _storage.is_dir(tmp)):
+    store = _storage.at(tmp)
+    lost = store.missing(written)
+    if lost and (primary or store.is_dir()):
         example = _storage.join(tmp, lost[0])
         raise _lost(final, f"{len(lost)} of the {len(written)} files it wrote (e.g. {example})")
 

@@ -15,9 +15,11 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from . import _checksum, _chunks, _storage
+from . import _checksum
+from . import storage as _storage
 from ._errors import CorruptCheckpointError, FormatVersionError
 from ._metadata import FORMAT_VERSION
+from .storage import chunk_files as _chunks
 
 FIRST = 3  # the first format version whose COMMIT holds checksums
 LEGACY = b"{}"  # what versions 1 and 2 wrote

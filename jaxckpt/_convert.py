@@ -24,7 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _metadata, _paths, _storage
+from . import _metadata, _paths
+from . import storage as _storage
 from ._checkpoint import save
 from ._errors import UnsupportedLeafError
 from ._reader import Reader
@@ -44,7 +45,7 @@ def _kind(src: str) -> str:
         return "safetensors"
     if os.path.isfile(src):
         return "flax"
-    if _storage.is_committed(src) and _storage.exists(src, "zarr.json"):
+    if _storage.at(src).is_committed() and _storage.at(src).exists("zarr.json"):
         return "jaxckpt"
     names = set(os.listdir(src))
     if names & {"_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "commit_success.txt"}:
@@ -313,7 +314,7 @@ def write_flax_msgpack(tree: PyTree, dst: str) -> int:
     tree = jax.tree_util.tree_map(plain, tree)
     data = serialization.msgpack_serialize(serialization.to_state_dict(tree))
     parent, name = os.path.split(os.path.abspath(dst))
-    _storage.write_bytes_atomic(parent, name, data)
+    _storage.at(parent).write_atomic(name, data)
     return keys
 
 

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _chunks, _locations
+from . import storage as _storage
 from ._errors import CheckpointError
 from ._memory import as_bytes
+from .storage import chunk_files as _chunks
 
 log = logging.getLogger("jaxckpt")
 DIGEST_BYTES = 16  # BLAKE2b-128: a chance collision is out of reach, unlike CRC-32C's 2^-32
@@ -90,7 +91,7 @@ class Record:
         if self.commit is None or self.failed:
             return False
         try:
-            st = os.lstat(os.path.join(self.final, _locations.COMMIT))
+            st = os.lstat(os.path.join(self.final, _storage.COMMIT))
         except OSError:
             return False
         return (st.st_dev, st.st_ino, st.st_mtime_ns) == self.commit
@@ -132,7 +133,7 @@ class Save:
         self.record = Record(final, hashing or base is not None)
         self.base: Record | None = None
         if base is not None:
-            self.base = _records.get(_locations.normalize(base))
+            self.base = _records.get(_storage.normalize(base))
             if self.base is None or self.base.failed:
                 log.info(
                     "jaxckpt: the save to %s writes every chunk: its base %s is no checkpoint "
@@ -178,7 +179,7 @@ class Save:
 
     def committed(self) -> None:
         try:
-            st = os.lstat(os.path.join(self.record.final, _locations.COMMIT))
+            st = os.lstat(os.path.join(self.record.final, _storage.COMMIT))
         except OSError:
             self.record.failed = True
             return
@@ -192,9 +193,9 @@ class Save:
 def prepare(final: str, arrays: list[Any], base: str | None, hashing: bool) -> Save | None:
     """The incremental state of a save to ``final`` (None on an object store: nothing is
     linked there, and nothing recorded)."""
-    if not _locations.is_local(final):
+    if _storage.at(final).os_path() is None:
         return None
-    if base is not None and not _locations.is_local(_locations.normalize(base)):
+    if base is not None and _storage.at(base).os_path() is None:
         base = None
     return Save(final, arrays, base, hashing)
 

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
+from . import _checkpoint, _multihost, _restore, _run, _runtime
+from . import storage as _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
@@ -95,7 +96,8 @@ class CheckpointManager:
         if best_mode not in ("min", "max"):
             raise ValueError(f'best_mode must be "min" or "max", not {best_mode!r}.')
         self.directory = os.fspath(directory)
-        if _storage.is_committed(self.directory):
+        self._store = _storage.at(self.directory)
+        if self._store.is_committed():
             raise CheckpointError(
                 f"{self.directory} is a checkpoint (it holds {_storage.COMMIT}), not a directory "
                 "of checkpoints: a manager would write its checkpoints inside it. Fix: give the "
@@ -120,7 +122,7 @@ class CheckpointManager:
         self._writer: weakref.finalize | None = None  # releases the run's writer lock
         self._unwritable: OSError | None = None  # why a directory we cannot write is read-only
         if self._primary and not read_only:
-            _storage.make_dirs(self.directory)  # a new run on a disk it cannot write: an error
+            self._store.make_dirs()  # a new run on a disk it cannot write: an error
             self._writing(self._remove_debris)
         self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
         self._commits = itertools.count()
@@ -155,12 +157,12 @@ class CheckpointManager:
     def _hold_writer(self) -> None:
         """Becomes the run's one writer, or raises at once (see docs/manager.md)."""
         try:
-            key = _storage.hold_writer(self.directory)
+            key = self._store.hold_writer()
         except OSError as e:  # the save itself meets the cause and reports it; retried then
             log.debug("jaxckpt: no writer lock on %s (%s)", self.directory, e)
             return
         if key is not None:  # also released if the manager is dropped without close()
-            self._writer = weakref.finalize(self, _storage.release_writer, key)
+            self._writer = weakref.finalize(self, self._store.release_writer, key)
 
     def reload(self) -> None:
         """Reads the directory again: the steps another process (the trainer, for an
@@ -170,12 +172,13 @@ class CheckpointManager:
     def _remove_debris(self) -> None:
         """Removes what saves that never committed left behind, once their writers are gone
         (a save in progress, of this process or another, is left alone); nothing else."""
-        for name in _storage.list_names(self.directory):
+        for name in self._store.names():
             path = _storage.join(self.directory, name)
-            uncommitted = _run.step_of(name) is not None and not _storage.is_committed(path)
-            if not (_storage.is_debris(name) or (uncommitted and _storage.is_dir(path))):
+            store = self._store.child(name)
+            uncommitted = _run.step_of(name) is not None and not store.is_committed()
+            if not (_storage.is_debris(name) or (uncommitted and store.is_dir())):
                 continue
-            if _storage.remove_if_abandoned(path):
+            if store.remove_if_abandoned():
                 log.info("jaxckpt: removed %s, left by a save that never committed", path)
             else:
                 log.info("jaxckpt: left %s alone: a save in progress writes there", path)
@@ -238,12 +241,10 @@ class CheckpointManager:
         """Rewrites the index: at once with ``now``, else as :meth:`_in_background` does."""
         index = _run.index_bytes([self._entries[s] for s in sorted(self._entries)])
         if now:
-            _storage.write_bytes_atomic(self.directory, _run.INDEX, index)
+            self._store.write_atomic(_run.INDEX, index)
         else:
             what = f"rewriting its index {self.directory}/{_run.INDEX}"
-            self._in_background(
-                what, _storage.write_bytes_atomic, self.directory, _run.INDEX, index
-            )
+            self._in_background(what, self._store.write_atomic, _run.INDEX, index)
 
     def _in_background(self, what: str, fn: Callable[..., None], *args: Any) -> None:
         """Runs ``fn(*args)`` after what the manager's worker already has, with ``async_save``;
@@ -413,10 +414,10 @@ class CheckpointManager:
     def _delete(self, step: int) -> None:
         """Deletes a checkpoint; with ``async_save`` its files go in the background (while a
         save writes, a local directory's unlinks can take a second)."""
-        rest = _storage.retire(self.checkpoint_path(step))
+        rest = _storage.at(self.checkpoint_path(step)).retire()
         if rest is None:
             return
-        self._in_background(f"deleting {rest}", _storage.remove, rest)
+        self._in_background(f"deleting {rest.root}", rest.delete)
 
     def _ranked(self) -> list[int]:
         """Steps holding ``best_metric`` as a number, best first (NaN last; ties: the newer
@@ -513,7 +514,7 @@ class CheckpointManager:
         try:
             return _restore.restore(path, target, **restore_kwargs)
         except (CheckpointError, OSError) as e:
-            if _storage.is_committed(path) or path == self._foreign.get(step):
+            if _storage.at(path).is_committed() or path == self._foreign.get(step):
                 raise
             raise CheckpointNotFoundError(
                 f"Step {step} ({path}) was deleted while it was being restored: another "

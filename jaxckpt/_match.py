@@ -220,7 +220,7 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
 def _prefix_of(prefix: Any) -> str:
     """``prefix`` as a checkpoint path without empty segments ("" for None). A tuple of keys
     names the edges in turn: a str a dict key or attribute, an int a list/tuple index."""
-    if isinstance(prefix, (tuple, list)) and all(
+    if isinstance(prefix, tuple) and all(
         isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in prefix
     ):
         return "/".join(_paths.escape(k) if isinstance(k, str) else str(k) for k in prefix)
@@ -228,7 +228,7 @@ def _prefix_of(prefix: Any) -> str:
         raise TypeError(
             f"prefix must be a path in the checkpoint, as a str such as 'params/backbone' or a "
             f"tuple of keys such as ('params', 'backbone'), or None, not {prefix!r} "
-            f"({type(prefix).__name__}). Fix: pass the path as a str."
+            f"({type(prefix).__name__}). Fix: pass the path as a str or a tuple of keys."
         )
     return "/".join(p for p in (prefix or "").split("/") if p)
 

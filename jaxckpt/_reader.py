@@ -11,22 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from . import (
-    _checksum,
-    _chunks,
-    _commit,
-    _confine,
-    _memory,
-    _metadata,
-    _paths,
-    _run,
-    _runtime,
-    _split,
-    _storage,
-    _validate,
-)
+from . import _checksum, _commit, _memory, _metadata, _paths, _run, _runtime, _split, _validate
+from . import storage as _storage
 from ._errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ._log import phase
+from .storage import arrays as _arrays
+from .storage import chunk_files as _chunks
+from .storage import confine as _confine
 
 PyTree = Any
 Index = tuple[slice | int, ...]
@@ -52,14 +43,13 @@ class Reader:
         """``prefetch``: node paths (``"a/b"``) whose group files are read beside the root's, in
         case the record is split there (a partial restore names the paths it will look up)."""
         self.path = _storage.normalize(path)
+        self._store = _storage.at(self.path)
+        self._files = self._store.os_path()  # None: no files to read directly (TensorStore)
         io = _runtime.pool("read")
-        commit = io.submit(_storage.read_bytes, self.path, _storage.COMMIT)  # all at once
-        early = {
-            f"{p}/zarr.json": io.submit(_storage.read_bytes, self.path, f"{p}/zarr.json")
-            for p in prefetch
-        }
+        commit = io.submit(self._store.read, _storage.COMMIT)  # all at once
+        early = {f"{p}/zarr.json": io.submit(self._store.read, f"{p}/zarr.json") for p in prefetch}
         try:
-            root: Any = _storage.read_bytes(self.path, "zarr.json")
+            root: Any = self._store.read("zarr.json")
         except (OSError, CheckpointError) as e:
             root = e
         marker = commit.result()
@@ -101,9 +91,9 @@ class Reader:
         return set()
 
     @functools.cached_property
-    def _confined(self) -> _confine.Confined:
-        """The directories found to lie inside this (local) checkpoint."""
-        return _confine.Confined(self.path)
+    def _confined(self) -> Any:
+        """The directories found to lie inside this checkpoint (links only a local disk has)."""
+        return self._store.confined()
 
     @functools.cached_property
     def _matched(self) -> set[int]:
@@ -164,7 +154,7 @@ class Reader:
     def metadata_file(self, key: str) -> Any:
         """The JSON file ``key`` of the checkpoint (``"params/w/zarr.json"``), parsed once its
         bytes match the checksum ``COMMIT`` holds for them (version 2: no check)."""
-        data = _storage.read_bytes(self.path, key)
+        data = self._store.read(key)
         self.commit.check(key, data)
         if data is None:
             raise CorruptCheckpointError(
@@ -253,7 +243,7 @@ class Reader:
             for (p, i), rec in zip(requests, recs, strict=True)
         ]
         out: list[np.ndarray | None] = [None] * len(requests)
-        local = _storage.is_local(self.path)
+        local = self._files is not None
         packed: dict[str, list[int]] = {}
         direct: list[int] = []
         rest: list[int] = []
@@ -288,9 +278,10 @@ class Reader:
         return out  # type: ignore[return-value]
 
     def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+        assert self._files is not None  # read directly only from a store of files
         if id(rec) not in self._matched:  # before the array is allocated
             self._confined.dir(rec["loc"])
-            path = os.path.join(self.path, rec["loc"], "zarr.json")
+            path = os.path.join(self._files, rec["loc"], "zarr.json")
             key = f"{rec['loc']}/zarr.json"
             meta = _confine.read_json(path, lambda data: self.commit.check(key, data))
             problem = _validate.array_json_problem(rec, meta, path)
@@ -299,7 +290,7 @@ class Reader:
             self._matched.add(id(rec))
         stored = np.dtype(rec.get("stored", rec["dtype"]))
         arr = _chunks.read_whole(
-            self.path,
+            self._files,
             rec["loc"],
             rec["shape"],
             rec["chunks"],
@@ -319,9 +310,9 @@ class Reader:
         """
         spans = [(int(r["packed"][0]), int(r["packed"][1])) for r in recs]
         try:
-            if not _storage.is_local(self.path):
+            if self._files is None:  # no files to read directly: TensorStore reads the spans
                 meta = self.metadata_file(f"{loc}/zarr.json")
-                store = _storage.open_array(self.path, loc, meta, create=False).result()
+                store = self._store.open_array(loc, meta, create=False).result()
                 self._check_pack(loc, recs, paths, store)
                 futs = [store[o : o + n].read() for o, n in spans]
                 return [
@@ -346,7 +337,7 @@ class Reader:
                     runs.append([k, k + 1])
             self._confined.dir(f"{loc}/c")
             bufs = [_memory.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
-            base = os.path.join(self.path, loc, "c")
+            base = os.path.join(self._files, loc, "c")
             jobs = [
                 (
                     _chunks.read_chunk_into,
@@ -400,7 +391,8 @@ class Reader:
         a failure names the leaf's ``path``."""
         offset, n, size = (int(v) for v in rec["packed"])
         buf = _memory.aligned_empty([n], np.dtype(np.uint8))
-        base = os.path.join(self.path, rec["loc"], "c")
+        assert self._files is not None  # read directly only from a store of files
+        base = os.path.join(self._files, rec["loc"], "c")
         try:
             self._confined.dir(f"{rec['loc']}/c")
             for k in range(offset // size, -(-(offset + n) // size)):  # the chunks it spans
@@ -420,16 +412,13 @@ class Reader:
         self, requests: Sequence[tuple[str, Index | None]], recs: list[dict[str, Any]]
     ) -> list[np.ndarray]:
         opened = {}
-        local = _storage.is_local(self.path)
         for (p, _), rec in zip(requests, recs, strict=True):
             if rec["loc"] not in opened:
-                if local:  # TensorStore's file driver follows links: none may lead out
-                    try:
-                        self._confined.tree(rec["loc"])
-                    except _confine.Violation as e:
-                        raise self._error(p, e) from e
-                opened[rec["loc"]] = _storage.open_array(
-                    self.path,
+                try:  # TensorStore's file driver follows links: none may lead out
+                    self._confined.tree(rec["loc"])
+                except _confine.Violation as e:
+                    raise self._error(p, e) from e
+                opened[rec["loc"]] = self._store.open_array(
                     rec["loc"],
                     _array_meta(rec),
                     create=False,
@@ -472,11 +461,7 @@ class Reader:
             if _chunks.flat_index(c, grid) not in absent
         ]
         base = _storage.join(self.path, rec["loc"])
-        if _storage.is_local(self.path):
-            missing = [k for k in want if not os.path.isfile(os.path.join(base, k))]
-        else:
-            have = set(_storage.list_keys(base))
-            missing = [k for k in want if k not in have]
+        missing = self._store.child(rec["loc"]).missing(want)
         if missing:
             where = f"{base}/{missing[0]}"
             raise _chunks.ChunkError(f"the chunk file {where} is missing")
@@ -553,12 +538,12 @@ def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
 
 def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
     """The zarr metadata of an array leaf, rebuilt from its record (no file read)."""
-    return _storage.array_metadata(rec["shape"], rec.get("stored", rec["dtype"]), rec["chunks"])
+    return _arrays.array_metadata(rec["shape"], rec.get("stored", rec["dtype"]), rec["chunks"])
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:
     steps = _run.committed_steps(path)
-    if steps or _storage.exists(path, _run.INDEX):  # a manager's directory
+    if steps or _storage.at(path).exists(_run.INDEX):  # a manager's directory
         fix = (
             f"restore one of them: jc.restore(jc.latest_checkpoint({path!r}), ...) for the "
             f"newest, or jc.CheckpointManager({path!r}).restore(step, target)."
@@ -573,7 +558,7 @@ def _not_found(path: str) -> CheckpointNotFoundError:
         return CheckpointNotFoundError(
             f"{path} is a CheckpointManager's directory ({held}), not one checkpoint. Fix: {fix}"
         )
-    if _storage.is_dir(path):
+    if _storage.at(path).is_dir():
         return CheckpointNotFoundError(
             f"{path} holds no committed checkpoint (no {_storage.COMMIT} marker): it is an "
             "unfinished or interrupted save. Fix: restore an earlier checkpoint, e.g. "

@@ -17,7 +17,8 @@ import json
 import re
 from typing import Any
 
-from . import _checksum, _storage
+from . import _checksum
+from . import storage as _storage
 
 PREFIX = "ckpt-"
 INDEX = "checkpoint"
@@ -51,9 +52,10 @@ def step_name(step: int) -> str:
 def committed_steps(directory: str) -> list[int]:
     """The steps of ``directory`` whose checkpoints are committed, oldest first."""
     steps = []
-    for name in _storage.list_names(directory):
+    store = _storage.at(directory)
+    for name in store.names():
         step = step_of(name)
-        if step is not None and _storage.is_committed(_storage.join(directory, name)):
+        if step is not None and store.child(name).is_committed():
             steps.append(step)
     return sorted(steps)
 
@@ -81,7 +83,7 @@ class Index:
 
 
 def read_index(directory: str) -> Index:
-    raw = _storage.read_bytes(directory, INDEX)
+    raw = _storage.at(directory).read(INDEX)
     if raw is None:
         return Index({})
     if not _checksum.is_sealed(raw):

@@ -19,9 +19,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import _chunks, _confine, _runtime, _storage, _validate
+from . import _runtime, _validate
+from . import storage as _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
+from .storage import chunk_files as _chunks
+from .storage import confine as _confine
 
 BLOCK_BYTES = 16 << 20
 BATCH_BYTES = 64 << 20
@@ -171,7 +174,7 @@ def _metadata_problems(reader: Reader) -> list[str]:
     if sums is None:
         return []
     keys = sorted(sums)
-    datas = list(_runtime.pool("read").map(lambda k: _storage.read_bytes(reader.path, k), keys))
+    datas = _storage.at(reader.path).read_many(keys)
     out = []
     for key, data in zip(keys, datas, strict=True):
         try:
@@ -196,8 +199,9 @@ def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[s
         except _confine.Violation as e:  # crafted, or version 2 (nothing vouches for it)
             out.append(f"{where} describes no pack jaxckpt writes: its leaves {e}")
             continue
-        if _storage.is_local(reader.path):
-            base = os.path.join(reader.path, loc, "c")
+        store = _storage.at(reader.path)
+        base = store.os_path(f"{loc}/c")
+        if base is not None:  # chunk files to read directly
 
             def check(k: int, base: str = base, size: int = int(size)) -> str | None:
                 try:
@@ -209,9 +213,9 @@ def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[s
             out += [p for p in _runtime.pool("read").map(check, chunks) if p]
             continue
         try:
-            store = _storage.open_array(reader.path, loc, meta, create=False).result()
+            array = store.open_array(loc, meta, create=False).result()
             for lo in range(0, len(chunks), 64):  # 64 chunks read at a time: bounded memory
-                reads = [store[k * size : (k + 1) * size].read() for k in chunks[lo : lo + 64]]
+                reads = [array[k * size : (k + 1) * size].read() for k in chunks[lo : lo + 64]]
                 for k, f in zip(chunks[lo : lo + 64], reads, strict=True):
                     if f.exception() is not None:
                         out.append(f"the chunk {loc}/c/{k} of {reader.path}: {f.exception()}")
@@ -228,9 +232,9 @@ def _zarr_json_problem(root: str, rec: dict[str, Any]) -> str | None:
 
     jaxckpt reads arrays from its own metadata; this file is what zarr-python reads.
     """
-    if set(rec) - _OWN_ARRAY or "://" in root:
-        return None  # packed with other leaves, or on an object store
-    path = os.path.join(root, rec["loc"], "zarr.json")  # rec["loc"] was checked by the Reader
+    path = _storage.at(root).os_path(f"{rec['loc']}/zarr.json")  # the loc was checked
+    if set(rec) - _OWN_ARRAY or path is None:
+        return None  # packed with other leaves, or on a store without files
     try:  # a link could lead to any file of the host (the reads checked the directories)
         with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
             meta = json.load(f)

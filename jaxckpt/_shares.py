@@ -28,7 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _chunks, _device, _storage
+from . import _device
+from .storage import arrays as _arrays
+from .storage import chunk_files as _chunks
 
 ENV = "JAXCKPT_SHARE_REPLICAS"
 # A shard held by h processes is cut into chunks of at most CHUNK_BYTES / h (but not below
@@ -109,9 +111,9 @@ class Shares:
         """The chunks of the global array ``x``: finer where several processes hold a shard."""
         shape = tuple(x.shape)
         shard = tuple(x.sharding.shard_shape(shape))
-        chunks = _storage.chunk_shape(shape, itemsize, shard)
+        chunks = _arrays.chunk_shape(shape, itemsize, shard)
         holders = max(len(who) for who in _holders(x)[0].values())
-        most = max(MIN_CHUNK, _storage.CHUNK_BYTES // holders)
+        most = max(MIN_CHUNK, _arrays.CHUNK_BYTES // holders)
         for axis in range(len(chunks)):  # halve while it divides, as _storage does
             while math.prod(chunks) * itemsize > most and chunks[axis] % 2 == 0:
                 chunks[axis] //= 2

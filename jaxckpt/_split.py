@@ -15,8 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from . import _confine, _metadata, _paths, _storage
+from . import _metadata, _paths
+from . import storage as _storage
 from ._errors import CorruptCheckpointError
+from .storage import confine as _confine
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
 SPLIT_CHILD_BYTES = 1024  # ... those whose own record takes at least this
@@ -85,7 +87,7 @@ class Tree:
         self._check = check  # check(file, bytes) raises when they are not what the save wrote
         self._kids: dict[str, dict[str, Entry]] = {}  # node path -> {edge name: entry}
         self._whole = False  # every stub read
-        self._confined: _confine.Confined | None = None  # group directories checked
+        self._confined: Any = None  # group directories checked
 
     def entries(self, path: str) -> list[Entry] | None:
         """The edges from the root to the node at ``path`` (``"a/b"``; ``""`` is the root), or
@@ -146,7 +148,7 @@ class Tree:
                     for name, data in zip(files, datas, strict=True)
                 ]
             else:  # read (again): a file missing or unreadable is reported as such
-                docs = _storage.read_jsons(self.root, files, self._check)
+                docs = _storage.at(self.root).read_jsons(files, self._check)
         except FileNotFoundError as e:
             named = [
                 s
@@ -170,10 +172,8 @@ class Tree:
         for at, ents, _ in stubs:
             if _confine.path_problem(at) is not None:
                 raise _damaged(self.root, at, ents, "would lie outside the checkpoint")
-        if not _storage.is_local(self.root):
-            return
         if self._confined is None:
-            self._confined = _confine.Confined(self.root)
+            self._confined = _storage.at(self.root).confined()
         for (at, ents, _), f in zip(stubs, files, strict=True):
             try:
                 self._confined.file(f)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import _metadata
-from ._confine import Violation, _json, _short, path_problem
+from .storage.confine import Violation, _json, _short, path_problem
 
 # ---------------------------------------------------------------------------- records
 

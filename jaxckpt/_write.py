@@ -27,7 +27,6 @@ import numpy as np
 
 from . import (
     _checksum,
-    _chunks,
     _device,
     _incremental,
     _memory,
@@ -38,9 +37,11 @@ from . import (
     _runtime,
     _shares,
     _split,
-    _storage,
 )
+from . import storage as _storage
 from ._log import phase
+from .storage import arrays as _arrays
+from .storage import chunk_files as _chunks
 
 PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
@@ -88,7 +89,7 @@ class Pack:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return _storage.array_metadata([self.nbytes], "uint8", [PACK_CHUNK])
+        return _arrays.array_metadata([self.nbytes], "uint8", [PACK_CHUNK])
 
     @property
     def n_chunks(self) -> int:
@@ -197,12 +198,12 @@ def plan(tree: PyTree) -> Plan:
                 p.nbytes = start + nbytes
             return rec
         pieces, shard = _pieces(x)
-        data_type = _storage.stored_dtype(dtype)
-        chunks = _storage.chunk_shape(shape, dtype.itemsize, shard)
+        data_type = _arrays.stored_dtype(dtype)
+        chunks = _arrays.chunk_shape(shape, dtype.itemsize, shard)
         if shares is not None and shares.spans(x):
             chunks = shares.chunk_shape(x, dtype.itemsize)
         loc = path or "%"
-        meta = _storage.array_metadata(shape, data_type, chunks)
+        meta = _arrays.array_metadata(shape, data_type, chunks)
         arrays.append(Array(loc, meta, pieces, rec, _source(x)))
         if shares is not None:
             shares.add(arrays[-1], x, nbytes)
@@ -233,7 +234,7 @@ def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -
         return files
     if prefix:
         attrs = _split.group_attributes(moved[prefix]) if prefix in moved else None
-        files[f"{prefix}/zarr.json"] = _storage.group_json(attrs)
+        files[f"{prefix}/zarr.json"] = _arrays.group_json(attrs)
     for kind, key, child in node["c"]:
         name = _paths.name_of(kind, key)
         files.update(group_files(child, moved, f"{prefix}/{name}" if prefix else name))
@@ -271,25 +272,28 @@ def write_arrays(
 ) -> None:
     """Writes every array and pack, keeping at most ``budget`` device bytes in host flight.
 
-    On a local disk the chunk files are written directly by the I/O threads (made durable
-    by :func:`durable`); anything else goes through TensorStore. A single-process save to a
-    local disk skips all-zero chunks and lists them in each array's record (multi-process
-    saves: process 0 writes the records but not the other processes' chunks). With a
-    ``linker`` (a local save) chunks unchanged since its base are linked, not written.
+    Where the store hands out file paths (a local disk), the chunk files are written there
+    directly by the I/O threads (made durable by :func:`durable`); elsewhere TensorStore writes
+    them. A single-process save to a local disk skips all-zero chunks and lists them in each
+    array's record (multi-process saves: process 0 writes the records but not the other
+    processes' chunks). With a ``linker`` (a local save) chunks unchanged since its base are
+    linked, not written.
     """
-    if not _storage.is_local(root):
+    store = _storage.at(root)
+    files = store.os_path()
+    if files is None:  # a store without files: TensorStore writes every array
         _write_arrays_ts(root, arrays, budget)
         for k in packs:
             whole = np.concatenate([k.chunk(i) for i in range(k.n_chunks)])[: k.nbytes]
-            store = _result(root, k.loc, _storage.open_array(root, k.loc, k.meta, create=True))
-            _result(root, k.loc, store.write(whole))
+            array = _result(root, k.loc, store.open_array(k.loc, k.meta, create=True))
+            _result(root, k.loc, array.write(whole))
         return
     io = _runtime.pool("write")
     bar = _progress.current()
     jobs: deque[tuple[Any, int, Array | str | None]] = deque()
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
-            path = os.path.join(root, loc, "zarr.json")
+            path = os.path.join(files, loc, "zarr.json")
             jobs.append((io.submit(_chunks.write_json, path, meta), 0, None))
     held = 0
     fallback: dict[int, Array] = {}
@@ -322,7 +326,7 @@ def write_arrays(
                 continue
             write = functools.partial(
                 _chunks.write_piece,
-                root,
+                files,
                 a.loc,
                 m["data_type"],
                 m["chunk_grid"]["configuration"]["chunk_shape"],
@@ -342,7 +346,7 @@ def write_arrays(
             bar.after(job, p.nbytes)
             queue(job, cost, a, budget)
     for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
-        d = os.path.join(root, k.loc, "c")
+        d = os.path.join(files, k.loc, "c")
         _wrap_os(root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
         for i in range(k.n_chunks):
             job = io.submit(put, os.path.join(d, str(i)), k.chunk(i))
@@ -405,58 +409,41 @@ def written_keys(arrays: list[Array], packs: list[Pack], primary: bool) -> list[
 
 @phase("save: wrote the metadata")
 def write_json_files(root: str, files: dict[str, Any]) -> None:
-    """The metadata files: written on this thread on a local disk, else by TensorStore.
+    """The metadata files (:meth:`jaxckpt.storage.base.Store.write_many`).
 
     Each value of ``files`` (a JSON value) is replaced by the bytes written for it, which
     ``COMMIT``'s checksums are then taken of without encoding the files again (a big tree's
     split records make a megabyte of JSON).
-
-    One thread, the directories first: the I/O threads contend for the directories' and the
-    file system's locks (and the GIL) more than they overlap (docs/speed.md).
     """
     for k, obj in files.items():
         files[k] = obj if isinstance(obj, bytes) else _chunks.json_bytes(obj)
-    if _storage.is_local(root):
-
-        def write() -> None:
-            for d in sorted({os.path.dirname(k) for k in files} - {""}):
-                os.makedirs(os.path.join(root, d), exist_ok=True)
-            for k, data in files.items():
-                _chunks.write_file(os.path.join(root, k), [data])
-
-        _wrap_os(root, "", write)
-        return
-    kv = _storage.open_kv(root)
-    for f in _storage.write_json_files(kv, files):
-        _result(root, "", f)
+    store = _storage.at(root)
+    _wrap_os(root, "", lambda: store.write_many(files))
 
 
 @phase("save: made the files durable")
 def durable(root: str) -> None:
-    """Every byte this process wrote under ``root`` is on disk (TensorStore syncs its own)."""
-    # A directory already gone was removed by peers that gave up on this save: the barrier
-    # that follows says so better than a failed sync would.
-    if _storage.is_local(root) and os.path.isdir(root):
-        _wrap_os(root, "", lambda: _chunks.make_durable(root))
+    """Every byte this process wrote under ``root`` is durable (one ``syncfs`` on a local disk;
+    an acknowledged PUT already is)."""
+    _wrap_os(root, "", _storage.at(root).make_durable)
 
 
 def _write_arrays_ts(root: str, arrays: list[Array], budget: int) -> None:
     """TensorStore writes every piece, keeping at most ``budget`` bytes in flight."""
     peer = not _multihost.is_primary()  # process 0 writes each array's zarr.json
-    opened = [
-        _storage.open_array(root, a.loc, a.meta, create=True, peer_creates=peer) for a in arrays
-    ]
+    store = _storage.at(root)
+    opened = [store.open_array(a.loc, a.meta, create=True, peer_creates=peer) for a in arrays]
     inflight: deque[tuple[Any, int, str]] = deque()
     held = 0
     bar = _progress.current()
     try:
         for a, fut in zip(arrays, opened, strict=True):
-            store = _result(root, a.loc, fut)
+            array = _result(root, a.loc, fut)
             for p in a.pieces:
                 host = _to_host(p.data, copy=False)
                 if host.dtype.name != a.meta["data_type"]:
                     host = host.view(a.meta["data_type"])
-                w = store[p.index].write(host, can_reference_source_data_indefinitely=True)
+                w = array[p.index].write(host, can_reference_source_data_indefinitely=True)
                 inflight.append((w, p.nbytes, a.loc))
                 held += p.nbytes
                 while held > budget and inflight:

@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan, _storage
+from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan
+from . import storage as _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
 from ._reader import open as open_checkpoint
@@ -106,12 +107,13 @@ class _Usage:
 
 
 def _disk_usage(path: str) -> _Usage:
-    if _storage.is_url(path):  # listing an object store gives no sizes: count the array bytes
+    where = _storage.at(path).os_path()
+    if where is None:  # the store has no files (an object store): count the array bytes
         reader = open_checkpoint(path)
         size = sum(_scan.nbytes(rec) or 0 for rec in reader.records.values())
         return _Usage(size, 0, size)
     use = _Usage()
-    for root, _, files in os.walk(path):
+    for root, _, files in os.walk(where):
         for f in files:
             try:
                 st = os.lstat(os.path.join(root, f))
@@ -130,8 +132,9 @@ def _committed(directory: str) -> list[tuple[int, str]]:
     """``(step or -1, name)`` of the committed checkpoints in ``directory``, by step (a
     checkpoint whose name is no step's, saved there by ``jc.save``, has -1)."""
     out = []
-    for name in _storage.list_names(directory):
-        if _storage.is_committed(_storage.join(directory, name)):
+    store = _storage.at(directory)
+    for name in store.names():
+        if store.child(name).is_committed():
             step = _run.step_of(name)
             out.append((-1 if step is None else step, name))
     prefix = _storage.join(directory, "")
@@ -141,11 +144,12 @@ def _committed(directory: str) -> list[tuple[int, str]]:
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     directory = _storage.normalize(args.dir)
-    if not _storage.is_dir(directory):
+    store = _storage.at(directory)
+    if not store.is_dir():
         raise UsageError(
             f"No directory {directory}. Fix: give the directory a CheckpointManager writes to."
         )
-    if _storage.is_committed(directory):
+    if store.is_committed():
         raise UsageError(
             f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
             f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
@@ -168,9 +172,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         rows.append((step, name, _disk_usage(path), when, metrics, meta.get("error")))
     unfinished = [
         n
-        for n in _storage.list_names(directory)
+        for n in store.names()
         if _storage.is_debris(n)
-        or (_run.step_of(n) is not None and not _storage.is_committed(_storage.join(directory, n)))
+        or (_run.step_of(n) is not None and not store.child(n).is_committed())
     ]
     if args.json:
         rows.sort(key=lambda r: (r[0], r[1]))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 import jaxckpt as jc
-from jaxckpt import _chunks
+from jaxckpt.storage import chunk_files as _chunks
 
 
 def tree_of(step: int) -> dict:

@@ -35,10 +35,12 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _broadcast, _chunks, _multihost, _reader, _shares, _storage  # noqa: E402
+from jaxckpt import _broadcast, _multihost, _reader, _shares  # noqa: E402
 from jaxckpt._errors import CorruptCheckpointError  # noqa: E402
+from jaxckpt.storage import arrays as _arrays  # noqa: E402
+from jaxckpt.storage import chunk_files as _chunks  # noqa: E402
 
-_storage.CHUNK_BYTES = 256 << 10  # a 512 KiB replicated array: 8 chunks over 4 processes
+_arrays.CHUNK_BYTES = 256 << 10  # a 512 KiB replicated array: 8 chunks over 4 processes
 _shares.MIN_CHUNK = 16 << 10
 _broadcast.MIN_BYTES = 16 << 10
 

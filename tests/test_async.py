@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _chunks, _runtime, _snapshot, _write
+from jaxckpt import _checkpoint, _runtime, _snapshot, _write
+from jaxckpt.storage import chunk_files as _chunks
 
 
 def _tree():

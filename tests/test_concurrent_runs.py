@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _locations, _reader, _storage, _write
+from jaxckpt import _reader, _write
+from jaxckpt import storage as _storage
+from jaxckpt.storage.local import LocalStore
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("_concurrent_worker.py"))
@@ -57,7 +59,7 @@ def test_a_save_in_progress_is_not_debris_to_another_process(tmp_path):
     trainer = start(run, go, "pause")
     try:
         wait_for(trainer, "writing")
-        (tmp,) = glob.glob(f"{run}/ckpt-2{_locations.TMP_MARK}*")
+        (tmp,) = glob.glob(f"{run}/ckpt-2{_storage.TMP_MARK}*")
         evaluation = jc.CheckpointManager(run)
         assert evaluation.steps == [1]
         assert os.path.isdir(tmp) and os.listdir(tmp)  # left alone: its writer is alive
@@ -78,7 +80,7 @@ def test_a_save_whose_files_were_removed_does_not_commit(tmp_path):
     trainer = start(run, go, "pause")
     try:
         wait_for(trainer, "writing")
-        (tmp,) = glob.glob(f"{run}/ckpt-2{_locations.TMP_MARK}*")
+        (tmp,) = glob.glob(f"{run}/ckpt-2{_storage.TMP_MARK}*")
         while os.path.exists(tmp):  # the save's other writers may still be adding files
             shutil.rmtree(tmp, ignore_errors=True)
         go.touch()
@@ -93,7 +95,7 @@ def test_a_save_whose_files_were_removed_does_not_commit(tmp_path):
         out,
     ), out
     assert not (run / "ckpt-2").exists()
-    assert not glob.glob(f"{run}/*{_locations.TMP_MARK}*")
+    assert not glob.glob(f"{run}/*{_storage.TMP_MARK}*")
     mngr = jc.CheckpointManager(run)
     assert mngr.steps == [1]
     assert_tree_equal(mngr.restore(), tree_of(1))
@@ -112,7 +114,7 @@ def test_a_commit_is_refused_when_a_written_file_is_missing(tmp_path, monkeypatc
     monkeypatch.setattr(_write, "durable", lose_a_chunk)
     message = (
         rf"The save to {tmp_path}/b lost 1 of the 5 files it wrote \(e\.g\. {tmp_path}/b"
-        rf"{_locations.TMP_MARK}\w+/w/c/0/0\) before its commit: something else deleted the "
+        rf"{_storage.TMP_MARK}\w+/w/c/0/0\) before its commit: something else deleted the "
         r"save's files while it was writing\. Nothing was committed; earlier checkpoints are intact\. Fix: save "
         r"again, and stop whatever deletes a save's temporary files while it writes\."
     )
@@ -131,7 +133,7 @@ def test_debris_of_a_dead_writer_is_removed(tmp_path):
     trainer = start(run, go, "pause")
     try:
         wait_for(trainer, "writing")
-        (tmp,) = glob.glob(f"{run}/ckpt-2{_locations.TMP_MARK}*")
+        (tmp,) = glob.glob(f"{run}/ckpt-2{_storage.TMP_MARK}*")
     finally:
         trainer.kill()
         trainer.wait()
@@ -204,7 +206,7 @@ def test_a_read_only_copy_of_a_run_opens(tmp_path, monkeypatch):
         def refuse(*args, **kwargs):
             raise OSError(errno.EROFS, "Read-only file system")
 
-        monkeypatch.setattr(_storage, "write_bytes_atomic", refuse)
+        monkeypatch.setattr(LocalStore, "write_atomic", refuse)
     try:
         mngr = jc.CheckpointManager(view)
         assert mngr.steps == [1, 2] and mngr.read_only
@@ -221,7 +223,7 @@ def test_a_read_only_manager_writes_nothing(tmp_path):
     with jc.CheckpointManager(tmp_path, async_save=False) as m:
         m.save(1, tree_of(1))
     os.remove(tmp_path / "checkpoint")
-    debris = tmp_path / f"ckpt-2{_locations.TMP_MARK}0123456789ab"
+    debris = tmp_path / f"ckpt-2{_storage.TMP_MARK}0123456789ab"
     debris.mkdir()
     before = sorted(os.listdir(tmp_path))
     mngr = jc.CheckpointManager(tmp_path, read_only=True)

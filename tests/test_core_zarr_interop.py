@@ -61,7 +61,9 @@ def test_a_chunk_of_many_read_and_write_steps_is_checksummed_whole(tmp_path, mon
     """A chunk is written and read ``STEP`` bytes at a time, its CRC-32C carried across the
     steps: zarr-python checks the same checksum, and a byte flipped in any step is caught."""
     monkeypatch.setattr(jc._write, "PACK_BELOW", 0)  # its own zarr array, one chunk
-    monkeypatch.setattr(jc._chunks, "STEP", 3 << 10)  # 40,000 bytes: 14 steps, the last short
+    monkeypatch.setattr(
+        jc.storage.chunk_files, "STEP", 3 << 10
+    )  # 40,000 bytes: 14 steps, the last short
     data = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
     path = jc.save(tmp_path / "c", {"w": data})
     np.testing.assert_array_equal(zarr.open_group(path, mode="r")["w"][...], data)

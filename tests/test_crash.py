@@ -129,7 +129,7 @@ def check_step(mngr: jc.CheckpointManager, step: int, base: np.ndarray) -> None:
 def check_directory(d: str, committed_at_least: int | None, base: np.ndarray) -> list[int]:
     mngr = jc.CheckpointManager(d, max_to_keep=1)
     names = os.listdir(d)
-    assert not [n for n in names if jc._storage.TMP_MARK in n], names
+    assert not [n for n in names if jc.storage.TMP_MARK in n], names
     for name in names:
         if name.startswith("ckpt-"):
             assert os.path.isfile(os.path.join(d, name, "COMMIT")), names

@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 import jaxckpt as jc
-from jaxckpt import _chunks
 from jaxckpt.cli import main
+from jaxckpt.storage import chunk_files as _chunks
 
 
 def _settings(n: int) -> settings:

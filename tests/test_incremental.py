@@ -28,7 +28,8 @@ import pytest
 import zarr
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _incremental, cli
+from jaxckpt import _incremental, cli
+from jaxckpt.storage import chunk_files as _chunks
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _crash_worker import base_of, key_of, tree_of  # noqa: E402
@@ -215,7 +216,7 @@ def test_after_a_failed_save_the_next_one_writes_everything(tmp_path, monkeypatc
     gate, write_file = threading.Event(), _chunks.write_file
 
     def failing(path, parts):  # the save to b fails, once the next save has been called
-        if f"{os.sep}b{jc._storage.TMP_MARK}" not in path:
+        if f"{os.sep}b{jc.storage.TMP_MARK}" not in path:
             return write_file(path, parts)
         assert gate.wait(60)
         raise OSError(28, "No space left on device")
@@ -240,7 +241,7 @@ def test_a_leaf_deleted_after_the_call_whose_base_failed_is_an_error(tmp_path, m
     gate, write_file = threading.Event(), _chunks.write_file
 
     def failing(path, parts):  # the save to b fails, once the next save has been called
-        if f"{os.sep}b{jc._storage.TMP_MARK}" not in path:
+        if f"{os.sep}b{jc.storage.TMP_MARK}" not in path:
             return write_file(path, parts)
         assert gate.wait(60)
         raise OSError(28, "No space left on device")
@@ -369,7 +370,7 @@ def test_sigkill_during_incremental_saves_loses_nothing_committed(tmp_path, mode
             proc.wait()
         mngr = jc.CheckpointManager(d, max_to_keep=2)  # removes the debris
         names = os.listdir(d)
-        assert not [n for n in names if jc._storage.TMP_MARK in n], names
+        assert not [n for n in names if jc.storage.TMP_MARK in n], names
         assert mngr.steps and mngr.steps[-1] >= committed, lines
         for step in mngr.steps:
             _restores(d, step, base)
@@ -433,7 +434,7 @@ def test_a_save_whose_base_is_still_being_written_and_does_not_wait_writes_every
     gate, write_file = threading.Event(), _chunks.write_file
 
     def held_back(path, parts):  # the async save to a waits
-        if f"{os.sep}a{jc._storage.TMP_MARK}" in path:
+        if f"{os.sep}a{jc.storage.TMP_MARK}" in path:
             assert gate.wait(60)
         return write_file(path, parts)
 

@@ -15,7 +15,9 @@ import pytest
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _runtime, _storage
+from jaxckpt import _checkpoint, _runtime
+from jaxckpt import storage as _storage
+from jaxckpt.storage.local import LocalStore
 
 
 def tree_of(step):
@@ -120,13 +122,13 @@ def test_a_save_does_not_wait_for_the_previous_write(tmp_path, monkeypatch):
 def test_retention_removes_the_files_in_the_background(tmp_path, monkeypatch):
     """A deleted checkpoint stops being one at once; its files go while training goes on."""
     gate = threading.Event()
-    remove = _storage.remove
+    remove = LocalStore.delete
 
-    def held_back(path):
+    def held_back(store, key=""):
         assert gate.wait(60)
-        remove(path)
+        remove(store, key)
 
-    monkeypatch.setattr(_storage, "remove", held_back)
+    monkeypatch.setattr(LocalStore, "delete", held_back)
     d = os.fspath(tmp_path)
     m = jc.CheckpointManager(d, max_to_keep=1)
     m.save(1, tree_of(1))
@@ -380,19 +382,20 @@ def test_reached_preemption_is_false_on_one_process(tmp_path):
 
 def test_storage_helpers(tmp_path):
     d = os.fspath(tmp_path)
-    assert _storage.list_names(d + "/absent") == []
-    _storage.write_bytes_atomic(d, "f", b"one")
-    _storage.write_bytes_atomic(d, "f", b"two")
-    assert _storage.read_bytes(d, "f") == b"two" and _storage.read_bytes(d, "g") is None
-    assert _storage.list_names(d) == ["f"]
+    store = _storage.at(d)
+    assert store.child("absent").names() == []
+    store.write_atomic("f", b"one")
+    store.write_atomic("f", b"two")
+    assert store.read("f") == b"two" and store.read("g") is None
+    assert store.names() == ["f"]
     jc.save(f"{d}/ckpt-1", tree_of(1))
-    debris = _storage.retire(f"{d}/ckpt-1")
-    assert _storage.is_debris(os.path.basename(debris)) and not jc.latest_checkpoint(d)
-    _storage.remove(debris)
-    assert _storage.retire(f"{d}/ckpt-1") is None  # already gone: nothing to do
-    _storage.remove(f"{d}/f")
-    _storage.remove(f"{d}/f")
-    assert _storage.list_names(d) == []
+    debris = store.child("ckpt-1").retire()
+    assert _storage.is_debris(os.path.basename(debris.root)) and not jc.latest_checkpoint(d)
+    debris.delete()
+    assert store.child("ckpt-1").retire() is None  # already gone: nothing to do
+    store.delete("f")
+    store.delete("f")
+    assert store.names() == []
     assert _storage.join(tmp_path, "x") == f"{d}/x"
 
 
@@ -446,12 +449,12 @@ def test_retention_deletes_on_a_worker_that_stays(tmp_path, monkeypatch):
     the save call waiting until the new thread ran (35-70 ms while a save was writing)."""
     names = []
 
-    def remove(path):
+    def remove(store, key=""):
         names.append(threading.current_thread().name)
-        return real(path)
+        return real(store, key)
 
-    real = _storage.remove
-    monkeypatch.setattr(_storage, "remove", remove)
+    real = LocalStore.delete
+    monkeypatch.setattr(LocalStore, "delete", remove)
     with jc.CheckpointManager(tmp_path, max_to_keep=1) as m:
         m.save(0, tree_of(0))
         m.save(1, tree_of(1))

@@ -165,8 +165,9 @@ def test_restore_prefix_and_rename_of_the_wrong_type(tmp_path, with_target):
     with pytest.raises(
         TypeError,
         match=re.escape(
-            "prefix must be a path in the checkpoint, as a str such as 'params/backbone', or "
-            "None, not 123 (int). Fix: pass the path as a str."
+            "prefix must be a path in the checkpoint, as a str such as 'params/backbone' or a "
+            "tuple of keys such as ('params', 'backbone'), or None, not 123 (int). Fix: pass the "
+            "path as a str or a tuple of keys."
         ),
     ):
         jc.restore(path, target, prefix=123)

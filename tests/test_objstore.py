@@ -29,51 +29,11 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _storage, cli
+from jaxckpt import cli
+from jaxckpt import storage as _storage
 
-BUCKET = "jaxckpt-test"
+BUCKET = servers.BUCKET
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    srv = servers.start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
-    servers.create_s3_bucket(srv.url, BUCKET)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
-def gcs_server():
-    srv = servers.start_fake_gcs()
-    servers.create_gcs_bucket(srv.url, BUCKET)
-    yield srv
-    srv.stop()
-
-
-_AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION",
-             "AWS_DEFAULT_REGION", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS")  # fmt: skip
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """S3 as a user configures it: dummy credentials and ``AWS_ENDPOINT_URL_S3``."""
-    for k in _AWS_VARS:
-        monkeypatch.delenv(k, raising=False)
-    for k, v in servers.DUMMY_AWS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.url)
-    yield s3_server
-    jc.set_storage_options("s3")
-
-
-@pytest.fixture
-def gcs_env(gcs_server, monkeypatch):
-    """GCS through TensorStore's own test variables (``STORAGE_EMULATOR_HOST`` is tested apart)."""
-    monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", gcs_server.url)
-    monkeypatch.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
-    yield gcs_server
-    jc.set_storage_options("gs")
 
 
 @pytest.fixture(params=["local", "s3", "gcs"])
@@ -111,7 +71,7 @@ def assert_trees_equal(got, want) -> None:
 
 
 def keys_of(root: str) -> list[str]:
-    return sorted(k.decode() for k in _storage.open_kv(root).list().result())
+    return sorted(k.decode() for k in _storage.at(root).open_kv().list().result())
 
 
 class TestStorage:
@@ -119,8 +79,8 @@ class TestStorage:
 
     def test_round_trip(self, base):
         tree = model_state()
-        path = jc.save(_locations.join(base, "ckpt-7"), tree, step=7)
-        assert path == _storage.normalize(_locations.join(base, "ckpt-7"))
+        path = jc.save(_storage.join(base, "ckpt-7"), tree, step=7)
+        assert path == _storage.normalize(_storage.join(base, "ckpt-7"))
         assert_trees_equal(jc.restore(path, tree), tree)
         raw = jc.restore(path)  # no target: dicts of NumPy arrays
         np.testing.assert_array_equal(raw["params"]["emb"], np.asarray(tree["params"]["emb"]))
@@ -131,7 +91,7 @@ class TestStorage:
 
     def test_partial_restore_and_match(self, base):
         tree = model_state()
-        path = jc.save(_locations.join(base, "ckpt"), tree)
+        path = jc.save(_storage.join(base, "ckpt"), tree)
         small = {"params": {"l1": {"bias": jnp.zeros(5, jnp.float32)}}}
         got = jc.restore(path, small, partial=True)
         assert_trees_equal(got, {"params": {"l1": {"bias": tree["params"]["l1"]["bias"]}}})
@@ -142,7 +102,7 @@ class TestStorage:
 
     def test_lazy_reads(self, base):
         tree = model_state()
-        path = jc.save(_locations.join(base, "ckpt"), tree)
+        path = jc.save(_storage.join(base, "ckpt"), tree)
         reader = jc.open(path)
         assert "params/l1/kernel" in reader.paths
         kernel = np.asarray(tree["params"]["l1"]["kernel"])
@@ -154,25 +114,25 @@ class TestStorage:
 
     def test_never_overwrites_a_checkpoint(self, base):
         tree = model_state()
-        path = jc.save(_locations.join(base, "ckpt"), tree)
+        path = jc.save(_storage.join(base, "ckpt"), tree)
         with pytest.raises(jc.CheckpointExistsError, match="never overwrites"):
             jc.save(path, model_state(seed=1))
         assert_trees_equal(jc.restore(path, tree), tree)
 
     def test_uncommitted_location_is_no_checkpoint(self, base):
-        path = _storage.normalize(_locations.join(base, "half"))
-        _storage.begin(path) if _storage.is_url(path) else os.makedirs(path)
-        _storage.write_bytes_durable(path, "zarr.json", b"{}")
+        path = _storage.normalize(_storage.join(base, "half"))
+        _storage.at(path).begin().release()
+        _storage.at(path).write_durable("zarr.json", b"{}")
         with pytest.raises(jc.CheckpointNotFoundError, match="holds no committed checkpoint"):
             jc.restore(path)
         with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
-            jc.open(_locations.join(base, "absent"))
+            jc.open(_storage.join(base, "absent"))
 
     def test_foreign_content_is_left_alone(self, base):
-        path = _storage.normalize(_locations.join(base, "data"))
-        if not _storage.is_url(path):
+        path = _storage.normalize(_storage.join(base, "data"))
+        if _storage.at(path).os_path() is not None:
             os.makedirs(path)
-        _storage.write_bytes_durable(path, "mine.txt", b"user data")
+        _storage.at(path).write_durable("mine.txt", b"user data")
         with pytest.raises(
             jc.CheckpointExistsError, match="is neither an empty directory nor a checkpoint"
         ):
@@ -182,9 +142,9 @@ class TestStorage:
     def test_corruption_is_detected(self, base):
         # w (over 1 MiB) has its own chunk; v may share a packed one with other small leaves
         tree = {"w": np.arange(300_000, dtype=np.float32), "v": np.ones(3, np.int32)}
-        path = jc.save(_locations.join(base, "ckpt"), tree)
+        path = jc.save(_storage.join(base, "ckpt"), tree)
         reader = jc.open(path)
-        kv = _storage.open_kv(path)
+        kv = _storage.at(path).open_kv()
         w_chunk = reader.record("w")["loc"] + "/c/0"
         good = kv.read(w_chunk).result().value
         bad = bytearray(good)
@@ -200,8 +160,8 @@ class TestStorage:
     def test_damaged_metadata_and_pack_chunks_are_caught(self, base):
         """COMMIT's checksums are checked on every store; verify reads each pack chunk whole."""
         tree = {f"k{i}": np.arange(3, dtype=np.float32) + i for i in range(64)}  # one pack
-        path = jc.save(_locations.join(base, "ckpt"), tree)
-        kv = _storage.open_kv(path)
+        path = jc.save(_storage.join(base, "ckpt"), tree)
+        kv = _storage.at(path).open_kv()
         pack = "~pack/0/zarr.json"
         good = kv.read(pack).result().value
         kv.write(pack, good.replace(b'"fill_value":0', b'"fill_value":1')).result()
@@ -214,7 +174,7 @@ class TestStorage:
         kv.write(pack, good).result()
         chunk = kv.read("~pack/0/c/0").result().value
         kv.write("~pack/0/c/0", chunk[:-100] + b"\1" + chunk[-99:]).result()  # after the leaves
-        if _storage.is_url(path):  # leaves are read from whole chunks, each checked
+        if _storage.at(path).os_path() is None:  # leaves are read from whole chunks, each checked
             with pytest.raises(jc.CorruptCheckpointError, match=r"~pack/0/c/0\"?: Digest mismatch"):
                 jc.open(path).tree()
         else:  # a few leaves, each read alone and checked against its own checksum
@@ -227,10 +187,12 @@ class TestStorage:
         """A big tree's record is split over its groups' zarr.json, read lazily (format.md)."""
         tree = {f"b{i}": {f"w{k}": np.full(2, 100 * i + k, np.int32) for k in range(100)}
                 for i in range(20)}  # fmt: skip
-        path = jc.save(_locations.join(base, "ckpt"), tree)
-        assert '"split":true' in _storage.open_kv(path).read("zarr.json").result().value.decode()
+        path = jc.save(_storage.join(base, "ckpt"), tree)
+        assert (
+            '"split":true' in _storage.at(path).open_kv().read("zarr.json").result().value.decode()
+        )
         assert_trees_equal(jc.restore(path), tree)  # every group file, read together
-        _storage.open_kv(path).write("b3/zarr.json", None).result()
+        _storage.at(path).open_kv().write("b3/zarr.json", None).result()
         got = jc.restore(path, {"b4": {"w7": np.zeros(2, np.int32)}}, partial=True)
         np.testing.assert_array_equal(got["b4"]["w7"], [407, 407])
         with pytest.raises(jc.CorruptCheckpointError, match=r"b3/zarr.json is missing: .*\['b3'\]"):
@@ -246,15 +208,15 @@ class TestStorage:
             mngr.wait_until_finished()
             assert mngr.steps == [2, 5]  # the two best, the newest among them
             assert mngr.best_step == 2
-        names = _storage.list_names(_storage.normalize(base))
+        names = _storage.at(_storage.normalize(base)).names()
         names = [n for n in names if n != ".jaxckpt-writer"]  # a local run's writer lock
         assert names == ["checkpoint", "ckpt-2", "ckpt-5"]  # rotation deleted by prefix
-        index = json.loads(_storage.read_bytes(_storage.normalize(base), "checkpoint"))
+        index = json.loads(_storage.at(_storage.normalize(base)).read("checkpoint"))
         assert [(c["step"], c["metrics"]) for c in index["checkpoints"]] == [
             (2, {"loss": 1.0}),
             (5, {"loss": 2.0}),
         ]
-        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-5")
+        assert jc.latest_checkpoint(base) == _storage.join(base, "ckpt-5")
         again = jc.CheckpointManager(base, max_to_keep=2, best_metric="loss")
         assert again.steps == [2, 5] and again.best_step == 2
         assert_trees_equal(again.restore(target=model_state()), trees[5])
@@ -266,7 +228,7 @@ class TestStorage:
         with jc.CheckpointManager(base, async_save=False) as mngr:
             mngr.save(1, {"w": np.ones(3, np.float32)}, metrics={"loss": 0.5})
             mngr.save(2, {"w": np.zeros(3, np.float32)})
-        one, two = (_locations.join(base, f"ckpt-{s}") for s in (1, 2))
+        one, two = (_storage.join(base, f"ckpt-{s}") for s in (1, 2))
         out = io.StringIO()
         assert cli.main(["ls", base], out) == 0
         assert re.search(r"1\s+ckpt-1\s+[\d.]+ \w*B .*loss=0.5", out.getvalue())
@@ -280,17 +242,17 @@ class TestStorage:
 
     def test_interrupted_save(self, base):
         """A save process killed mid-write commits nothing and spoils no earlier checkpoint."""
-        first = jc.save(_locations.join(base, "ckpt-1"), model_state())
-        second = _storage.normalize(_locations.join(base, "ckpt-2"))
+        first = jc.save(_storage.join(base, "ckpt-1"), model_state())
+        second = _storage.normalize(_storage.join(base, "ckpt-2"))
         _kill_mid_save(second)
         assert_trees_equal(jc.restore(first, model_state()), model_state())
         with pytest.raises(jc.CheckpointNotFoundError):
             jc.restore(second)
-        assert jc.latest_checkpoint(base) == _locations.join(base, "ckpt-1")
+        assert jc.latest_checkpoint(base) == _storage.join(base, "ckpt-1")
         # A manager started on the directory removes the debris, and saves that step anew.
         with jc.CheckpointManager(base, max_to_keep=3) as mngr:
             assert mngr.steps == [1]
-            names = _storage.list_names(_storage.normalize(base))
+            names = _storage.at(_storage.normalize(base)).names()
             assert [n for n in names if n != "checkpoint"] == ["ckpt-1"]
             tree = model_state(seed=2)
             mngr.save(2, tree)
@@ -299,12 +261,14 @@ class TestStorage:
 
     def test_save_over_debris(self, base):
         """A plain save to where a killed save left debris clears it first."""
-        second = _storage.normalize(_locations.join(base, "ckpt-2"))
-        tmp = _storage.tmp_sibling(second)  # the final prefix itself on an object store
-        _storage.begin(tmp).release()  # what a save does first, before writing its arrays
-        _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
-        if _storage.is_url(tmp):  # the save's writer is gone: a process that has ended
-            _storage.write_bytes_durable(tmp, _storage.PENDING, _dead_owner())
+        second = _storage.normalize(_storage.join(base, "ckpt-2"))
+        tmp = _storage.at(second).temporary().root  # the final prefix itself on an object store
+        _storage.at(tmp).begin().release()  # what a save does first, before writing its arrays
+        _storage.at(tmp).write_durable("x0001.json", b"{}")
+        if (
+            _storage.at(tmp).os_path() is None
+        ):  # the save's writer is gone: a process that has ended
+            _storage.at(tmp).write_durable(_storage.PENDING, _dead_owner())
         tree = model_state(seed=2)
         assert jc.save(second, tree) == second
         assert_trees_equal(jc.restore(second, tree), tree)
@@ -314,21 +278,23 @@ class TestStorage:
         """A manager that starts while a save writes (of this process or another) leaves the
         save alone; once its writer is gone, the next manager removes what it left."""
         run = _storage.normalize(base)
-        jc.save(_locations.join(run, "ckpt-1"), model_state())
-        final = _locations.join(run, "ckpt-2")
-        tmp = _storage.tmp_sibling(final)
-        lock = _storage.begin(tmp)
-        _storage.write_bytes_durable(tmp, "x0001.json", b"{}")
-        if _storage.is_url(final):  # a save to the same prefix is refused (locally each save
+        jc.save(_storage.join(run, "ckpt-1"), model_state())
+        final = _storage.join(run, "ckpt-2")
+        tmp = _storage.at(final).temporary().root
+        lock = _storage.at(tmp).begin()
+        _storage.at(tmp).write_durable("x0001.json", b"{}")
+        if (
+            _storage.at(final).os_path() is None
+        ):  # a save to the same prefix is refused (locally each save
             with pytest.raises(jc.CheckpointExistsError):  # has a temporary sibling of its own)
                 jc.save(final, model_state())
         assert jc.CheckpointManager(base).steps == [1]
         assert "x0001.json" in keys_of(tmp)  # left alone
         lock.release()
-        if _storage.is_url(tmp):
-            _storage.write_bytes_durable(tmp, _storage.PENDING, _dead_owner())
+        if _storage.at(tmp).os_path() is None:
+            _storage.at(tmp).write_durable(_storage.PENDING, _dead_owner())
         assert jc.CheckpointManager(base).steps == [1]
-        assert not _storage.is_dir(tmp)
+        assert not _storage.at(tmp).is_dir()
 
 
 def _dead_owner() -> bytes:
@@ -347,7 +313,7 @@ jc.save(sys.argv[1], tree)
 
 def _debris(final: str) -> bool:
     """Whether the save has begun writing arrays (it commits only after writing them all)."""
-    if _storage.is_url(final):
+    if _storage.at(final).os_path() is None:
         return len(set(keys_of(final)) - {_storage.PENDING}) > 0
     parent, name = os.path.split(final)
     return any(_holds_files(tmp) for tmp in Path(parent).glob(name + _storage.TMP_MARK + "*"))
@@ -362,7 +328,9 @@ def _holds_files(tmp: Path) -> bool:
 
 def _kill_mid_save(final: str) -> None:
     """Starts a save of many arrays in a child process and SIGKILLs it once arrays land."""
-    arrays = 300 if _storage.is_url(final) else 1000  # a slower store needs fewer to be slow
+    arrays = (
+        300 if (_storage.at(final).os_path() is None) else 1000
+    )  # a slower store needs fewer to be slow
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_CHILD % arrays), final], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -379,7 +347,7 @@ def _kill_mid_save(final: str) -> None:
         child.kill()
         child.wait()
     assert child.returncode == -signal.SIGKILL
-    assert not _storage.is_committed(final)
+    assert not _storage.at(final).is_committed()
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -398,7 +366,7 @@ def test_s3_endpoint_conventions(s3_env, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
     monkeypatch.setenv("AWS_REGION", "eu-west-3")
-    spec = _locations.kvstore(f"s3://{BUCKET}/run/ckpt-1")
+    spec = _storage.at(f"s3://{BUCKET}/run/ckpt-1").kvstore_spec()
     assert spec == {
         "driver": "s3", "bucket": BUCKET, "path": "run/ckpt-1/", "endpoint": s3_env.url,
         "aws_region": "eu-west-3", "aws_credentials": {"type": "environment"},
@@ -470,7 +438,7 @@ def test_transient_errors_are_retried(proxied):
         return 503 if n % 2 else 429  # unavailable, throttled
 
     faults.append(every_request_fails_once)
-    _round_trip(_locations.join(base, "ckpt"))
+    _round_trip(_storage.join(base, "ckpt"))
     assert {s for _, _, s in proxy.failed} == {503, 429}
     assert len(proxy.failed) == len(first_tries) > 10
 
@@ -478,7 +446,7 @@ def test_transient_errors_are_retried(proxied):
 def test_permanent_error_names_url_and_array(proxied):
     proxy, base, faults = proxied
     tree = {"w": np.arange(300_000, dtype=np.float32), "v": np.ones(2, np.float32)}  # w: own path
-    path = jc.save(_locations.join(base, "ckpt"), tree)
+    path = jc.save(_storage.join(base, "ckpt"), tree)
     faults.append(lambda method, path, n: 403 if method == "GET" and "/w/c/" in path else None)
     with pytest.raises(
         jc.CheckpointError, match=rf"Accessing {path} \(the array 'w'\) failed: .*403"
@@ -488,9 +456,9 @@ def test_permanent_error_names_url_and_array(proxied):
     with pytest.raises(
         jc.CheckpointError, match=rf"Accessing {base}/ckpt-2 \(the array 'w'\) failed"
     ):
-        jc.save(_locations.join(base, "ckpt-2"), tree)
+        jc.save(_storage.join(base, "ckpt-2"), tree)
     with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
-        jc.restore(_locations.join(base, "ckpt-2"))  # the failed save removed what it wrote
+        jc.restore(_storage.join(base, "ckpt-2"))  # the failed save removed what it wrote
 
 
 def test_missing_bucket(s3_env):
@@ -534,13 +502,13 @@ def test_zero_chunks_in_a_bucket(s3_env, tmp_path, monkeypatch):
     assert "opt_state/0/mu/l1/kernel/c/0/0" in keys_of(saved)
     assert all("zero_chunks" not in r for r in jc.open(saved).records.values())
 
-    monkeypatch.setattr(_storage, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
+    monkeypatch.setattr(_storage.arrays, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
     x = np.zeros((8, 1024), np.float32)
     x[5] = np.arange(1024)
     local = jc.save(tmp_path / "ckpt", {"x": x, "z": np.zeros(3, np.int8), "one": np.ones(2)})
     assert jc.open(local).record("x")["zero_chunks"] == [0, 1, 2, 3, 4, 6, 7]
     copied = f"{run}/copied"
-    kv = _storage.open_kv(copied)
+    kv = _storage.at(copied).open_kv()
     for d, _, names in os.walk(local):
         for n in names:
             with open(os.path.join(d, n), "rb") as f:

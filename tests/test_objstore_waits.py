@@ -8,7 +8,8 @@ import pytest
 import servers
 
 import jaxckpt as jc
-from jaxckpt import _locations, _object_stores
+from jaxckpt import storage as _storage
+from jaxckpt.storage import object_stores as _object_stores
 
 FAST = {"max_retries": 2, "initial_delay": "10ms", "max_delay": "20ms"}
 AWS_VARS = (
@@ -46,10 +47,10 @@ def closed_port_url():
 
 def test_default_retries_are_bounded_and_settable(aws):
     bounded = {"max_retries": 6, "initial_delay": "1s", "max_delay": "16s"}
-    assert _locations.kvstore("s3://b/run")["s3_request_retries"] == bounded
-    assert _locations.kvstore("gs://b/run")["gcs_request_retries"] == bounded
+    assert _storage.at("s3://b/run").kvstore_spec()["s3_request_retries"] == bounded
+    assert _storage.at("gs://b/run").kvstore_spec()["gcs_request_retries"] == bounded
     jc.set_storage_options("s3", s3_request_retries=FAST)
-    assert _locations.kvstore("s3://b/run")["s3_request_retries"] == FAST
+    assert _storage.at("s3://b/run").kvstore_spec()["s3_request_retries"] == FAST
 
 
 def test_unreachable_s3_endpoint_fails_naming_what_was_tried(aws, monkeypatch):
@@ -94,7 +95,7 @@ def test_unreachable_gcs_emulator_fails_naming_what_was_tried(aws, monkeypatch):
 
 def test_without_credentials_only_the_instance_metadata_is_asked(aws, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed_port_url())
-    assert _locations.kvstore("s3://bucket/run")["aws_credentials"] == {"type": "imds"}
+    assert _storage.at("s3://bucket/run").kvstore_spec()["aws_credentials"] == {"type": "imds"}
     jc.set_storage_options("s3", s3_request_retries=FAST)
     with pytest.raises(jc.CheckpointError) as e:
         jc.save("s3://bucket/run/ckpt-1", {"w": np.ones(3)})
@@ -106,14 +107,14 @@ def test_without_credentials_only_the_instance_metadata_is_asked(aws, monkeypatc
     # A profile file, web identity or container credentials: TensorStore's default chain.
     (aws / ".aws").mkdir()
     (aws / ".aws" / "credentials").write_text("[default]\n")
-    assert "aws_credentials" not in _locations.kvstore("s3://bucket/run")
+    assert "aws_credentials" not in _storage.at("s3://bucket/run").kvstore_spec()
     (aws / ".aws" / "credentials").unlink()
     monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(aws / "token"))
-    assert "aws_credentials" not in _locations.kvstore("s3://bucket/run")
+    assert "aws_credentials" not in _storage.at("s3://bucket/run").kvstore_spec()
 
 
 def test_a_credentials_failure_says_how_to_give_some(aws):
-    spec = _locations.kvstore("s3://bucket/run")
+    spec = _storage.at("s3://bucket/run").kvstore_spec()
     error = "INTERNAL: Failed to get credentials from provider: aws-c-http: Path is invalid"
     assert _object_stores.explain("s3", spec, {}, error).endswith(
         "Fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE with "

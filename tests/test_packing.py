@@ -16,7 +16,8 @@ import zarr
 from core_helpers import edit_metadata
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _memory, _metadata, _write
+from jaxckpt import _memory, _metadata, _write
+from jaxckpt.storage import chunk_files as _chunks
 
 
 @pytest.fixture(autouse=True)
@@ -201,7 +202,7 @@ def test_damaged_or_missing_chunk_of_a_large_array_is_reported(tmp_path):
 
 def test_chunk_files_match_tensorstore_both_ways(tmp_path, monkeypatch):
     # Cut into several chunks along two axes, and read back with TensorStore and zarr-python.
-    monkeypatch.setattr(jc._storage, "CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr(jc.storage.arrays, "CHUNK_BYTES", 64 << 10)
     x = np.random.default_rng(1).standard_normal((256, 1200)).astype(np.float32)
     path = jc.save(tmp_path / "ckpt", {"x": x})
     assert len(os.listdir(os.path.join(path, "x/c"))) > 1
@@ -210,9 +211,9 @@ def test_chunk_files_match_tensorstore_both_ways(tmp_path, monkeypatch):
         jc.open(path).read("x", (slice(3, 200), slice(7, 1100))), x[3:200, 7:1100]
     )
     # An array TensorStore wrote, with padded edge chunks, read by the direct reader.
-    meta = jc._storage.array_metadata([10, 7], "int16", [4, 3])
+    meta = jc.storage.arrays.array_metadata([10, 7], "int16", [4, 3])
     y = np.arange(70, dtype=np.int16).reshape(10, 7)
-    jc._storage.open_array(str(tmp_path), "y", meta, create=True).result().write(y).result()
+    jc.storage.at(str(tmp_path)).open_array("y", meta, create=True).result().write(y).result()
     np.testing.assert_array_equal(
         _chunks.read_whole(str(tmp_path), "y", [10, 7], [4, 3], np.dtype("int16")), y
     )

@@ -18,7 +18,7 @@ import servers
 from flax import serialization
 
 import jaxckpt as jc
-from jaxckpt import _locations
+from jaxckpt import storage
 from jaxckpt.cli import main
 from jaxckpt.interop import safetensors as st
 from jaxckpt.interop import safetensors_write as stw
@@ -359,7 +359,9 @@ def test_reads_byte_ranges_on_s3(s3, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3.url)
     big = np.arange(100 * 8, dtype=np.float32).reshape(100, 8)
     root = f"s3://safetensors-test/{uuid.uuid4().hex}/"
-    _locations.open_kv(root).write("model.safetensors", stn.save({"w": big, "b": big[0]})).result()
+    storage.at(root).open_kv().write(
+        "model.safetensors", stn.save({"w": big, "b": big[0]})
+    ).result()
     url = root + "model.safetensors"
     assert st.recognise(url) and not st.recognise(root + "absent.safetensors")
     with st.open(url) as src:

@@ -328,7 +328,7 @@ def test_a_crafted_pack_zarr_json_is_refused(packed):
 def test_a_size_its_files_cannot_hold_allocates_nothing(tmp_path, monkeypatch):
     """Record and zarr.json both claim 64 GiB (crafted alike): the chunk files are looked at
     before the array is allocated, and they hold 68 bytes."""
-    from jaxckpt import _chunks
+    from jaxckpt.storage import chunk_files as _chunks
 
     ck = _save(tmp_path / "ck", {"a": np.ones(16, np.float32)})
     _set(ck, "a", shape=[2**34], chunks=[2**24])

@@ -171,7 +171,7 @@ def test_restore_casts_dtype_and_keeps_target_sharding(saved):
 
 
 def test_large_shards_are_cut_into_chunks_inside_shard_boundaries(tmp_path, monkeypatch):
-    from jaxckpt import _storage
+    from jaxckpt.storage import arrays as _storage
 
     monkeypatch.setattr(_storage, "CHUNK_BYTES", 8 * 16 * 4 // 16)  # force several chunks a shard
     x = jax.device_put(value(), sharding("2-way"))

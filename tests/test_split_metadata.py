@@ -150,13 +150,13 @@ def test_lookups_read_only_the_group_files_on_their_path(saved, tmp_path):
 
 def test_a_partial_restore_reads_its_group_files_beside_the_root(saved, monkeypatch):
     """The group files on the target's paths are read together with the root's zarr.json."""
-    from jaxckpt import _storage
+    from jaxckpt.storage.base import Store
 
     path, _ = saved
     batches = []
-    read_jsons = _storage.read_jsons
+    read_jsons = Store.read_jsons
     monkeypatch.setattr(
-        _storage, "read_jsons", lambda r, k, *a: batches.append(k) or read_jsons(r, k, *a)
+        Store, "read_jsons", lambda s, k, *a: batches.append(k) or read_jsons(s, k, *a)
     )
     part = jc.restore(path, {"enc": {"b7": {"s2": {"w3": _spec(_leaf(723))}}}}, partial=True)
     np.testing.assert_array_equal(np.asarray(part["enc"]["b7"]["s2"]["w3"]), _leaf(723))

@@ -23,8 +23,9 @@ from core_helpers import assert_tree_equal, files_under
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxckpt as jc
-from jaxckpt import _chunks, _memory, _scan, _snapshot, _write
+from jaxckpt import _memory, _scan, _snapshot, _write
 from jaxckpt.cli import main
+from jaxckpt.storage import chunk_files as _chunks
 
 P = PartitionSpec
 DTYPES = [np.bool_, np.int8, np.uint32, np.float16, ml_dtypes.bfloat16, np.float32, np.complex64]
@@ -126,7 +127,7 @@ def test_partly_zero_sharded_array_lists_its_zero_chunks(tmp_path, kind):
 
 
 def test_numpy_array_with_several_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(jc._storage, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
+    monkeypatch.setattr(jc.storage.arrays, "CHUNK_BYTES", 4096)  # 1024 float32 rows per chunk
     x = np.zeros((8, 1024), np.float32)
     x[5] = np.arange(1024)
     path = jc.save(tmp_path / "ckpt", {"x": x})

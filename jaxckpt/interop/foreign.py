@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _metadata, _paths, _run, _runtime
+from .. import _metadata, _paths, _run, _runtime, storage
 from .._errors import CheckpointNotFoundError
 from .._reader import _checked_index
 from .source import Keys, Leaf, Source
@@ -334,10 +334,9 @@ def open_source(path: str | os.PathLike[str]) -> Source | None:
     """The foreign checkpoint at ``path`` opened as a :class:`Source`, recognised by its
     content (not its name); None when no reader recognises it. A checkpoint of a format
     jaxckpt cannot read (a torch ``.pt`` file...) raises an error saying what it is."""
-    from .. import _storage
     from . import unreadable
 
-    where = _storage.normalize(path)
+    where = storage.normalize(path)
     unreadable.check(where)  # first: a file's magic bytes can also start a msgpack map
     for mod in _recognisers():
         if mod.recognise(where):

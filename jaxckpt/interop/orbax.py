@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from .. import _runtime, _storage
+from .. import _runtime
+from .. import storage as _storage
 from .._errors import CheckpointError, CorruptCheckpointError
 from .source import Index, Keys, Leaf
 
@@ -34,7 +35,7 @@ _SEQ, _DICT = 1, 2  # Orbax's key types
 
 
 def _read_json(root: str, key: str) -> Any:
-    data = _storage.read_bytes(root, key)
+    data = _storage.at(root).read(key)
     if data is None:
         return None
     try:
@@ -47,13 +48,13 @@ def _read_json(root: str, key: str) -> Any:
 
 
 def _is_item(path: str) -> bool:
-    return _storage.exists(path, ITEM)
+    return _storage.at(path).exists(ITEM)
 
 
 def recognise(path: str) -> bool:
     """An Orbax item directory (``_METADATA``) or step directory (``_CHECKPOINT_METADATA``)."""
     try:
-        return _storage.exists(path, ITEM) or _storage.exists(path, STEP)
+        return _storage.at(path).exists(ITEM) or _storage.at(path).exists(STEP)
     except (OSError, CheckpointError):
         return False
 
@@ -69,11 +70,11 @@ def steps(directory: str) -> dict[int, str]:
     step's ``_CHECKPOINT_METADATA`` when it finalizes it; unfinished ones have a temporary
     name)."""
     out: dict[int, str] = {}
-    for name in _storage.list_names(directory):
+    for name in _storage.at(directory).names():
         step = step_of(name)
         if step is not None and not name.startswith("ckpt-"):
             path = _storage.join(directory, name)
-            if _storage.exists(path, STEP):
+            if _storage.at(path).exists(STEP):
                 out.setdefault(step, path)
     return out
 
@@ -104,7 +105,7 @@ class _Item:
                 "written by an Orbax older than 0.5. Fix: restore it with orbax-checkpoint and "
                 "save it again, or restore another step."
             )
-        self.ocdbt = bool(meta.get("use_ocdbt", _storage.exists(path, "manifest.ocdbt")))
+        self.ocdbt = bool(meta.get("use_ocdbt", _storage.at(path).exists("manifest.ocdbt")))
         self.driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         strings = _read_json(path, "_strings.json") if _has_strings(meta) else None
         impls = _key_impls(path)
@@ -142,9 +143,13 @@ class _Item:
 
     def _open(self, name: str) -> Any:
         if self.ocdbt:
-            kv = {"driver": "ocdbt", "base": _storage.kvstore(self.path), "path": name + "/"}
+            kv = {
+                "driver": "ocdbt",
+                "base": _storage.at(self.path).kvstore_spec(),
+                "path": name + "/",
+            }
         else:
-            kv = _storage.kvstore(_storage.join(self.path, name))
+            kv = _storage.at(_storage.join(self.path, name)).kvstore_spec()
         spec = {"driver": self.driver, "kvstore": kv, "open": True}
         return ts.open(spec, read=True, context=_runtime.context())
 
@@ -159,7 +164,7 @@ def _has_strings(meta: dict[str, Any]) -> bool:
 def _key_impls(path: str) -> dict[str, str]:
     """``{param name: PRNG key impl}`` from ``array_metadatas/process_<i>`` (every process's)."""
     out: dict[str, str] = {}
-    for name in _storage.list_names(_storage.join(path, "array_metadatas")):
+    for name in _storage.at(_storage.join(path, "array_metadatas")).names():
         doc = _read_json(path, f"array_metadatas/{name}") or {}
         for entry in doc.get("array_metadatas", []):
             m = entry.get("array_metadata") or {}
@@ -197,21 +202,21 @@ class OrbaxSource:
         self.path = path
         self._items: dict[Keys, _Item] = {}
         self._leaves: dict[Keys, Leaf] = {}
-        self._meta = step_metadata(path) if _storage.exists(path, STEP) else {}
+        self._meta = step_metadata(path) if _storage.at(path).exists(STEP) else {}
         if _is_item(path):
             self._add_item(path, ())
         else:
-            names = [n for n in _storage.list_names(path) if n not in (STEP, "commit_success.txt")]
+            names = [n for n in _storage.at(path).names() if n not in (STEP, "commit_success.txt")]
             whole = names == ["default"]
             for n in names:
                 self._add_item(_storage.join(path, n), () if whole else (n,))
         base = path.rstrip("/").rsplit("/", 1)[-1]
         step = step_of(base)
-        if step is None and not _storage.exists(
-            path, STEP
+        if step is None and not _storage.at(path).exists(
+            STEP
         ):  # an item directory: its step directory's name
             parent = path.rstrip("/").rsplit("/", 1)[0]
-            if _storage.exists(parent, STEP):
+            if _storage.at(parent).exists(STEP):
                 step = step_of(parent.rsplit("/", 1)[-1])
         self.step = step
 

@@ -26,6 +26,7 @@ from typing import Any, TypeGuard
 import ml_dtypes
 import numpy as np
 
+from .. import storage as _storage
 from .._errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
 from .source import Index, Keys, Leaf
 
@@ -61,7 +62,8 @@ _PACKED = ("F4", "F6_E2M3", "F6_E3M2")  # sub-byte types: several values per byt
 
 
 def _is_url(path: str) -> bool:
-    return path.startswith(("s3://", "gs://"))
+    """Whether ``path`` is on a store without files (an object store): read in byte ranges."""
+    return _storage.at(path).os_path() is None
 
 
 def recognise(path: str | os.PathLike[str]) -> bool:
@@ -125,10 +127,8 @@ class _Bytes:
         self._fd: int | None = None
         self._kv: Any = None
         if _is_url(path):
-            from .. import _locations
-
             parent, name = path.rsplit("/", 1)
-            self._kv, self._name = _locations.open_kv(parent + "/"), name
+            self._kv, self._name = _storage.at(parent).open_kv(), name
         else:
             try:
                 self._fd = os.open(path, os.O_RDONLY)

@@ -216,9 +216,9 @@ def test_s3_orbax_checkpoint(tmp_path, s3_env):
     local = _save(tmp_path / "ckpt", {"w": jnp.arange(5.0), "k": jax.random.key(1)})
     url = f"s3://{S3_BUCKET}/orbax-{tmp_path.name}"
     jc.set_storage_options("s3", endpoint=s3_env.url, aws_region="us-east-1")
-    from jaxckpt import _storage
+    from jaxckpt import storage
 
-    kv = ts.KvStore.open(_storage.kvstore(url)).result()
+    kv = ts.KvStore.open(storage.at(url).kvstore_spec()).result()
     for root, _, files in os.walk(local):
         for f in files:
             full = os.path.join(root, f)

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from ._errors import CorruptCheckpointError
+from .._errors import CorruptCheckpointError
 
 
 class Violation(ValueError):
@@ -131,6 +131,20 @@ class Confined:
                 f"is stored under {p}, a symbolic link that leads outside the checkpoint "
                 f"(to {real})"
             )
+
+
+class Unconfined:
+    """:class:`Confined` for a store without links (an object store): a key names one object,
+    and the syntax checks (:func:`path_problem`) are all there is to enforce."""
+
+    def dir(self, rel: str) -> None:
+        pass
+
+    def file(self, rel: str) -> None:
+        pass
+
+    def tree(self, rel: str) -> None:
+        pass
 
 
 def read_json(path: str, check: Callable[[bytes | None], None] | None = None) -> Any:
