@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxckpt as jc
-from jaxckpt import cli
+from jaxckpt import StructureMismatchError, cli
 
 
 def _bits(x):
@@ -106,3 +110,56 @@ def test_torch_and_other_formats_say_what_they_are(tmp_path):
     other.write_text("hello")
     with pytest.raises(jc.CheckpointNotFoundError, match="No checkpoint at"):
         jc.restore(str(other))
+
+
+def test_flax_refuses_typed_keys():
+    """Why a msgpack file holds a typed key as its key data: Flax itself cannot write one."""
+    with pytest.raises(TypeError, match="PRNGKey dtype cannot be converted"):
+        serialization.to_bytes({"rng": jax.random.key(0)})
+
+
+def test_key_data_restores_into_typed_key_targets(tmp_path):
+    """jaxckpt -> msgpack (keys written as key data) -> restore into a target holding typed
+    keys: wrapped with the target's implementation, bit for bit, on a mesh too."""
+    tree = {
+        "rng": jax.random.key(3),
+        "keys": jax.random.split(jax.random.key(1, impl="rbg"), 8),
+        "w": np.array([-0.0, np.nan], np.float32),
+    }
+    ckpt = jc.save(tmp_path / "ckpt", tree)
+    path = jc.convert(ckpt, tmp_path / "k.msgpack")
+    mesh = jax.make_mesh((8,), ("d",))
+    like = {
+        "rng": jax.random.key(0),
+        "keys": jax.ShapeDtypeStruct(
+            (8,), tree["keys"].dtype, sharding=NamedSharding(mesh, P("d"))
+        ),
+        "w": np.zeros(2, np.float32),
+    }
+    for target in (jax.tree.map(lambda x: x, tree), like):
+        got = jc.restore(path, target)
+        for k in ("rng", "keys"):
+            assert got[k].dtype == tree[k].dtype
+            assert jax.random.key_impl(got[k]) == jax.random.key_impl(tree[k])
+            np.testing.assert_array_equal(jax.random.key_data(got[k]), jax.random.key_data(tree[k]))
+        assert got["w"].tobytes() == tree["w"].tobytes()
+    assert got["keys"].sharding == like["keys"].sharding
+    # A file Flax wrote, holding key data as Flax users save keys.
+    flax_file = tmp_path / "flax.msgpack"
+    flax_file.write_bytes(serialization.to_bytes({"rng": jax.random.key_data(tree["rng"])}))
+    got = jc.restore(flax_file, {"rng": jax.random.key(0)})
+    assert jax.random.key_data(got["rng"]).tolist() == jax.random.key_data(tree["rng"]).tolist()
+
+
+def test_key_data_of_another_shape_says_what_the_key_needs(tmp_path):
+    path = tmp_path / "k.msgpack"
+    path.write_bytes(serialization.to_bytes({"rng": np.zeros((3, 2), np.uint32)}))
+    target = {"rng": jax.random.split(jax.random.key(0, impl="rbg"), 3)}
+    with pytest.raises(
+        StructureMismatchError,
+        match=re.escape(
+            "['rng']: the target expects key<rbg>[3] (key data uint32[3, 4]), the checkpoint "
+            "has uint32[3, 2]"
+        ),
+    ):
+        jc.restore(path, target)
