@@ -35,18 +35,21 @@ def recognise(path: str) -> bool:
     return head == b"\x80" or (len(head) == 2 and head[0] in _MAP_START and head != b"\x80\x02")
 
 
-def _walk(node: Any, keys: Keys, out: dict[Keys, Leaf]) -> None:
-    if isinstance(node, dict):
+def _walk(node: Any, keys: Keys, out: dict[Keys, Leaf], nodes: dict[Keys, str]) -> None:
+    if isinstance(node, dict) and node:
         for k, v in node.items():
-            _walk(v, (*keys, k if isinstance(k, str) else str(k)), out)
-    elif isinstance(node, (list, tuple)):
+            _walk(v, (*keys, k if isinstance(k, str) else str(k)), out, nodes)
+    elif isinstance(node, (list, tuple)) and node:
         for i, v in enumerate(node):
-            _walk(v, (*keys, i), out)
+            _walk(v, (*keys, i), out, nodes)
     elif isinstance(node, np.ndarray):
         out[keys] = Leaf(node.shape, node.dtype, value=node)
     elif isinstance(node, np.generic):
         out[keys] = Leaf((), node.dtype, value=node)
-    elif node is not None:
+    elif node is None or isinstance(node, (dict, list, tuple)):
+        if keys:  # kept in the tree, holding no leaf
+            nodes[keys] = "none" if node is None else "dict" if isinstance(node, dict) else "list"
+    else:
         out[keys] = Leaf((), np.dtype(object), value=node)
 
 
@@ -71,10 +74,15 @@ class FlaxMsgpackSource:
                 "(flax.serialization.to_bytes), or copy it again in full."
             ) from e
         self._leaves: dict[Keys, Leaf] = {}
-        _walk(tree, (), self._leaves)
+        self._nodes: dict[Keys, str] = {}
+        _walk(tree, (), self._leaves, self._nodes)
 
     def leaves(self) -> Mapping[Keys, Leaf]:
         return self._leaves
+
+    def nodes(self) -> Mapping[Keys, str]:
+        """None and empty containers (an empty list is an empty dict in Flax's state dict)."""
+        return self._nodes
 
     def read(self, keys: Keys, index: Index | None = None) -> np.ndarray:
         arr = np.asarray(self._leaves[keys].value)

@@ -82,6 +82,9 @@ class ForeignReader:
             rec = record_of(leaf, path or "<root>")
             self._records[path] = rec
             _insert(root, keys, rec)
+        nodes = getattr(source, "nodes", None)
+        for keys, kind in (nodes() if callable(nodes) else {}).items():
+            _insert(root, keys, {"t": kind, "c": []})
         _settle(root)
         self._root = root
         extra = getattr(source, "metadata", None)

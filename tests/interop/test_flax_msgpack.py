@@ -163,3 +163,14 @@ def test_key_data_of_another_shape_says_what_the_key_needs(tmp_path):
         ),
     ):
         jc.restore(path, target)
+
+
+def test_none_and_empty_containers_restore(tmp_path):
+    """Were dropped from a restore without a target: they are kept as Flax restores them."""
+    tree = {"w": np.ones(2, np.float32), "none": None, "ed": {}, "el": [], "nested": {"x": {}}}
+    path = tmp_path / "m.msgpack"
+    path.write_bytes(serialization.to_bytes(tree))
+    got = jc.restore(path)
+    assert got["none"] is None and got["ed"] == {} and got["nested"] == {"x": {}}
+    assert got["el"] == {}  # Flax's state dict of a list is a dict, an empty one too
+    assert got.keys() == serialization.msgpack_restore(path.read_bytes()).keys()
