@@ -196,6 +196,26 @@ def test_jaxckpt_manager_continues_an_orbax_run(tmp_path, capsys):
     assert "1 (Orbax)" in out and "2 (Orbax)" in out and "ckpt-4" in out
 
 
+def test_latest_checkpoint_counts_orbax_steps(tmp_path):
+    """Found only ckpt-<step>: now the newest step of either kind, as a manager lists them."""
+    run = tmp_path / "run"
+    opts = ocp.CheckpointManagerOptions(step_prefix="checkpoint")
+    with ocp.CheckpointManager(run, options=opts) as mgr:
+        for step in (1, 5):
+            mgr.save(step, args=ocp.args.StandardSave({"w": jnp.full(2, step, jnp.float32)}))
+        mgr.wait_until_finished()
+    latest = jc.latest_checkpoint(run)
+    assert latest == str(run / "checkpoint_5")
+    np.testing.assert_array_equal(jc.restore(latest)["w"], [5.0, 5.0])
+    jc.save(run / "ckpt-3", {"w": jnp.zeros(2)})
+    assert jc.latest_checkpoint(run) == str(run / "checkpoint_5")
+    jc.save(run / "ckpt-5", {"w": jnp.zeros(2)})  # a step of both kinds: jaxckpt's own
+    assert jc.latest_checkpoint(run) == str(run / "ckpt-5")
+    jc.save(run / "ckpt-9", {"w": jnp.zeros(2)})
+    assert jc.latest_checkpoint(str(run)) == str(run / "ckpt-9")
+    assert jc.latest_checkpoint(tmp_path / "absent") is None
+
+
 def test_nnx_sequential_restores_into_its_state(tmp_path):
     def model(seed):
         return nnx.Sequential(
