@@ -4,7 +4,8 @@ The file is one msgpack map (a state dict: a list's items are named ``"0"``, ``"
 arrays msgpack extension values; arrays over Flax's chunk size are kept as
 ``{"__msgpack_chunked_array__": ..., "chunks": ..., "shape": ...}`` maps. Flax's own
 ``msgpack_restore`` decodes both, so the file is read with it, once, whole: the format has no
-index to read one array by.
+index to read one array by. On ``s3://``/``gs://`` its bytes are read through the storage layer
+(TensorStore's kvstore), as every other object there.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import CorruptCheckpointError
+from .. import _storage
+from .._errors import CheckpointNotFoundError, CorruptCheckpointError
 from .source import Index, Keys, Leaf
 
 # A msgpack map's first byte: fixmap (0x80-0x8f), map16 (0xde), map32 (0xdf). A pickle starts
@@ -25,14 +27,39 @@ from .source import Index, Keys, Leaf
 _MAP_START = frozenset([*range(0x81, 0x90), 0xDE, 0xDF])
 
 
+def _split_url(path: str) -> tuple[str, str]:
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    return parent + "/", name
+
+
 def recognise(path: str) -> bool:
-    """A local file that starts as a msgpack map does (and is no pickle)."""
-    try:
-        with builtins.open(path, "rb") as f:
-            head = f.read(2)
-    except OSError:  # a directory, a URL, nothing there
-        return False
+    """A file (local, or an object on ``s3://``/``gs://``) that starts as a msgpack map does
+    (and is no pickle)."""
+    if _storage.is_url(path):
+        parent, name = _split_url(path)
+        try:  # two bytes, not the file: a URL that is no file costs one small request
+            got = _storage.open_kv(parent).read(name, byte_range=slice(0, 2)).result()
+        except Exception:  # noqa: BLE001 - unreachable, or shorter than 2 bytes
+            return False
+        head = bytes(got.value) if got.state == "value" else b""
+    else:
+        try:
+            with builtins.open(path, "rb") as f:
+                head = f.read(2)
+        except OSError:  # a directory, nothing there
+            return False
     return head == b"\x80" or (len(head) == 2 and head[0] in _MAP_START and head != b"\x80\x02")
+
+
+def _read(path: str) -> bytes:
+    """The whole file: the format has no index to read one array by."""
+    if _storage.is_url(path):
+        data = _storage.read_bytes(*_split_url(path))
+        if data is None:
+            raise CheckpointNotFoundError(f"No Flax msgpack file at {path}. Fix: check the path.")
+        return data
+    with builtins.open(path, "rb") as f:
+        return f.read()
 
 
 def _walk(node: Any, keys: Keys, out: dict[Keys, Leaf], nodes: dict[Keys, str]) -> None:
@@ -63,8 +90,7 @@ class FlaxMsgpackSource:
         from flax import serialization
 
         self.path = path
-        with builtins.open(path, "rb") as f:
-            data = f.read()
+        data = _read(path)
         try:
             tree = serialization.msgpack_restore(data)
         except Exception as e:
