@@ -434,3 +434,26 @@ def test_slices_of_later_axes_on_s3_are_byte_ranges(s3, monkeypatch):
         asked.clear()
         same_bits(src.read(("w",), (slice(1, 2), slice(None), slice(0, 8))), wide[1:2, :, :8])
         assert asked == [2 << 20]  # short runs: the whole row of the first axis
+
+
+def _read_chars() -> int:
+    """Bytes this process has read through system calls (``rchar``), reading /proc included."""
+    with open("/proc/self/io", "rb", buffering=0) as f:
+        return int(next(x for x in f.read().split(b"\n") if x.startswith(b"rchar")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="Linux's /proc/self/io")
+def test_restoring_one_tensor_reads_its_bytes_and_the_header(tmp_path):
+    """Was the tensor, the header and two 8 KiB buffers of the file's first bytes (what a
+    buffered open reads to sniff 9 of them)."""
+    path = tmp_path / "m.safetensors"
+    stn.save_file({f"layer_{i}.k": np.ones((64, 256), np.float32) for i in range(40)}, str(path))
+    header = path.stat().st_size - 40 * 64 * 256 * 4
+    target = {"layer_3": {"k": jax.ShapeDtypeStruct((64, 256), np.float32)}}
+    jc.restore(path, target, partial=True)  # imports and caches warmed
+    before = _read_chars()
+    got = jc.restore(path, target, partial=True)
+    read = _read_chars() - before
+    np.testing.assert_array_equal(got["layer_3"]["k"], np.ones((64, 256), np.float32))
+    sniffed, proc = 9 + 8, 1024  # the format's magic bytes; the read of /proc/self/io
+    assert 64 * 256 * 4 + header <= read <= 64 * 256 * 4 + header + sniffed + proc

@@ -44,7 +44,7 @@ def recognise(path: str) -> bool:
         head = bytes(got.value) if got.state == "value" else b""
     else:
         try:
-            with builtins.open(path, "rb") as f:
+            with builtins.open(path, "rb", buffering=0) as f:
                 head = f.read(2)
         except OSError:  # a directory, nothing there
             return False
@@ -58,7 +58,7 @@ def _read(path: str) -> bytes:
         if data is None:
             raise CheckpointNotFoundError(f"No Flax msgpack file at {path}. Fix: check the path.")
         return data
-    with builtins.open(path, "rb") as f:
+    with builtins.open(path, "rb", buffering=0) as f:
         return f.read()
 
 

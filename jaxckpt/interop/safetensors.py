@@ -88,7 +88,7 @@ def recognise(path: str | os.PathLike[str]) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with builtins.open(path, "rb") as f:
+        with builtins.open(path, "rb", buffering=0) as f:
             head = f.read(9)
     except OSError:
         return False
