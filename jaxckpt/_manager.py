@@ -34,14 +34,23 @@ _serial = itertools.count()  # every process creates its managers in the same or
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
-    """The path of the newest committed checkpoint (``ckpt-<step>``) in ``directory``, or None.
+    """The path of the newest committed checkpoint in ``directory``, or None: a jaxckpt
+    ``ckpt-<step>``, or a step another library (Orbax) wrote there, as a
+    :class:`CheckpointManager` of the directory lists them (its own checkpoint first, for a
+    step both have).
 
     Example:
         >>> path = jc.latest_checkpoint("./tf_ckpts")  # doctest: +SKIP
         './tf_ckpts/ckpt-100'
     """
     steps = _run.committed_steps(os.fspath(directory))
-    return _storage.join(directory, _run.step_name(steps[-1])) if steps else None
+    others = foreign.run_steps(os.fspath(directory))
+    newest = max((*steps, *others), default=None)
+    if newest is None:
+        return None
+    if newest in others and newest not in steps:
+        return others[newest]
+    return _storage.join(directory, _run.step_name(newest))
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -185,6 +186,9 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
             return f"a Python {type(x).__name__}"
         expected = f"{x.dtype}{list(np.shape(x))}"
         same = str(x.dtype) == rec.get("key_dtype") and list(np.shape(x)) == rec.get("key_shape")
+        if not same and "key" not in rec and _metadata.is_key(x):
+            _, data = _key_data_of(tuple(np.shape(x)), x.dtype)
+            expected += f" (key data {data.dtype.name}{list(data.shape)})"
         return None if same else expected
     if kind == "array":
         shape, dtype = tuple(np.shape(x)), np.dtype(x.dtype)
@@ -203,6 +207,32 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
     if not _castable(src, dtype):
         return expected + f" (no safe cast from {src.name})"
     return None
+
+
+def _as_key(x: Any, rec: dict[str, Any]) -> dict[str, Any]:
+    """``rec``, made the record of a typed key of ``x``'s implementation where ``x`` is a
+    typed-key target leaf and ``rec`` a plain array of exactly its key data (formats with no
+    key type, Flax msgpack and safetensors, hold keys so): the restore wraps the data."""
+    if rec["t"] != "array" or "key" in rec or not _metadata.is_key(x):
+        return rec
+    shape = tuple(np.shape(x))
+    impl, data = _key_data_of(shape, x.dtype)
+    if list(data.shape) != rec["shape"] or data.dtype != np.dtype(rec["dtype"]):
+        return rec
+    return {**rec, "key": impl, "key_dtype": str(x.dtype), "key_shape": list(shape)}
+
+
+@functools.cache
+def _key_data_of(shape: tuple[int, ...], dtype: Any) -> tuple[str, jax.ShapeDtypeStruct]:
+    """The implementation name and key data shape of typed keys of ``shape`` and ``dtype``."""
+    impl: list[str] = []
+
+    def data(keys: jax.Array) -> jax.Array:
+        impl.append(str(jax.random.key_impl(keys)))
+        return jax.random.key_data(keys)
+
+    out = jax.eval_shape(data, jax.ShapeDtypeStruct(shape, dtype))
+    return impl[0], out
 
 
 def _category(dtype: np.dtype) -> int:
@@ -343,6 +373,7 @@ def plan(reader: Reader, target: Target, prefix: Prefix, unused: bool) -> Plan:
             missing.append(shown)
         else:
             used.add(reader.resolve(cpath))
+            rec = _as_key(x, rec)
             why = _problem(x, rec)
             if why is not None:
                 mismatched.append(Mismatch(shown, _paths.keystr(keypath), why, _describe(rec)))

@@ -82,6 +82,9 @@ class ForeignReader:
             rec = record_of(leaf, path or "<root>")
             self._records[path] = rec
             _insert(root, keys, rec)
+        nodes = getattr(source, "nodes", None)
+        for keys, kind in (nodes() if callable(nodes) else {}).items():
+            _insert(root, keys, {"t": kind, "c": []})
         _settle(root)
         self._root = root
         extra = getattr(source, "metadata", None)
@@ -214,13 +217,22 @@ class ForeignReader:
                 index = _checked_index(self.path, p, rec["shape"], index)
             todo.append((self.resolve(p), index))
         many = getattr(self.source, "read_many", None)
+        if not todo:
+            return []
         if many is not None:
             got = many([(self._keys[p], i) for p, i in todo])
-        else:
-            got = list(_runtime.pool("read").map(lambda r: self._read_one(*r), todo))
-        if then is not None:
-            got = [then(i, a) for i, a in enumerate(got)]
-        return got
+            return got if then is None else [then(i, a) for i, a in enumerate(got)]
+        if then is None:
+            return list(_runtime.pool("read").map(self._read_one, *zip(*todo, strict=True)))
+        # ``then`` (a restore's device put) runs on the I/O thread that read the array, as
+        # the next reads go on.
+        return list(
+            _runtime.pool("read").map(
+                lambda i, p, index: then(i, self._read_one(p, index)),
+                range(len(todo)),
+                *zip(*todo, strict=True),
+            )
+        )
 
     def _read_one(self, path: str, index: Any) -> np.ndarray:
         leaf = self._leaves[path]

@@ -32,6 +32,8 @@ ITEM = "_METADATA"
 STEP = "_CHECKPOINT_METADATA"
 _STEP_NAME = re.compile(r"(?:.*_)?([0-9]+)")
 _SEQ, _DICT = 1, 2  # Orbax's key types
+# The value types Orbax records for the parts of a tree that hold no leaf, as jaxckpt's nodes.
+_EMPTY = {"None": "none", "Dict": "dict", "List": "list", "Tuple": "tuple"}
 
 
 def _read_json(root: str, key: str) -> Any:
@@ -110,6 +112,7 @@ class _Item:
         strings = _read_json(path, "_strings.json") if _has_strings(meta) else None
         impls = _key_impls(path)
         self.leaves: dict[Keys, Leaf] = {}
+        self.nodes: dict[Keys, str] = {}  # None and empty containers: no data, in the tree
         self.names: dict[Keys, str] = {}
         arrays: dict[Keys, str] = {}
         order: list[Keys] = []
@@ -121,6 +124,9 @@ class _Item:
             )
             name = ".".join(str(k["key"]) for k in kms)
             kind = value.get("value_type")
+            if kind in _EMPTY:
+                self.nodes[into + keys] = _EMPTY[kind]
+                continue
             if value.get("skip_deserialize"):
                 continue
             order.append(into + keys)
@@ -128,7 +134,6 @@ class _Item:
                 self.leaves[into + keys] = Leaf((), np.dtype(object), value=(strings or {})[name])
             elif kind in ("jax.Array", "np.ndarray", "scalar"):
                 arrays[into + keys] = name
-            # Other kinds (None, empty containers) hold no data.
         self._stores = {k: self._open(n) for k, n in arrays.items()}
         for k, name in arrays.items():
             try:
@@ -182,15 +187,17 @@ def _error(root: str, name: str, e: Exception) -> CheckpointError:
     )
 
 
-def _json_leaves(doc: Any, keys: Keys, out: dict[Keys, Leaf]) -> None:
+def _json_leaves(doc: Any, keys: Keys, out: dict[Keys, Leaf], nodes: dict[Keys, str]) -> None:
     if isinstance(doc, dict) and doc:
         for k, v in doc.items():
-            _json_leaves(v, (*keys, str(k)), out)
+            _json_leaves(v, (*keys, str(k)), out, nodes)
     elif isinstance(doc, list) and doc:
         for i, v in enumerate(doc):
-            _json_leaves(v, (*keys, i), out)
+            _json_leaves(v, (*keys, i), out, nodes)
     elif isinstance(doc, (bool, int, float, str)):
         out[keys] = Leaf((), np.dtype(object), value=doc)
+    elif keys:  # null, {} or []
+        nodes[keys] = "none" if doc is None else "dict" if isinstance(doc, dict) else "list"
 
 
 class OrbaxSource:
@@ -202,6 +209,7 @@ class OrbaxSource:
         self.path = path
         self._items: dict[Keys, _Item] = {}
         self._leaves: dict[Keys, Leaf] = {}
+        self._nodes: dict[Keys, str] = {}
         self._meta = step_metadata(path) if _storage.at(path).exists(STEP) else {}
         if _is_item(path):
             self._add_item(path, ())
@@ -226,10 +234,11 @@ class OrbaxSource:
             for k in item.leaves:
                 self._items[k] = item
             self._leaves.update(item.leaves)
+            self._nodes.update(item.nodes)
             return
         doc = _read_json(path, "metadata")  # a JsonSave item
         if doc is not None:
-            _json_leaves(doc, into, self._leaves)
+            _json_leaves(doc, into, self._leaves, self._nodes)
 
     def metadata(self) -> dict[str, Any]:
         """Time and metrics, from ``_CHECKPOINT_METADATA``."""
@@ -237,6 +246,10 @@ class OrbaxSource:
 
     def leaves(self) -> Mapping[Keys, Leaf]:
         return self._leaves
+
+    def nodes(self) -> Mapping[Keys, str]:
+        """None and empty containers in the saved tree (Orbax records them in ``_METADATA``)."""
+        return self._nodes
 
     def read(self, keys: Keys, index: Index | None = None) -> np.ndarray:
         return self.read_many([(keys, index)])[0]

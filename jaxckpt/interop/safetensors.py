@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import json
 import math
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any, TypeGuard
@@ -26,6 +27,7 @@ from typing import Any, TypeGuard
 import ml_dtypes
 import numpy as np
 
+from .. import _memory
 from .. import storage as _storage
 from .._errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
 from .source import Index, Keys, Leaf
@@ -33,6 +35,11 @@ from .source import Index, Keys, Leaf
 FORMAT = "safetensors"
 MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
 INDEX_SUFFIX = ".safetensors.index.json"
+# Reads of a slice are runs of at least this many bytes where they can be (smaller ones are
+# widened): a positioned read of a local file costs about as much as a few KiB of copying, a
+# request to an object store as much as about a MiB of transfer.
+MIN_RUN = 4096
+MIN_RUN_URL = 1 << 20
 
 DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(t)
@@ -83,7 +90,7 @@ def recognise(path: str | os.PathLike[str]) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with builtins.open(path, "rb") as f:
+        with builtins.open(path, "rb", buffering=0) as f:
             head = f.read(9)
     except OSError:
         return False
@@ -152,22 +159,41 @@ class _Bytes:
         if self._fd is None:
             got = self._kv.read(self._name, byte_range=slice(start, start + len(view))).result()
             if got.state != "value" or len(got.value) != len(view):
-                raise CorruptCheckpointError(
-                    f"The safetensors file {self.path} is shorter than its header says (bytes "
-                    f"{start}..{start + len(view)} are not there). Fix: upload it again."
-                )
+                raise self._short(start, start + len(view))
             view[:] = got.value
             return out
         done = 0
         while done < len(view):  # a read may return fewer bytes than asked (2 GiB at most)
             n = os.preadv(self._fd, [view[done:]], start + done)
             if n == 0:
-                raise CorruptCheckpointError(
-                    f"The safetensors file {self.path} is shorter than its header says (bytes "
-                    f"{start + done}..{start + len(view)} are not there). Fix: download it again."
-                )
+                raise self._short(start + done, start + len(view))
             done += n
         return out
+
+    def read_runs(self, runs: list[tuple[np.ndarray, int]]) -> None:
+        """Fills each ``(out, start)``'s ``out`` from ``start`` on; on an object store the
+        byte ranges are requested together."""
+        if self._fd is not None:
+            for out, start in runs:
+                self.read_into(out, start)
+            return
+        views = [out.reshape(-1).view(np.uint8).data for out, _ in runs]
+        futures = [
+            self._kv.read(self._name, byte_range=slice(start, start + len(v)))
+            for v, (_, start) in zip(views, runs, strict=True)
+        ]
+        for view, (_, start), future in zip(views, runs, futures, strict=True):
+            got = future.result()
+            if got.state != "value" or len(got.value) != len(view):
+                raise self._short(start, start + len(view))
+            view[:] = got.value
+
+    def _short(self, start: int, stop: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"The safetensors file {self.path} is shorter than its header says (bytes "
+            f"{start}..{stop} are not there). Fix: "
+            + ("upload it again." if self._fd is None else "download it again.")
+        )
 
     def close(self) -> None:
         if self._fd is not None:
@@ -335,17 +361,8 @@ class SafetensorsSource:
     def read(self, keys: Keys, index: Index | None = None) -> np.ndarray:
         t = self._tensors[tuple(keys)]
         if index is None or not t.shape or not index:
-            return t.file.read_into(np.empty(t.shape, t.dtype), t.start)
-        rows = range(*index[0].indices(t.shape[0]))
-        rest = (slice(None), *index[1:])
-        if not rows:
-            return np.empty(t.shape, t.dtype)[index]
-        lo, hi = min(rows), max(rows) + 1
-        row = math.prod(t.shape[1:]) * t.dtype.itemsize
-        block = t.file.read_into(np.empty((hi - lo, *t.shape[1:]), t.dtype), t.start + lo * row)
-        if rows.step != 1:
-            block = block[rows.start - lo :: rows.step]  # rows ascending or descending
-        return block[rest] if any(s != slice(None) for s in index[1:]) else block
+            return t.file.read_into(_memory.aligned_empty(t.shape, t.dtype), t.start)
+        return _read_box(t, index)
 
     def close(self) -> None:
         for f in self.files:
@@ -356,6 +373,60 @@ class SafetensorsSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_box(t: _Tensor, index: Index) -> np.ndarray:
+    """The slice ``index`` of the tensor ``t``, reading only the box of elements it spans.
+
+    The box's rows are contiguous in the file where every later axis is read whole, so the
+    box is read as runs of that many bytes, one positioned read each. Runs shorter than
+    :data:`MIN_RUN` (a slice of the last axis of a narrow tensor) are widened to whole rows of
+    a leading axis instead: fewer, larger reads for a few more bytes.
+    """
+    shape, item = t.shape, t.dtype.itemsize
+    picks: list[range | int] = []
+    for s, n in zip(index, shape, strict=False):
+        if isinstance(s, slice):
+            picks.append(range(*s.indices(n)))
+        else:
+            try:
+                i = operator.index(s)
+            except TypeError:  # an Ellipsis, a new axis, an array of indices: read it all
+                whole = t.file.read_into(_memory.aligned_empty(shape, t.dtype), t.start)
+                return whole[index]
+            picks.append(i + n if i < 0 else i)
+    if any(isinstance(p, range) and not p for p in picks):
+        return np.empty(shape, t.dtype)[index]
+    picks += [range(n) for n in shape[len(picks) :]]
+    los = [min(p) if isinstance(p, range) else p for p in picks]
+    his = [max(p) + 1 if isinstance(p, range) else p + 1 for p in picks]
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    j = len(shape) - 1  # the first axis from which on the box is contiguous
+    while j > 0 and (los[j], his[j]) == (0, shape[j]):
+        j -= 1
+    least = MIN_RUN_URL if _is_url(t.file.path) else MIN_RUN
+    while j > 0 and (his[j] - los[j]) * strides[j] * item < least:
+        los[j], his[j] = 0, shape[j]
+        j -= 1
+    for d in range(j + 1, len(shape)):
+        los[d], his[d] = 0, shape[d]
+    box = _memory.aligned_empty([h - lo for lo, h in zip(los, his, strict=True)], t.dtype)
+    runs = []
+    for lead in np.ndindex(*box.shape[:j]):
+        first = sum((los[d] + c) * strides[d] for d, c in enumerate(lead)) + los[j] * strides[j]
+        runs.append((box[lead], t.start + first * item))
+    t.file.read_runs(runs)
+    rel = tuple(
+        p - lo
+        if isinstance(p, int)
+        else slice(p.start - lo, p.stop - lo if p.step > 0 else None, p.step)
+        for p, lo in zip(picks, los, strict=True)
+    )
+    if all(
+        isinstance(r, slice) and r == slice(0, n, 1) for r, n in zip(rel, box.shape, strict=True)
+    ):
+        return box
+    return box[rel]
 
 
 def _split(name: str, where: str) -> Keys:

@@ -45,6 +45,10 @@ class Source(Protocol):
         """Every leaf, in the order the format lists them."""
         ...
 
+    # Optional: ``nodes() -> Mapping[Keys, str]``, the parts of the tree that hold no leaf
+    # (``"none"`` for None, ``"dict"``/``"list"``/``"tuple"`` for an empty container), so a
+    # restore without a target rebuilds them too.
+
     def read(self, keys: Keys, index: Index | None = None) -> np.ndarray:
         """The leaf at ``keys`` (its key data for a typed key), or the slice ``index`` of it."""
         ...

@@ -30,7 +30,7 @@ def describe(path: str) -> str | None:
             return "a TensorFlow checkpoint (tf.train.Checkpoint)"
         return None
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             head = f.read(8)
     except OSError:
         return None

@@ -84,6 +84,35 @@ def test_every_layout_restores_bit_for_bit(tmp_path, ocdbt, zarr3):
     assert ("rngs", (2,), "key<rbg>") in jc.list_variables(path)
 
 
+def test_none_and_empty_containers_restore(tmp_path):
+    """Were dropped: Orbax records them in _METADATA, and jaxckpt rebuilds them as Orbax's own
+    restore does (a tuple that holds leaves comes back a list there too)."""
+    tree = {
+        "a": jnp.ones(2),
+        "none": None,
+        "ed": {},
+        "el": [],
+        "et": (),
+        "nested": {"x": [None, {}, jnp.zeros(1)], "t": (jnp.int32(1), ())},
+    }
+    for ocdbt in (True, False):
+        path = _save(tmp_path / f"ckpt-{ocdbt}", tree, ocdbt)
+        with ocp.StandardCheckpointer() as ck:
+            theirs = ck.restore(path)
+        got = jc.restore(path)
+        assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(theirs)
+        assert got["none"] is None and got["et"] == () and got["nested"]["x"][:2] == [None, {}]
+        np.testing.assert_array_equal(got["nested"]["x"][2], np.zeros(1, np.float32))
+        back = jc.restore(path, tree)  # the saved tree as its own target
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+    # A JsonSave item's nulls and empty containers too.
+    run = tmp_path / "run"
+    with ocp.CheckpointManager(run) as mgr:
+        mgr.save(1, args=ocp.args.Composite(meta=ocp.args.JsonSave({"a": None, "b": {}, "c": []})))
+        mgr.wait_until_finished()
+    assert jc.restore(str(run / "1")) == {"meta": {"a": None, "b": {}, "c": []}}
+
+
 def test_restore_options_and_casts(tmp_path):
     tree = {"params": {"enc": {"k": jnp.arange(12.0).reshape(3, 4)}, "head": jnp.ones(10)}}
     path = _save(tmp_path / "ckpt", tree)
@@ -165,6 +194,26 @@ def test_jaxckpt_manager_continues_an_orbax_run(tmp_path, capsys):
     assert cli.main(["ls", str(run)]) == 0
     out = capsys.readouterr().out
     assert "1 (Orbax)" in out and "2 (Orbax)" in out and "ckpt-4" in out
+
+
+def test_latest_checkpoint_counts_orbax_steps(tmp_path):
+    """Found only ckpt-<step>: now the newest step of either kind, as a manager lists them."""
+    run = tmp_path / "run"
+    opts = ocp.CheckpointManagerOptions(step_prefix="checkpoint")
+    with ocp.CheckpointManager(run, options=opts) as mgr:
+        for step in (1, 5):
+            mgr.save(step, args=ocp.args.StandardSave({"w": jnp.full(2, step, jnp.float32)}))
+        mgr.wait_until_finished()
+    latest = jc.latest_checkpoint(run)
+    assert latest == str(run / "checkpoint_5")
+    np.testing.assert_array_equal(jc.restore(latest)["w"], [5.0, 5.0])
+    jc.save(run / "ckpt-3", {"w": jnp.zeros(2)})
+    assert jc.latest_checkpoint(run) == str(run / "checkpoint_5")
+    jc.save(run / "ckpt-5", {"w": jnp.zeros(2)})  # a step of both kinds: jaxckpt's own
+    assert jc.latest_checkpoint(run) == str(run / "ckpt-5")
+    jc.save(run / "ckpt-9", {"w": jnp.zeros(2)})
+    assert jc.latest_checkpoint(str(run)) == str(run / "ckpt-9")
+    assert jc.latest_checkpoint(tmp_path / "absent") is None
 
 
 def test_nnx_sequential_restores_into_its_state(tmp_path):

@@ -28,13 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(n: int, directory: str, timeout: float = 120.0) -> None:
+def _launch(n: int, directory: str, timeout: float = 120.0, worker: str = WORKER) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, str(i), str(n), str(port), directory],
+            [sys.executable, worker, str(i), str(n), str(port), directory],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
