@@ -81,6 +81,8 @@ class Pack:
     leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the leaves'
     chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
+    # An async snapshot's bytes, whose views ``chunks`` are, until _snapshot.seal_packs ran
+    whole: np.ndarray | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
