@@ -25,13 +25,20 @@ def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax
 
         out: list[Any] = []
         slow: list[int] = []
+        avals: dict[Any, Any] = {}  # one per shape and dtype: most of the per-array Python
+        devices: dict[int, Any] = {}  # id(sharding) -> its device (``shardings`` keeps them)
         for i, (a, s) in enumerate(zip(arrays, shardings, strict=True)):
             if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype or not a.flags.c_contiguous:
                 out.append(None)
                 slow.append(i)
                 continue
-            (device,) = s.device_set
-            aval = core.ShapedArray(a.shape, a.dtype)
+            device = devices.get(id(s))
+            if device is None:
+                (device,) = s.device_set
+                devices[id(s)] = device
+            aval = avals.get((a.shape, a.dtype))
+            if aval is None:
+                aval = avals[a.shape, a.dtype] = core.ShapedArray(a.shape, a.dtype)
             out.append(xc.batched_device_put(aval, s, [a], [device], True))
         if out and slow != list(range(len(out))):
             first = next(y for y in out if y is not None)
