@@ -64,6 +64,7 @@ def clear() -> None:
         _cache.clear()
 
 
+@_metadata.gc_paused()  # no collection (and JAX's gc callback) for the keys of 10,000 leaves
 def plan(tree: PyTree) -> Plan:
     """The plan of ``tree``: from a kept template when its key matches, else walked (and a
     template kept for the next save)."""

@@ -21,6 +21,7 @@ log = logging.getLogger("jaxckpt")
 
 
 @logged_restore
+@_metadata.gc_paused()  # a restore of 10,000 leaves would trigger collections (JAX's gc callback)
 def restore(
     path: str | os.PathLike[str],
     target: PyTree = None,
