@@ -93,14 +93,24 @@ def snapshot(
     """
     skipped = {id(p) for p in skip}
     pieces = [p for a in arrays for p in a.pieces if id(p) not in skipped]
+    # Pieces on an accelerator without room for device copies: moved to the host together.
+    on_device = [p for p in pieces if _write._on_accelerator(p.data)]
+    moved = {id(p) for p in on_device}
     cp = _runtime.pool("copy")
     taken: list[np.ndarray] = []  # list.append is atomic: the copy threads share it
-    jobs = [cp.submit(_copy_piece, p, taken) for p in pieces]
+    jobs = [cp.submit(_copy_piece, p, taken) for p in pieces if id(p) not in moved]
+    hosts = _device.to_host_many([p.data for p in on_device])
+    jobs += [cp.submit(_own_host, p, h) for p, h in zip(on_device, hosts, strict=True)]
     for k in packs:
         _copy_pack(k, taken)
     for j in jobs:
         j.result()
     return taken
+
+
+def _own_host(p: _write.Piece, host: np.ndarray) -> None:
+    """A piece's fresh host copy becomes its data (a ``Zeros`` marker if all zero)."""
+    p.data = _memory.Zeros(host.shape, host.dtype) if _memory.is_zero(host) else host
 
 
 def _copy_pack(k: _write.Pack, taken: list[np.ndarray]) -> None:
