@@ -45,7 +45,9 @@ def test_bench_runs_tiny_and_writes_json(tmp_path):
     assert {("W3", "async_block", "jaxckpt"), ("W3", "restore_warm", "orbax")} <= seen
     assert not os.path.exists(tmp_path / "work" / "W1")  # scratch checkpoints removed
     assert {("W3", "save", "raw"), ("W3", "async_total", "jaxckpt")} <= seen
-    assert len(res["floors"]) == 18
+    assert {("W3", "d2h_pinned", "reference"), ("W3", "async_block_full", "jaxckpt")} <= seen
+    assert ("W3", "mgr_block_full", "jaxckpt") in seen
+    assert len(res["floors"]) == 20
 
 
 def test_quiet_disk_watches_the_disk_holding_the_path(tmp_path):
