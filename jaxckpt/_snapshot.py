@@ -1,7 +1,8 @@
 """Async snapshots: the pieces and packs of a planned save, copied into memory the save owns.
 
-``snapshot`` copies into host buffers from :mod:`jaxckpt._runtime` (``take_buffer``) (small leaves straight
-into their pack chunks); on an accelerator with room, ``copy_on_device`` copies within the
+``snapshot`` copies into host buffers from :mod:`jaxckpt._runtime` (``take_buffer``): small
+leaves straight into their pack, one buffer per pack, which ``seal_packs`` finishes on the
+save's background thread. On an accelerator with room, ``copy_on_device`` copies within the
 device's memory instead and ``fetch`` moves those copies to the host in the background. A
 piece whose bytes are all zero is kept as a :class:`jaxckpt._memory.Zeros` marker.
 """
@@ -88,7 +89,7 @@ def snapshot(
 
     The copies run on the copy threads (NumPy releases the GIL while copying), into buffers
     from :mod:`jaxckpt._runtime` (``take_buffer``), which are returned (the caller gives them back once the
-    save is done); small leaves are copied straight into the chunks of their pack. A piece
+    save is done); small leaves are copied straight into their pack (one buffer). A piece
     whose bytes are all zero is not copied: a :class:`_memory.Zeros` marker takes its place.
     """
     skipped = {id(p) for p in skip}
