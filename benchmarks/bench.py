@@ -11,7 +11,8 @@ Usage (``make bench`` runs the first)::
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
-8 GiB of arrays on the device; W4 a fine-tune (1 GiB frozen, 16 MiB trained with Adam) whose
+8 GiB of arrays on the device, then again with the device's memory nearly full (no room for a
+device copy); W4 a fine-tune (1 GiB frozen, 16 MiB trained with Adam) whose
 manager saves every step (benchmarks/w4.py); W5 4 processes on 127.0.0.1 (1 CPU device each)
 saving and restoring a fully replicated 256 MiB tree, replicas sharing the work or not; ST W1's
 parameters (3x wider, ~1 GiB) in one safetensors file, restored into jax.Arrays by jaxckpt and
@@ -39,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxckpt as jc
@@ -499,6 +501,8 @@ def run_workload(
         if not scratch.keep_all:
             scratch.flush()
     scratch.flush()
+    if wl == "W3" and any(t.name == "jaxckpt" for t in tools):
+        device_full(tree, res, args, base)
     memory_use(wl, tree, tools, res, base)
     shutil.rmtree(base, ignore_errors=True)
 
@@ -627,6 +631,77 @@ def async_and_manager(
             for t in manager_loop_orbax(d, tree, args.steps, compute):
                 res.add(wl, op, "orbax_mgr", t)
             scratch.drop(d)
+
+
+def fill_device(tree: Any) -> list[jax.Array]:
+    """Arrays filling the tree's device until less than half the tree's size is free (no
+    room for a device copy of it); none where the device reports no memory statistics."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    dev = next(iter(leaves[0].devices()))
+    size = sum(x.nbytes for x in leaves)
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:
+        stats = {}
+    if "bytes_limit" not in stats:
+        return []
+    fill = stats["bytes_limit"] - stats.get("bytes_in_use", 0) - size // 2
+    out = []
+    while fill > 0:
+        n = min(fill, GiB)
+        out.append(jax.block_until_ready(jnp.zeros((n,), jnp.uint8, device=dev)))
+        fill -= n
+    return out
+
+
+def d2h_pinned(leaves: list[Any]) -> float:
+    """One transfer of every leaf into pinned host memory (all queued, then waited for)."""
+    gc.collect()
+    t0 = time.perf_counter()
+    out = block(
+        jax.device_put(leaves, [x.sharding.with_memory_kind("pinned_host") for x in leaves])
+    )
+    dt = time.perf_counter() - t0
+    del out
+    return dt
+
+
+def device_full(tree: Any, res: Results, args: argparse.Namespace, base: str) -> None:
+    """W3 with the device's memory nearly full (issue #18, part 4): no room for device copies,
+    so an async save's snapshot is the transfer to host memory. The floor is one transfer of
+    every leaf into pinned host memory that JAX's allocator already holds (the second one:
+    the first pays for pinning it); the manager's calls, with compute between saves longer
+    than a save's write, against the same."""
+    filler = fill_device(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    print(f"  device full: {len(filler)} GiB of filler on the device", flush=True)
+    try:
+        d2h_pinned(leaves)  # pins the memory
+        for _ in range(args.repeats):
+            res.add("W3", "d2h_pinned", "reference", d2h_pinned(leaves))
+        totals = []
+        for k in range(args.repeats + 1):
+            path = os.path.join(base, f"full-async-{k}")
+            idle_disk(base)
+            gc.collect()
+            t0 = time.perf_counter()
+            h = jc.save_async(path, tree)
+            dt = time.perf_counter() - t0
+            h.wait()
+            totals.append(time.perf_counter() - t0)
+            # the first save of a process pins its host memory
+            res.add("W3", "async_block_full_first" if k == 0 else "async_block_full", "jaxckpt", dt)
+            remove(path)
+        if args.steps > 0:
+            compute = max(args.compute, 1.5 * statistics.median(totals))
+            res.notes["W3"]["full_compute_s"] = compute
+            d = os.path.join(base, "full-mgr")
+            idle_disk(base)
+            for t in manager_loop_jaxckpt(d, tree, args.steps, compute):
+                res.add("W3", "mgr_block_full", "jaxckpt", t)
+            remove(d)
+    finally:
+        del filler
 
 
 def manager_loop_jaxckpt(d: str, tree: Any, steps: int, compute: float) -> list[float]:
@@ -827,6 +902,21 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
 
     for desc, mine, bound, unit in w4.floors(res):
         check(desc, mine, bound, unit)
+    # W3 with the device full (issue #18): no room for device copies.
+    d2h = m("W3", "d2h_pinned", "reference")
+    check(
+        "W3 device full: async block <= d2h into pinned",
+        m("W3", "async_block_full", "jaxckpt"),
+        d2h,
+        "s",
+    )
+    full = res.times.get(("W3", "mgr_block_full", "jaxckpt"))
+    check(
+        "W3 device full: manager per call <= 2x d2h into pinned",
+        max(full) if full else None,
+        times(d2h, 2),
+        "s, worst call",
+    )
     return [c for c in out if c[0].split()[0] in res.notes]  # the workloads run
 
 

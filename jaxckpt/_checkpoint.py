@@ -27,6 +27,7 @@ from . import (
     _incremental,
     _metadata,
     _multihost,
+    _plan_cache,
     _progress,
     _runtime,
     _snapshot,
@@ -44,7 +45,7 @@ PyTree = Any
 @dataclasses.dataclass
 class _Save:
     final: str
-    record: dict[str, Any]
+    record: dict[str, Any]  # empty until ``bind`` ran (a plan from a kept template)
     arrays: list[_write.Array]
     packs: list[_write.Pack]
     extra: dict[str, Any]
@@ -52,6 +53,7 @@ class _Save:
     buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
     time: float = 0.0  # when it was written, as its metadata says
     inc: _incremental.Save | None = None  # what it links from its base, and records
+    bind: Callable[[], dict[str, Any]] | None = None  # makes ``record`` (_plan_cache.Plan)
 
 
 def _prepare(
@@ -70,9 +72,18 @@ def _prepare(
     sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
     if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
         _check_free(final)
-    record, arrays, packs = _write.plan(tree)
-    inc = _incremental.prepare(final, arrays, None if base is None else os.fspath(base), hashing)
-    return _Save(final, record, arrays, packs, extra, sync, inc=inc)
+    p = _plan_cache.plan(tree)  # a tree saved before is not walked again
+    inc = _incremental.prepare(final, p.arrays, None if base is None else os.fspath(base), hashing)
+    return _Save(final, p.record or {}, p.arrays, p.packs, extra, sync, inc=inc, bind=p.bind)
+
+
+def _complete(s: _Save) -> None:
+    """Makes the save's record (a plan from a kept template attaches each leaf's record to its
+    array or pack) and seals an async snapshot's packs. Deferred to here, an async save's
+    background thread: the caller of ``save_async`` waits only for the snapshot."""
+    if s.bind is not None:
+        s.record, s.bind = s.bind(), None
+    _snapshot.seal_packs(s.packs)
 
 
 def _check_free(final: str) -> None:
@@ -157,6 +168,7 @@ def _execute(s: _Save, budget: int) -> str:
     lock = None
     begun = False  # the directory exists for this process: its loss is reported as such
     try:
+        _complete(s)
         tmp = _agree_on_tmp(s)
         states = {p: r["v"] for p, r in _metadata.iter_leaves(s.record) if r["t"] == "state"}
         if states:

@@ -25,13 +25,20 @@ def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax
 
         out: list[Any] = []
         slow: list[int] = []
+        avals: dict[Any, Any] = {}  # one per shape and dtype: most of the per-array Python
+        devices: dict[int, Any] = {}  # id(sharding) -> its device (``shardings`` keeps them)
         for i, (a, s) in enumerate(zip(arrays, shardings, strict=True)):
             if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype or not a.flags.c_contiguous:
                 out.append(None)
                 slow.append(i)
                 continue
-            (device,) = s.device_set
-            aval = core.ShapedArray(a.shape, a.dtype)
+            device = devices.get(id(s))
+            if device is None:
+                (device,) = s.device_set
+                devices[id(s)] = device
+            aval = avals.get((a.shape, a.dtype))
+            if aval is None:
+                aval = avals[a.shape, a.dtype] = core.ShapedArray(a.shape, a.dtype)
             out.append(xc.batched_device_put(aval, s, [a], [device], True))
         if out and slow != list(range(len(out))):
             first = next(y for y in out if y is not None)
@@ -65,3 +72,31 @@ def to_host(x: jax.Array) -> np.ndarray:
         return np.from_dlpack(pinned)
     except Exception:  # no DLPack view of it: a copy out of the pinned buffer
         return np.asarray(pinned)
+
+
+def to_host_many(xs: Sequence[jax.Array]) -> list[np.ndarray]:
+    """Host copies of ``xs`` (arrays on one accelerator each) that the caller owns, moved
+    together.
+
+    One ``jax.device_put`` to the devices' pinned host memory for all of them: the transfers
+    are all queued before any is waited for, so the copy engines never idle between arrays
+    (what an async save of a device without room for device copies waits for). JAX's pinned
+    allocator keeps that memory from one save to the next: only the first save in a process
+    pays for pinning it. Falls back to :func:`to_host` one array at a time.
+    """
+    xs = list(xs)
+    if not xs:
+        return []
+    try:
+        pinned = jax.block_until_ready(
+            jax.device_put(xs, [x.sharding.with_memory_kind("pinned_host") for x in xs])
+        )
+    except Exception:  # no pinned host memory here
+        return [to_host(x) for x in xs]
+    out = []
+    for p in pinned:
+        try:
+            out.append(np.from_dlpack(p))
+        except Exception:  # no DLPack view of it: a copy out of the pinned buffer
+            out.append(np.asarray(p))
+    return out

@@ -22,6 +22,7 @@ log = logging.getLogger("jaxckpt")
 
 
 @logged_restore
+@_metadata.gc_paused()  # a restore of 10,000 leaves would trigger collections (JAX's gc callback)
 def restore(
     path: str | os.PathLike[str],
     target: PyTree = None,
@@ -134,7 +135,7 @@ def restore(
         sharding = _sharding(x)
         if broadcast and len(slots) == 1 and _broadcast.everywhere(rec, sharding):
             everywhere.append(next(iter(slots.values())))
-        if sharding is not None and len(sharding.device_set) == 1 and "key" not in rec:
+        if sharding is not None and _one_device(sharding) is not None and "key" not in rec:
             to_device[slots[None]] = (np.dtype(x.dtype), sharding)
 
     def put(i: int, host: np.ndarray) -> Any:  # on the I/O thread that read it
@@ -207,7 +208,7 @@ def _read_bytes(reader: Reader, requests: list[tuple[str, Any]]) -> int:
 
 
 def _sharding(x: Any) -> jax.sharding.Sharding | None:
-    if isinstance(x, jax.Array):
+    if type(x) is not jax.ShapeDtypeStruct and isinstance(x, jax.Array):  # a slow isinstance
         return x.sharding
     if isinstance(x, jax.ShapeDtypeStruct):
         s = getattr(x, "sharding", None)
@@ -225,9 +226,27 @@ def _target_shards(x: Any, shape: tuple[int, ...]) -> dict[Any, Any]:
     sharding = _sharding(x)
     if sharding is None:
         return {None: None}
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return {next(iter(sharding.device_set)): None}  # the whole array, on one device
+    device = _one_device(sharding)
+    if device is not None and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return {device: None}  # the whole array, on one device
     return dict(sharding.addressable_devices_indices_map(shape))
+
+
+_devices: dict[int, tuple[Any, Any]] = {}  # id(sharding) -> (sharding, its one device or None)
+
+
+def _one_device(sharding: jax.sharding.Sharding) -> Any:
+    """The device of a sharding on one device, else None; found once per sharding object
+    (``device_set`` builds a set each time: a restore of 10,000 leaves asked 20,000 times)."""
+    got = _devices.get(id(sharding))
+    if got is not None and got[0] is sharding:
+        return got[1]
+    ds = sharding.device_set
+    device = next(iter(ds)) if len(ds) == 1 else None
+    if len(_devices) > 256:  # shardings of earlier restores (their ids may be reused)
+        _devices.clear()
+    _devices[id(sharding)] = (sharding, device)
+    return device
 
 
 def _index_key(idx: Any) -> Any:

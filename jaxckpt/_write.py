@@ -86,6 +86,8 @@ class Pack:
     leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the leaves'
     chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
+    # An async snapshot's bytes, whose views ``chunks`` are, until _snapshot.seal_packs ran
+    whole: np.ndarray | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -204,7 +206,7 @@ def plan(tree: PyTree) -> Plan:
             chunks = shares.chunk_shape(x, dtype.itemsize)
         loc = path or "%"
         meta = _arrays.array_metadata(shape, data_type, chunks)
-        arrays.append(Array(loc, meta, pieces, rec, _source(x)))
+        arrays.append(Array(loc, meta, pieces, rec, source_of(x)))
         if shares is not None:
             shares.add(arrays[-1], x, nbytes)
         rec["chunks"], rec["loc"] = chunks, loc
@@ -218,7 +220,7 @@ def plan(tree: PyTree) -> Plan:
     return Plan(record, arrays, packs)
 
 
-def _source(x: Any) -> weakref.ref[Any] | None:
+def source_of(x: Any) -> weakref.ref[Any] | None:
     """A weak reference to a ``jax.Array`` leaf: the same object at the next save is unchanged
     (a NumPy array is not: it may have been written to since)."""
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):

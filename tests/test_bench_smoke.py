@@ -45,8 +45,10 @@ def test_bench_runs_tiny_and_writes_json(tmp_path):
     assert {("W3", "async_block", "jaxckpt"), ("W3", "restore_warm", "orbax")} <= seen
     assert not os.path.exists(tmp_path / "work" / "W1")  # scratch checkpoints removed
     assert {("W3", "save", "raw"), ("W3", "async_total", "jaxckpt")} <= seen
+    assert {("W3", "d2h_pinned", "reference"), ("W3", "async_block_full", "jaxckpt")} <= seen
+    assert ("W3", "mgr_block_full", "jaxckpt") in seen
     names = [f["floor"] for f in res["floors"]]
-    assert len(names) == 22
+    assert len(names) == 24
     assert "W2 restore cold of an Orbax checkpoint by jaxckpt <= Orbax's own" in names
 
 
