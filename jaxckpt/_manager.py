@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _multihost, _restore, _run, _runtime, _storage
+from . import _checkpoint, _local_tier, _multihost, _restore, _run, _runtime, _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
 from ._reader import Reader
@@ -80,10 +80,22 @@ class CheckpointManager:
         save_interval_steps: int = 1,
         async_save: bool = True,
         read_only: bool = False,
+        local_directory: str | os.PathLike[str] | None = None,
+        local_save_interval_steps: int = 1,
+        local_max_to_keep: int = 2,
+        peer_replicas: int = 1,
     ):
         _check_count("max_to_keep", max_to_keep, none_ok=True)
         _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
         _check_count("save_interval_steps", save_interval_steps, none_ok=False)
+        _check_count("local_save_interval_steps", local_save_interval_steps, none_ok=False)
+        _check_count("local_max_to_keep", local_max_to_keep, none_ok=False)
+        if (
+            not isinstance(peer_replicas, int)
+            or isinstance(peer_replicas, bool)
+            or peer_replicas < 0
+        ):
+            raise ValueError(f"peer_replicas must be a non-negative int, not {peer_replicas!r}.")
         if keep_every_n_hours is not None and not keep_every_n_hours > 0:
             raise ValueError(
                 f"keep_every_n_hours must be a positive number of hours or None, not "
@@ -123,6 +135,16 @@ class CheckpointManager:
         self._entries, stale = self._load()
         if stale and self._primary and not self.read_only:
             self._writing(self._write_index, True)
+        self._local = None  # the local tier (docs/multihost.md, "Surviving a lost host")
+        if local_directory is not None and not read_only:
+            self._local = _local_tier.LocalTier(
+                local_directory,
+                local_save_interval_steps,
+                local_max_to_keep,
+                peer_replicas,
+                async_save,
+                self._barrier,
+            )
         # At interpreter exit its last saves still commit (a manager's hook runs before the
         # saves' own: hooks run in reverse order of registration).
         _runtime.at_exit(_finish_at_exit, weakref.ref(self))
@@ -263,7 +285,9 @@ class CheckpointManager:
 
     @property
     def latest_step(self) -> int | None:
-        return max(self._entries, default=None)
+        """The newest step restorable from the persistent tier or the local one."""
+        local = self._local.latest if self._local is not None else None
+        return max([*self._entries, *([local] if local is not None else [])], default=None)
 
     @property
     def checkpoints(self) -> list[str]:
@@ -300,6 +324,11 @@ class CheckpointManager:
         ``save_interval_steps`` and newer than every step saved or being saved (so a loop
         resumed at a saved step does not save it again)."""
         step = _checkpoint.check_step(step)
+        return self._persistent_due(step) or (
+            self._local is not None and self._local.due(step, force=False)
+        )
+
+    def _persistent_due(self, step: int) -> bool:
         newest = max([*self._entries, *(p.step for p in self._pending)], default=-1)
         return step > newest and step % self.save_interval_steps == 0
 
@@ -329,6 +358,10 @@ class CheckpointManager:
         self._reap(wait=False)
         if not force and not self.should_save(step):
             return False
+        local = self._local is not None and self._local.due(step, force)
+        if local and not (force or self._persistent_due(step)):
+            self._local.save(step, tree, _checkpoint.check_metrics(metrics))
+            return True
         if not single:
             self.wait_until_finished()
         if step in self._entries or any(p.step == step for p in self._pending):
@@ -346,6 +379,8 @@ class CheckpointManager:
         else:
             _checkpoint.save(self._path(step), tree, step=step, metrics=as_saved)
             self._committed(self._entry_from_metadata(step))
+        if local:
+            self._local.save(step, tree, as_saved)
         return True
 
     def _finish_pending(self, only_done: bool = False) -> None:
@@ -439,6 +474,8 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Waits for the saves in flight to commit and applies retention; raises an error."""
         try:
+            if self._local is not None:
+                self._local.wait()
             self._finish_pending()
         finally:
             self._reap(wait=True)
@@ -448,6 +485,8 @@ class CheckpointManager:
         the run (a later ``save`` takes the run back)."""
         try:
             self.wait_until_finished()
+            if self._local is not None:
+                self._local.close()
         finally:
             if self._writer is not None:
                 self._writer()
@@ -481,8 +520,13 @@ class CheckpointManager:
         if step is not None:
             step = _checkpoint.check_step(step)
         self.wait_until_finished()
+        if self._local is not None:
+            persistent = max(self._entries, default=None)
+            found, tree = self._local.restore(step, persistent, target, restore_kwargs)
+            if found:
+                return tree
         if step is None:
-            step = self.latest_step
+            step = max(self._entries, default=None)
             if step is None:
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no committed checkpoint to restore. Fix: check the "

@@ -49,8 +49,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list[Proc]:
-    """Runs ``scenario`` in ``n`` joined processes; kills only them if they outlive ``timeout``."""
+def launch(
+    scenario: str, n: int, directory: str, timeout: float = 90.0, worker: str = WORKER
+) -> list[Proc]:
+    """Runs ``scenario`` of ``worker`` in ``n`` joined processes; kills only them if they outlive
+    ``timeout``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "JAXCKPT_"))}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -61,7 +64,7 @@ def launch(scenario: str, n: int, directory: str, timeout: float = 90.0) -> list
         results = [os.path.join(results_dir, f"{i}.jsonl") for i in range(n)]
         procs = [
             subprocess.Popen(
-                [sys.executable, WORKER, scenario, str(i), str(n), str(port), directory],
+                [sys.executable, worker, scenario, str(i), str(n), str(port), directory],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

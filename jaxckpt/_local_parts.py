@@ -1,0 +1,307 @@
+"""A process's part of a local-tier step, and how parts travel between processes.
+
+A local-tier step ``s`` is, in each process's local directory, ``ckpt-<s>/process-<o>``: the
+part of process ``o`` (this process's own, or a replica of a peer's), each a plain jaxckpt
+checkpoint with its own ``COMMIT``. A part holds, for every array sharded over several
+processes, the distinct shards process ``o`` held (``shards/a<i>/s<j>``) and their ``layout``
+(key path, shape, dtype and shard indices), and every other leaf of the tree whole (``tree``;
+each sharded array there is a 0). The layout's hash says which restores a part can serve: one
+into the same shardings by as many processes.
+
+Parts travel as their files over the job's own connection, the distributed runtime's key-value
+store: no filesystem is shared between hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _multihost, _storage
+from ._errors import CheckpointError, CoordinationError
+
+PyTree = Any
+PART = "process-"
+FORMAT = 1
+SEND_CHUNK = 16 << 20  # bytes per key-value store value: smaller values keep its memory low
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"ckpt-{step}")
+
+
+def part_dir(root: str, step: int, owner: int) -> str:
+    return os.path.join(step_dir(root, step), f"{PART}{owner}")
+
+
+def owner_of(name: str) -> int | None:
+    rest = name[len(PART) :] if name.startswith(PART) else ""
+    return int(rest) if rest.isdigit() and str(int(rest)) == rest else None
+
+
+def is_committed(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, _storage.COMMIT))
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+def _index(index: tuple[Any, ...], shape: tuple[int, ...]) -> list[list[int]]:
+    """A shard's index as ``[[start, stop], ...]`` per dimension."""
+    out = []
+    for sl, dim in zip(index, shape, strict=True):
+        start, stop, _ = sl.indices(dim)
+        out.append([start, stop])
+    return out
+
+
+def _sharded(x: Any) -> bool:
+    """A leaf sharded over several processes: its part holds only this process's shards."""
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return False
+    return not sharding.is_fully_addressable
+
+
+def _leaf_layout(key: str, x: Any) -> list[Any]:
+    shape = tuple(int(d) for d in x.shape)
+    indices = {
+        json.dumps(_index(tuple(i), shape))
+        for i in x.sharding.addressable_devices_indices_map(shape).values()
+    }
+    return [key, list(shape), np.dtype(x.dtype).name, sorted(json.loads(i) for i in indices)]
+
+
+def layout_of(tree: PyTree) -> list[list[Any]]:
+    """The layout of ``tree``'s sharded leaves on this process (a tree or a restore target)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [_leaf_layout(jax.tree_util.keystr(path), x) for path, x in leaves if _sharded(x)]
+
+
+def layout_hash(processes: int, layout: list[list[Any]]) -> str:
+    text = json.dumps([FORMAT, processes, layout], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def split(tree: PyTree) -> dict[str, Any]:
+    """This process's part of ``tree``, on the host: a tree ``jc.save`` writes alone."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    rest: list[Any] = []
+    shards: dict[str, dict[str, np.ndarray]] = {}
+    layout = []
+    for path, x in leaves:
+        if not _sharded(x):
+            rest.append(x)
+            continue
+        entry = _leaf_layout(jax.tree_util.keystr(path), x)
+        by_index: dict[str, Any] = {}
+        for s in x.addressable_shards:
+            by_index.setdefault(json.dumps(_index(tuple(s.index), tuple(x.shape))), s.data)
+        # A copy: the caller may donate or overwrite its arrays once save returns.
+        shards[f"a{len(layout)}"] = {
+            f"s{j}": np.array(by_index[json.dumps(i)], copy=True) for j, i in enumerate(entry[3])
+        }
+        layout.append(entry)
+        rest.append(0)
+    return {
+        "format": FORMAT,
+        "processes": _multihost.process_count(),
+        "layout": json.dumps(layout),
+        "shards": shards,
+        "tree": jax.tree_util.tree_unflatten(treedef, rest),
+    }
+
+
+def read_hash(path: str) -> tuple[int, str]:
+    """``(processes, layout hash)`` of the committed part at ``path``."""
+    from ._reader import Reader
+
+    with _multihost.alone():
+        reader = Reader(path)
+        processes = int(reader["processes"])
+        layout = json.loads(str(reader["layout"]))
+    return processes, layout_hash(processes, layout)
+
+
+def assemble(path: str, target: PyTree) -> PyTree:
+    """Restores ``target`` from the part at ``path``: its sharded leaves from the part's shards
+    (onto the target's own shardings), every other leaf as ``jc.restore`` does."""
+    from ._reader import Reader
+    from ._restore import restore
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    with _multihost.alone():
+        reader = Reader(path)
+        layout = json.loads(str(reader["layout"]))
+        sharded = [i for i, (_, x) in enumerate(leaves) if _sharded(x)]
+        rest = [0 if i in set(sharded) else x for i, (_, x) in enumerate(leaves)]
+        out = jax.tree_util.tree_flatten(
+            restore(path, jax.tree_util.tree_unflatten(treedef, rest), prefix="tree")
+        )[0]
+        for n, i in enumerate(sharded):
+            key, shape, dtype, indices = layout[n]
+            x = leaves[i][1]
+            where = {json.dumps(idx): j for j, idx in enumerate(indices)}
+            arrays = []
+            for device, index in x.sharding.addressable_devices_indices_map(tuple(shape)).items():
+                j = where[json.dumps(_index(tuple(index), tuple(shape)))]
+                data = reader.read(f"shards/a{n}/s{j}")
+                arrays.append(jax.device_put(np.asarray(data, dtype=np.dtype(dtype)), device))
+            out[i] = jax.make_array_from_single_device_arrays(tuple(shape), x.sharding, arrays)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def files_of(path: str) -> list[str]:
+    """The files of the part at ``path``, relative to it, ``COMMIT`` last."""
+    found = []
+    for root, _, names in os.walk(path):
+        for name in names:
+            found.append(os.path.relpath(os.path.join(root, name), path))
+    return sorted(found, key=lambda rel: (rel == _storage.COMMIT, rel))
+
+
+def remove(path: str) -> None:
+    """Removes ``path`` (a step or a part) atomically: renamed first, so a crash never leaves a
+    half-deleted part that still looks committed. Another process may remove it too."""
+    tmp = f"{path}{_storage.TMP_MARK}del-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, tmp)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------- transfer
+
+
+def _client() -> Any:
+    return _multihost._client()
+
+
+def send(key: str, path: str) -> None:
+    """Posts the files of the committed part at ``path`` under ``key`` for one receiver."""
+    names = files_of(path)
+    sizes = [os.path.getsize(os.path.join(path, n)) for n in names]
+    client = _client()
+    chunks = 0
+    for chunk in _chunked(path, names):
+        client.key_value_set_bytes(f"{key}/c/{chunks}", chunk)
+        chunks += 1
+    # The header last: a receiver that reads it finds every chunk posted.
+    client.key_value_set(f"{key}/head", json.dumps({"files": [names, sizes], "chunks": chunks}))
+
+
+def send_error(key: str, error: BaseException) -> None:
+    """Tells the receiver waiting on ``key`` that the part will not come, and why."""
+    try:
+        message = f"{type(error).__name__}: {error}"[:2000]
+        _client().key_value_set(f"{key}/head", json.dumps({"error": message}))
+    except Exception:  # the receiver's wait ends with the runtime's own error then
+        pass
+
+
+def _chunked(path: str, names: list[str]) -> Iterator[bytes]:
+    buf = bytearray()
+    for name in names:
+        with open(os.path.join(path, name), "rb") as f:
+            while block := f.read(SEND_CHUNK - len(buf)):
+                buf += block
+                if len(buf) >= SEND_CHUNK:
+                    yield bytes(buf)
+                    buf.clear()
+    if buf:
+        yield bytes(buf)
+
+
+def receive(key: str, path: str, sender: int, what: str) -> None:
+    """Writes the part posted under ``key`` by ``sender`` as the committed part at ``path``."""
+    client = _client()
+    seconds = _multihost.timeout_s()
+    ms = max(1, int(seconds * 1000))
+    try:
+        head = json.loads(client.blocking_key_value_get(f"{key}/head", ms))
+    except Exception as e:
+        raise _multihost._runtime_error(
+            f"{what} waited for process {sender} to send it", seconds, e, late=[str(sender)]
+        ) from e
+    if "error" in head:
+        raise CoordinationError(
+            f"jaxckpt: {what} did not come from process {sender}, which failed to send it: "
+            f"{head['error']}. Fix: see that process's log for the cause."
+        )
+    names, sizes = head["files"]
+    tmp = f"{path}{_storage.TMP_MARK}{uuid.uuid4().hex[:12]}"
+    os.makedirs(tmp)
+    try:
+        chunks = _Chunks(client, key, ms, head["chunks"])
+        for name, size in zip(names, sizes, strict=True):
+            full = os.path.join(tmp, name)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as out:
+                for piece in chunks.take(size):
+                    out.write(piece)
+                out.flush()
+                os.fsync(out.fileno())
+        if chunks.left:
+            raise CheckpointError(
+                f"jaxckpt: {what} from process {sender} arrived with bytes to spare. Fix: save "
+                "again; the step is not counted."
+            )
+        client.key_value_delete(f"{key}/head")
+        for root, _, _ in os.walk(tmp):
+            _sync_dir(root)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if is_committed(path):  # a process sharing this directory already holds it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        os.rename(tmp, path)
+        _sync_dir(os.path.dirname(path))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _Chunks:
+    """The chunks posted under ``key``, read in order as one stream of bytes (each chunk is
+    deleted from the store once read)."""
+
+    def __init__(self, client: Any, key: str, ms: int, n: int):
+        self.client, self.key, self.ms, self.n = client, key, ms, n
+        self.next = 0
+        self.buf = memoryview(b"")
+
+    @property
+    def left(self) -> bool:
+        return bool(len(self.buf)) or self.next < self.n
+
+    def take(self, n: int) -> Iterator[memoryview]:
+        while n:
+            if not len(self.buf):
+                if self.next >= self.n:
+                    raise CheckpointError(f"jaxckpt: the part posted under {self.key} is short.")
+                key = f"{self.key}/c/{self.next}"
+                self.buf = memoryview(self.client.blocking_key_value_get_bytes(key, self.ms))
+                self.client.key_value_delete(key)
+                self.next += 1
+            piece, self.buf = self.buf[:n], self.buf[n:]
+            n -= len(piece)
+            yield piece
