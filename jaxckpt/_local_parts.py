@@ -8,8 +8,8 @@ processes, the distinct shards process ``o`` held (``shards/a<i>/s<j>``) and the
 each sharded array there is a 0). The layout's hash says which restores a part can serve: one
 into the same shardings by as many processes.
 
-Parts travel as their files over the job's own connection, the distributed runtime's key-value
-store: no filesystem is shared between hosts.
+Parts travel between processes as their files (:mod:`jaxckpt._local_channel`): no
+filesystem is shared between hosts.
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 from . import _multihost, _storage
-from ._errors import CheckpointError, CoordinationError
+from ._errors import CheckpointError
 
 PyTree = Any
 PART = "process-"
 FORMAT = 1
-SEND_CHUNK = 16 << 20  # bytes per key-value store value: smaller values keep its memory low
 
 
 def step_dir(root: str, step: int) -> str:
@@ -190,118 +188,16 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-# ---------------------------------------------------------------------------- transfer
-
-
-def _client() -> Any:
-    return _multihost._client()
-
-
-def send(key: str, path: str) -> None:
-    """Posts the files of the committed part at ``path`` under ``key`` for one receiver."""
-    names = files_of(path)
-    sizes = [os.path.getsize(os.path.join(path, n)) for n in names]
-    client = _client()
-    chunks = 0
-    for chunk in _chunked(path, names):
-        client.key_value_set_bytes(f"{key}/c/{chunks}", chunk)
-        chunks += 1
-    # The header last: a receiver that reads it finds every chunk posted.
-    client.key_value_set(f"{key}/head", json.dumps({"files": [names, sizes], "chunks": chunks}))
-
-
-def send_error(key: str, error: BaseException) -> None:
-    """Tells the receiver waiting on ``key`` that the part will not come, and why."""
-    try:
-        message = f"{type(error).__name__}: {error}"[:2000]
-        _client().key_value_set(f"{key}/head", json.dumps({"error": message}))
-    except Exception:  # the receiver's wait ends with the runtime's own error then
-        pass
-
-
-def _chunked(path: str, names: list[str]) -> Iterator[bytes]:
-    buf = bytearray()
-    for name in names:
-        with open(os.path.join(path, name), "rb") as f:
-            while block := f.read(SEND_CHUNK - len(buf)):
-                buf += block
-                if len(buf) >= SEND_CHUNK:
-                    yield bytes(buf)
-                    buf.clear()
-    if buf:
-        yield bytes(buf)
-
-
-def receive(key: str, path: str, sender: int, what: str) -> None:
-    """Writes the part posted under ``key`` by ``sender`` as the committed part at ``path``."""
-    client = _client()
-    seconds = _multihost.timeout_s()
-    ms = max(1, int(seconds * 1000))
-    try:
-        head = json.loads(client.blocking_key_value_get(f"{key}/head", ms))
-    except Exception as e:
-        raise _multihost._runtime_error(
-            f"{what} waited for process {sender} to send it", seconds, e, late=[str(sender)]
-        ) from e
-    if "error" in head:
-        raise CoordinationError(
-            f"jaxckpt: {what} did not come from process {sender}, which failed to send it: "
-            f"{head['error']}. Fix: see that process's log for the cause."
-        )
-    names, sizes = head["files"]
-    tmp = f"{path}{_storage.TMP_MARK}{uuid.uuid4().hex[:12]}"
-    os.makedirs(tmp)
-    try:
-        chunks = _Chunks(client, key, ms, head["chunks"])
-        for name, size in zip(names, sizes, strict=True):
-            full = os.path.join(tmp, name)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, "wb") as out:
-                for piece in chunks.take(size):
-                    out.write(piece)
-                out.flush()
-                os.fsync(out.fileno())
-        if chunks.left:
-            raise CheckpointError(
-                f"jaxckpt: {what} from process {sender} arrived with bytes to spare. Fix: save "
-                "again; the step is not counted."
-            )
-        client.key_value_delete(f"{key}/head")
-        for root, _, _ in os.walk(tmp):
-            _sync_dir(root)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if is_committed(path):  # a process sharing this directory already holds it
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        os.rename(tmp, path)
-        _sync_dir(os.path.dirname(path))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-class _Chunks:
-    """The chunks posted under ``key``, read in order as one stream of bytes (each chunk is
-    deleted from the store once read)."""
-
-    def __init__(self, client: Any, key: str, ms: int, n: int):
-        self.client, self.key, self.ms, self.n = client, key, ms, n
-        self.next = 0
-        self.buf = memoryview(b"")
-
-    @property
-    def left(self) -> bool:
-        return bool(len(self.buf)) or self.next < self.n
-
-    def take(self, n: int) -> Iterator[memoryview]:
-        while n:
-            if not len(self.buf):
-                if self.next >= self.n:
-                    raise CheckpointError(f"jaxckpt: the part posted under {self.key} is short.")
-                key = f"{self.key}/c/{self.next}"
-                self.buf = memoryview(self.client.blocking_key_value_get_bytes(key, self.ms))
-                self.client.key_value_delete(key)
-                self.next += 1
-            piece, self.buf = self.buf[:n], self.buf[n:]
-            n -= len(piece)
-            yield piece
+def place(staged: str, path: str) -> None:
+    """Moves a part received whole into ``staged`` (files synced) to ``path``, committed."""
+    for root, _, _ in os.walk(staged):
+        _sync_dir(root)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if is_committed(path):  # a process sharing this directory already holds it
+        shutil.rmtree(staged, ignore_errors=True)
+        return
+    if not is_committed(staged):
+        shutil.rmtree(staged, ignore_errors=True)
+        raise CheckpointError(f"jaxckpt: the part received for {path} has no {_storage.COMMIT}.")
+    os.rename(staged, path)
+    _sync_dir(os.path.dirname(path))

@@ -21,7 +21,7 @@ import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import _checkpoint, _local_parts, _multihost, _run, _storage
+from . import _checkpoint, _local_channel, _local_parts, _multihost, _run, _storage
 from ._errors import CheckpointError
 from ._local_parts import part_dir, step_dir
 
@@ -94,7 +94,11 @@ class LocalTier:
         self._rounds = itertools.count()
         self._hashes: dict[tuple[str, int, int], tuple[int, str]] = {}
         os.makedirs(self.directory, exist_ok=True)
-        hosts = self._exchange("hosts", host_id())
+        # One process sends nothing: no port to open.
+        self._channel = _local_channel.transport(self.directory, self.n > 1)
+        peers = self._exchange("hosts", {"host": host_id(), "address": self._channel.address()})
+        hosts = [peer["host"] for peer in peers]
+        self._channel.connect([peer["address"] for peer in peers])
         self.holders = placement(hosts, replicas)
         self.held_for = sorted(o for o, hs in self.holders.items() if self.p in hs)
         if replicas and self.n > 1 and not self.holders[self.p]:
@@ -204,14 +208,16 @@ class LocalTier:
                 _checkpoint.save(own, part, step=step, metrics=metrics)
         except BaseException as e:
             for q in self.holders[self.p]:
-                _local_parts.send_error(f"{key}/{self.p}/{q}", e)
+                self._channel.fail(f"{key}/{self.p}/{q}", e, q)
             raise
         del part
         for q in self.holders[self.p]:
-            _local_parts.send(f"{key}/{self.p}/{q}", own)
+            what = f"the replica of process {self.p}'s part of local step {step}"
+            self._channel.send(f"{key}/{self.p}/{q}", own, q, what)
         for o in self.held_for:
             what = f"the replica of process {o}'s part of local step {step}"
-            _local_parts.receive(f"{key}/{o}/{self.p}", part_dir(self.directory, step, o), o, what)
+            staged = self._channel.receive(f"{key}/{o}/{self.p}", o, what)
+            _local_parts.place(staged, part_dir(self.directory, step, o))
         if self.n > 1:
             _multihost._client().key_value_set(f"{self._key}/done/{step}/{self.p}", "1")
 
@@ -260,6 +266,7 @@ class LocalTier:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            self._channel.close()
 
     # ------------------------------------------------------------------------ restoring
 
@@ -301,12 +308,13 @@ class LocalTier:
         key = f"{self._key}/fetch/{next(self._rounds)}"
         for o, holders in owners.items():
             if o not in holders and holders[0] == self.p:
-                _local_parts.send(f"{key}/{o}", part_dir(self.directory, chosen, o))
+                what = f"process {o}'s part of local step {chosen}"
+                self._channel.send(f"{key}/{o}", part_dir(self.directory, chosen, o), o, what)
         own = part_dir(self.directory, chosen, self.p)
         if self.p not in owners[self.p]:
             sender = owners[self.p][0]
-            what = f"this process's part of local step {chosen}"
-            _local_parts.receive(f"{key}/{self.p}", own, sender, what)
+            what = f"process {self.p}'s part of local step {chosen}"
+            _local_parts.place(self._channel.receive(f"{key}/{self.p}", sender, what), own)
             log.info("jaxckpt: got local step %d's part from process %d", chosen, sender)
         return True, _local_parts.assemble(own, target)
 

@@ -29,6 +29,9 @@ SCENARIO, PID, NPROC, PORT, DIRECTORY = sys.argv[1:6]
 PID_, NPROC_ = int(PID), int(NPROC)
 os.environ["JAXCKPT_HOST_ID"] = f"host-{PID_}"  # every process its own host
 os.environ["JAXCKPT_BARRIER_TIMEOUT_S"] = "60"
+if SCENARIO.endswith("-kv"):  # parts travel through JAX's key-value store, not direct TCP
+    os.environ["JAXCKPT_LOCAL_TRANSPORT"] = "kv"
+    SCENARIO = SCENARIO[: -len("-kv")]
 
 jax.distributed.initialize(
     coordinator_address=f"127.0.0.1:{PORT}",

@@ -104,7 +104,7 @@ def test_a_part_and_its_replica_both_lost_falls_back_to_the_persistent_tier(firs
     job = copy_of(first_job, tmp_path)
     shutil.rmtree(job / "local-1")  # process 1's part of each step ...
     shutil.rmtree(job / "local-2")  # ... and its replica, held by process 2
-    procs = run("again", job)
+    procs = run("again-kv", job)  # the job then saves on, its parts sent through JAX's store
     assert_all_done(procs)
     for i, p in enumerate(procs):
         assert (p.results["restored"]["latest"], p.results["restored"]["step"]) == (20, 20)
