@@ -225,6 +225,10 @@ class Tcp:
         self.addresses = addresses
 
     def close(self) -> None:
+        try:  # wakes the thread blocked in accept (close alone would leave it listening)
+            self.server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.server.close()
 
     def _accept(self) -> None:

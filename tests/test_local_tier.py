@@ -15,7 +15,7 @@ import pytest
 from test_multihost import assert_all_done, launch
 
 import jaxckpt as jc
-from jaxckpt import _local_tier, cli
+from jaxckpt import _local_channel, _local_parts, _local_tier, _multihost, cli
 
 WORKER = os.path.join(os.path.dirname(__file__), "local_tier_worker.py")
 N = 4
@@ -119,3 +119,188 @@ def test_ls_shows_what_a_local_directory_holds(first_job, capsys):
     assert "the local tier of process 3" in out
     lines = [ln.split() for ln in out.splitlines()]
     assert ["25", "3", "2"] == lines[2][:3] and ["30", "3", "2"] == lines[3][:3], out
+
+
+# ---------------------------------------------------------------------------- one process
+
+
+def test_placement_keeps_replicas_off_their_host():
+    assert _local_tier.placement(["h0", "h1", "h2", "h3"], 1) == {0: [1], 1: [2], 2: [3], 3: [0]}
+    # Two hosts of two processes: each process's replica lies on the other host.
+    assert _local_tier.placement(["a", "a", "b", "b"], 1) == {0: [2], 1: [3], 2: [0], 3: [1]}
+    assert _local_tier.placement(["a", "b", "c"], 2) == {0: [1, 2], 1: [2, 0], 2: [0, 1]}
+    # One host: no replica can leave it (the tier warns); more replicas than other hosts: fewer.
+    assert _local_tier.placement(["a", "a"], 1) == {0: [], 1: []}
+    assert _local_tier.placement(["a", "b"], 3) == {0: [1], 1: [0]}
+
+
+def manager(tmp_path, **kw):
+    args = dict(save_interval_steps=10, max_to_keep=3, local_directory=tmp_path / "local")
+    args.update(local_save_interval_steps=5, local_max_to_keep=2)
+    return jc.CheckpointManager(tmp_path / "run", **{**args, **kw})
+
+
+def tree(step):
+    return {"w": np.arange(6, dtype=np.float32) + step, "step": step}
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_one_process_local_saves_rotate_apart_from_persistent_ones(tmp_path, async_save):
+    mngr = manager(tmp_path, async_save=async_save)
+    assert mngr.should_save(5) and not mngr.should_save(6)
+    saved = [s for s in range(0, 41) if mngr.save(s, tree(s))]
+    assert saved == [0, 5, 10, 15, 20, 25, 30, 35, 40]  # a local-only step returns True too
+    mngr.wait_until_finished()
+    assert mngr.steps == [20, 30, 40] and mngr.latest_step == 40
+    assert mngr._local.steps == [35, 40]
+    mngr.save(41, tree(41), force=True)  # preemption: both tiers
+    mngr.save(43, tree(43))  # neither
+    mngr.close()
+    assert mngr.steps == [30, 40, 41] and mngr._local.steps == [40, 41]
+    local = sorted(n for n in os.listdir(tmp_path / "local") if n.startswith("ckpt-"))
+    assert local == ["ckpt-40", "ckpt-41"]
+    # Each part is a plain checkpoint: the process's own arrays and values.
+    part = jc.restore(tmp_path / "local" / "ckpt-41" / "process-0")
+    np.testing.assert_array_equal(part["tree"]["w"], tree(41)["w"])
+
+
+def test_one_process_restores_the_newer_tier(tmp_path):
+    with manager(tmp_path) as mngr:
+        for s in range(0, 16):
+            mngr.save(s, tree(s))
+    mngr = manager(tmp_path)
+    assert mngr.steps == [0, 10] and mngr.latest_step == 15
+    out = mngr.restore(target=tree(0))
+    assert out["step"] == 15
+    np.testing.assert_array_equal(out["w"], tree(15)["w"])
+    assert mngr.restore(10, tree(0))["step"] == 10  # a step of the persistent tier only
+    assert mngr.restore(15, tree(0))["step"] == 15
+    with pytest.raises(jc.CheckpointNotFoundError, match="Step 12 has no committed checkpoint"):
+        mngr.restore(12, tree(0))
+    mngr.close()
+
+
+def test_ls_of_a_one_process_local_directory(tmp_path, capsys):
+    with manager(tmp_path) as mngr:
+        for s in range(0, 11):
+            mngr.save(s, tree(s))
+    assert cli.main(["ls", str(tmp_path / "local")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("the local tier of process 0")
+    assert [ln.split()[:3] for ln in out[1:]] == [
+        ["STEP", "OWN", "REPLICAS"],
+        ["5", "0", "-"],
+        ["10", "0", "-"],
+    ]
+
+
+def test_bad_local_arguments_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"local_directory must be a path on this host's own disk"):
+        manager(tmp_path, local_directory="s3://bucket/local")
+    with pytest.raises(ValueError, match=r"peer_replicas must be a non-negative int, not -1\."):
+        manager(tmp_path, peer_replicas=-1)
+    with pytest.raises(ValueError, match=r"local_save_interval_steps must be a positive int"):
+        manager(tmp_path, local_save_interval_steps=0)
+    monkeypatch.setenv("JAXCKPT_LOCAL_TRANSPORT", "carrier-pigeon")
+    with pytest.raises(
+        ValueError,
+        match=r"JAXCKPT_LOCAL_TRANSPORT='carrier-pigeon' is not a transport of the local tier\. "
+        r"Fix: set it to 'tcp'",
+    ):
+        _local_channel.transport(str(tmp_path))
+
+
+def a_part(tmp_path):
+    path = str(tmp_path / "src" / "ckpt-1" / "process-0")
+    jc.save(path, {"a": np.arange(1000, dtype=np.int64), "b": np.zeros(0), "s": "x"})
+    return path
+
+
+def received(tmp_path, staged):
+    dest = str(tmp_path / "dst" / "ckpt-1" / "process-0")
+    _local_parts.place(staged, dest)
+    np.testing.assert_array_equal(jc.restore(dest)["a"], np.arange(1000))
+    return dest
+
+
+def test_tcp_transport_moves_a_part_and_reports_failures(tmp_path):
+    os.makedirs(tmp_path / "dst")
+    sender = _local_channel.Tcp(str(tmp_path / "src"))
+    receiver = _local_channel.Tcp(str(tmp_path / "dst"))
+    try:
+        for t in (sender, receiver):
+            t.connect([sender.address(), receiver.address()])
+        sender.send("k/1", a_part(tmp_path), 1, "a part")
+        received(tmp_path, receiver.receive("k/1", 0, "a part"))
+        sender.fail("k/2", OSError("disk full"), 1)
+        with pytest.raises(
+            jc.CoordinationError,
+            match=r"jaxckpt: a part did not come from process 0: it failed: OSError: disk full\. "
+            r"Fix: see that process's log for the cause\.",
+        ):
+            receiver.receive("k/2", 0, "a part")
+        receiver.close()
+        with pytest.raises(jc.CoordinationError, match=r"could not send a part to process 1 at"):
+            sender.send("k/3", str(tmp_path / "src" / "ckpt-1" / "process-0"), 1, "a part")
+    finally:
+        sender.close()
+        receiver.close()
+
+
+class FakeStore:
+    """The key-value store of JAX's distributed runtime, in one process."""
+
+    def __init__(self):
+        self.kv = {}
+
+    def key_value_set(self, k, v):
+        self.kv[k] = v
+
+    key_value_set_bytes = key_value_set
+
+    def blocking_key_value_get(self, k, ms):
+        return self.kv[k]
+
+    blocking_key_value_get_bytes = blocking_key_value_get
+
+    def key_value_delete(self, k):
+        del self.kv[k]
+
+
+def test_kv_transport_streams_a_part_in_chunks(tmp_path, monkeypatch):
+    store = FakeStore()
+    monkeypatch.setattr(_multihost, "_client", lambda: store)
+    monkeypatch.setattr(_local_channel, "KV_CHUNK", 333)  # files straddle chunks
+    os.makedirs(tmp_path / "dst")
+    kv = _local_channel.Kv(str(tmp_path / "dst"))
+    kv.send("k/1", a_part(tmp_path), 1, "a part")
+    assert sum(k.startswith("k/1/c/") for k in store.kv) > 10
+    received(tmp_path, kv.receive("k/1", 0, "a part"))
+    assert store.kv == {}  # every chunk deleted once read
+    kv.fail("k/2", OSError("disk full"), 1)
+    with pytest.raises(jc.CoordinationError, match=r"it failed: OSError: disk full\. Fix: see"):
+        kv.receive("k/2", 0, "a part")
+
+
+def test_a_failed_local_save_is_reported_and_not_counted(tmp_path, monkeypatch):
+    mngr = manager(tmp_path, async_save=False)
+    mngr.save(5, tree(5))  # persistent step 0 was never saved: this manager starts at 5
+    real = _local_tier._checkpoint.save
+
+    def full(path, *a, **kw):
+        if "ckpt-15" in path:
+            raise OSError(28, "No space left on device")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(_local_tier._checkpoint, "save", full)
+    with pytest.raises(
+        jc.CheckpointError,
+        match=r"The local save of step 15 to .*local/ckpt-15/process-0 failed: .*No space left on "
+        r"device.* That step is not in the local tier; earlier steps and the persistent tier are "
+        r"intact\. Fix: remove the cause",
+    ):
+        mngr.save(15, tree(15))
+    assert mngr._local.steps == [5] and mngr.latest_step == 5
+    assert mngr.save(20, tree(20))  # the manager goes on
+    mngr.close()
+    assert mngr._local.steps == [5, 20]
