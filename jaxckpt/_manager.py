@@ -60,7 +60,10 @@ class CheckpointManager:
     a save commits in the background; its retention (or error) comes with the next ``save``,
     ``restore``, ``wait_until_finished`` or ``close``. On several processes all call the same
     methods at the same steps; process 0 alone deletes and writes the index. See
-    docs/manager.md.
+    docs/manager.md. With ``local_directory``, a local tier saves every
+    ``local_save_interval_steps`` to each host's own disk, each process's part replicated to
+    ``peer_replicas`` processes on other hosts, keeping ``local_max_to_keep`` steps; a restart
+    restores the newest step that survived whole (docs/multihost.md, "Surviving a lost host").
 
     Example:
         >>> with jc.CheckpointManager("./tf_ckpts", max_to_keep=3) as mngr:  # doctest: +SKIP
