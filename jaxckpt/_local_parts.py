@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -24,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _multihost, _storage
+from . import _multihost, _runtime, _storage
 from ._errors import CheckpointError
 
 PyTree = Any
@@ -89,12 +90,15 @@ def layout_hash(processes: int, layout: list[list[Any]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def split(tree: PyTree) -> dict[str, Any]:
-    """This process's part of ``tree``, on the host: a tree ``jc.save`` writes alone."""
+def split(tree: PyTree) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """This process's part of ``tree``, on the host: a tree ``jc.save`` writes alone, and the
+    snapshot buffers it holds (for :func:`jaxckpt._runtime.give_buffers` once written)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     rest: list[Any] = []
     shards: dict[str, dict[str, np.ndarray]] = {}
     layout = []
+    copies: list[tuple[np.ndarray, Any]] = []
+    buffers: list[np.ndarray] = []
     for path, x in leaves:
         if not _sharded(x):
             rest.append(x)
@@ -103,19 +107,33 @@ def split(tree: PyTree) -> dict[str, Any]:
         by_index: dict[str, Any] = {}
         for s in x.addressable_shards:
             by_index.setdefault(json.dumps(_index(tuple(s.index), tuple(x.shape))), s.data)
-        # A copy: the caller may donate or overwrite its arrays once save returns.
-        shards[f"a{len(layout)}"] = {
-            f"s{j}": np.array(by_index[json.dumps(i)], copy=True) for j, i in enumerate(entry[3])
-        }
+        # A copy: the caller may donate or overwrite its arrays once save returns. Into the
+        # snapshot buffers async saves reuse: fresh memory costs more than the copy.
+        mine = shards[f"a{len(layout)}"] = {}
+        for j, i in enumerate(entry[3]):
+            data = by_index[json.dumps(i)]
+            dtype, shape = np.dtype(data.dtype), tuple(data.shape)
+            nbytes = math.prod(shape) * dtype.itemsize
+            buffers.append(_runtime.take_buffer(max(1, nbytes)))
+            dest = buffers[-1][:nbytes].view(dtype).reshape(shape)
+            copies.append((dest, data))
+            mine[f"s{j}"] = dest
         layout.append(entry)
         rest.append(0)
-    return {
+    if copies:
+        list(_runtime.pool("copy").map(_copy, *zip(*copies, strict=True)))
+    part = {
         "format": FORMAT,
         "processes": _multihost.process_count(),
         "layout": json.dumps(layout),
         "shards": shards,
         "tree": jax.tree_util.tree_unflatten(treedef, rest),
     }
+    return part, buffers
+
+
+def _copy(dest: np.ndarray, x: Any) -> None:
+    np.copyto(dest, np.asarray(x))
 
 
 def read_hash(path: str) -> tuple[int, str]:
@@ -144,16 +162,22 @@ def assemble(path: str, target: PyTree) -> PyTree:
         out = jax.tree_util.tree_flatten(
             restore(path, jax.tree_util.tree_unflatten(treedef, rest), prefix="tree")
         )[0]
+        # Every shard read at once (the reader's I/O threads), each distinct one once.
+        paths: dict[str, int] = {}
+        plan = []
         for n, i in enumerate(sharded):
-            key, shape, dtype, indices = layout[n]
+            _, shape, _, indices = layout[n]
             x = leaves[i][1]
             where = {json.dumps(idx): j for j, idx in enumerate(indices)}
-            arrays = []
+            devices = []
             for device, index in x.sharding.addressable_devices_indices_map(tuple(shape)).items():
                 j = where[json.dumps(_index(tuple(index), tuple(shape)))]
-                data = reader.read(f"shards/a{n}/s{j}")
-                arrays.append(jax.device_put(np.asarray(data, dtype=np.dtype(dtype)), device))
-            out[i] = jax.make_array_from_single_device_arrays(tuple(shape), x.sharding, arrays)
+                devices.append((device, paths.setdefault(f"shards/a{n}/s{j}", len(paths))))
+            plan.append((i, x.sharding, tuple(shape), devices))
+        data = reader.read_many([(path, None) for path in paths])
+        for i, sharding, shape, devices in plan:
+            arrays = [jax.device_put(data[r], device) for device, r in devices]
+            out[i] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

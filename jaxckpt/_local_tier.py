@@ -21,7 +21,7 @@ import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from . import _checkpoint, _local_channel, _local_parts, _multihost, _run, _storage
+from . import _checkpoint, _local_channel, _local_parts, _multihost, _run, _runtime, _storage
 from ._errors import CheckpointError
 from ._local_parts import part_dir, step_dir
 
@@ -185,9 +185,9 @@ class LocalTier:
         """Snapshots this process's part of ``tree``; it is written and replicated in the
         background (with ``async_save``), one step at a time."""
         self.wait()
-        part = _local_parts.split(tree)
+        part, buffers = _local_parts.split(tree)
         self._newest = self._job_step = step
-        job = functools.partial(self._write, step, part, metrics)
+        job = functools.partial(self._write, step, part, buffers, metrics)
         if self._pool is not None:
             self._job = self._pool.submit(job)
         else:
@@ -199,7 +199,9 @@ class LocalTier:
                 self._job.set_exception(e)
             self.wait()
 
-    def _write(self, step: int, part: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def _write(
+        self, step: int, part: dict[str, Any], buffers: list[Any], metrics: dict[str, Any]
+    ) -> None:
         own = part_dir(self.directory, step, self.p)
         key = f"{self._key}/save/{step}"
         try:
@@ -210,7 +212,9 @@ class LocalTier:
             for q in self.holders[self.p]:
                 self._channel.fail(f"{key}/{self.p}/{q}", e, q)
             raise
-        del part
+        finally:
+            part.clear()  # nothing refers to the snapshot's buffers now
+            _runtime.give_buffers(buffers)
         for q in self.holders[self.p]:
             what = f"the replica of process {self.p}'s part of local step {step}"
             self._channel.send(f"{key}/{self.p}/{q}", own, q, what)
