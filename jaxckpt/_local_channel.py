@@ -84,7 +84,7 @@ class Kv:
     def close(self) -> None:
         pass
 
-    def send(self, key: str, path: str, to: int, what: str) -> None:
+    def send(self, key: str, path: str, to: int, what: str, durable: bool = True) -> None:
         names, sizes = _sizes(path)
         client = _multihost._client()
         chunks = 0
@@ -92,7 +92,8 @@ class Kv:
             client.key_value_set_bytes(f"{key}/c/{chunks}", chunk)
             chunks += 1
         # The header last: a receiver that reads it finds every chunk posted.
-        client.key_value_set(f"{key}/head", json.dumps({"files": [names, sizes], "chunks": chunks}))
+        head = {"files": [names, sizes], "chunks": chunks, "durable": durable}
+        client.key_value_set(f"{key}/head", json.dumps(head))
 
     def fail(self, key: str, error: BaseException, to: int) -> None:
         try:
@@ -122,8 +123,9 @@ class Kv:
                 with open(full, "wb") as out:
                     for piece in chunks.take(size):
                         out.write(piece)
-                    out.flush()
-                    os.fsync(out.fileno())
+                    if head["durable"]:
+                        out.flush()
+                        os.fsync(out.fileno())
             if chunks.left:
                 raise CheckpointError(f"jaxckpt: {what} from process {sender} had bytes to spare.")
         except BaseException:
@@ -263,8 +265,9 @@ class Tcp:
                                 raise EOFError("the connection closed in the middle of the part")
                             out.write(view[:got])
                             size -= got
-                        out.flush()
-                        os.fsync(out.fileno())
+                        if head["durable"]:
+                            out.flush()
+                            os.fsync(out.fileno())
                 self._put(key, staged, None)
                 conn.sendall(b"\x01")
             except Exception as e:
@@ -282,9 +285,11 @@ class Tcp:
         ip, port = self.addresses[to]
         return socket.create_connection((ip, port), timeout=_multihost.timeout_s())
 
-    def send(self, key: str, path: str, to: int, what: str) -> None:
+    def send(self, key: str, path: str, to: int, what: str, durable: bool = True) -> None:
+        """Streams the part at ``path`` to process ``to``; it syncs what it wrote before it
+        answers, unless not ``durable`` (a restore reads the part back at once)."""
         names, sizes = _sizes(path)
-        head = json.dumps({"key": key, "files": [names, sizes]}).encode()
+        head = json.dumps({"key": key, "files": [names, sizes], "durable": durable}).encode()
         try:
             with self._connect(to) as s:
                 s.sendall(struct.pack("!Q", len(head)) + head)

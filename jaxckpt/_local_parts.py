@@ -212,9 +212,9 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def place(staged: str, path: str) -> None:
-    """Moves a part received whole into ``staged`` (files synced) to ``path``, committed."""
-    for root, _, _ in os.walk(staged):
+def place(staged: str, path: str, durable: bool = True) -> None:
+    """Moves a part received whole into ``staged`` (files synced if ``durable``) to ``path``."""
+    for root, _, _ in os.walk(staged) if durable else ():
         _sync_dir(root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if is_committed(path):  # a process sharing this directory already holds it
@@ -224,4 +224,5 @@ def place(staged: str, path: str) -> None:
         shutil.rmtree(staged, ignore_errors=True)
         raise CheckpointError(f"jaxckpt: the part received for {path} has no {_storage.COMMIT}.")
     os.rename(staged, path)
-    _sync_dir(os.path.dirname(path))
+    if durable:
+        _sync_dir(os.path.dirname(path))

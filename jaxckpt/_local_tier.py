@@ -313,12 +313,15 @@ class LocalTier:
         for o, holders in owners.items():
             if o not in holders and holders[0] == self.p:
                 what = f"process {o}'s part of local step {chosen}"
-                self._channel.send(f"{key}/{o}", part_dir(self.directory, chosen, o), o, what)
+                # Not synced there: read back at once, and a copy survives here anyway.
+                path = part_dir(self.directory, chosen, o)
+                self._channel.send(f"{key}/{o}", path, o, what, durable=False)
         own = part_dir(self.directory, chosen, self.p)
         if self.p not in owners[self.p]:
             sender = owners[self.p][0]
             what = f"process {self.p}'s part of local step {chosen}"
-            _local_parts.place(self._channel.receive(f"{key}/{self.p}", sender, what), own)
+            staged = self._channel.receive(f"{key}/{self.p}", sender, what)
+            _local_parts.place(staged, own, durable=False)
             log.info("jaxckpt: got local step %d's part from process %d", chosen, sender)
         return True, _local_parts.assemble(own, target)
 
