@@ -187,13 +187,21 @@ def _own_ip() -> str:
 
     coordinator = getattr(distributed.global_state, "coordinator_address", None) or ""
     host = coordinator.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
-    try:
-        family, _, _, _, where = socket.getaddrinfo(host, 1, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect(where)  # no packet is sent: this picks the route and so the address
-            return str(s.getsockname()[0])
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return "::1" if host == "::1" else "127.0.0.1"  # the whole job runs on this machine
+    # On process 0 the coordinator is this host, whose name may resolve to a loopback
+    # address: then the address of the default route's interface.
+    for toward in (host, "8.8.8.8"):
+        try:
+            family, _, _, _, where = socket.getaddrinfo(toward, 1, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(where)  # no packet is sent: this picks the route, so the address
+                ip = str(s.getsockname()[0])
+        except OSError:
+            continue
+        if not ip.startswith("127.") and ip != "::1":
+            return ip
+    return "127.0.0.1"
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:

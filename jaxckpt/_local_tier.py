@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -122,6 +123,8 @@ class LocalTier:
         self._job: Future[None] | None = None
         self._job_step = -1
         self._pool = ThreadPoolExecutor(1, "jaxckpt-local") if async_save else None
+        # Kept open after close(): a later save of the manager uses them again.
+        weakref.finalize(self, _release, self._pool, self._channel)
         self._retain()
 
     # ------------------------------------------------------------------------ state
@@ -264,13 +267,10 @@ class LocalTier:
                 _local_parts.remove(path)
 
     def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-            self._channel.close()
+        """Waits for the local save in flight and for the removals retention started."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.submit(lambda: None).result()  # its one worker runs jobs in order
 
     # ------------------------------------------------------------------------ restoring
 
@@ -324,6 +324,12 @@ class LocalTier:
             _local_parts.place(staged, own, durable=False)
             log.info("jaxckpt: got local step %d's part from process %d", chosen, sender)
         return True, _local_parts.assemble(own, target)
+
+
+def _release(pool: ThreadPoolExecutor | None, channel: Any) -> None:
+    if pool is not None:
+        pool.shutdown(wait=False)
+    channel.close()
 
 
 def describe(

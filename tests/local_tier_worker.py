@@ -191,6 +191,20 @@ def scenario_again() -> None:
     train(mngr, step + 1, 60)
     mngr.close()
     report("saved-on", steps=mngr.steps, local=mngr._local.steps, at_start=on_disk)
+    # Onto another mesh (the devices in another order): the local tier cannot serve it, so
+    # step 60 comes from the persistent tier, and the local steps stay.
+    other = jax.sharding.Mesh(np.array(jax.devices()[::-1]).reshape(-1, 2), ("x", "y"))
+    elsewhere = jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(other, x.sharding.spec))
+            if isinstance(x, jax.ShapeDtypeStruct)
+            else x
+        ),
+        target(),
+    )
+    out = mngr.restore(target=elsewhere)
+    check(out, 60)
+    report("other-mesh", step=out["step"], local=mngr._local.steps)
 
 
 SCENARIOS = {"first": scenario_first, "resume": scenario_resume, "again": scenario_again}

@@ -90,6 +90,7 @@ def test_lost_host_restores_the_local_step_then_the_job_saves_and_rotates(first_
         ]
         assert p.results["saved-on"]["local"] == [55, 60]
         assert p.results["saved-on"]["steps"] == [40, 60]
+        assert p.results["other-mesh"] == {**p.results["other-mesh"], "step": 60, "local": [55, 60]}
         assert sorted(n for n in os.listdir(job / f"local-{i}") if n.startswith("ckpt-")) == [
             "ckpt-55",
             "ckpt-60",
@@ -132,6 +133,20 @@ def test_placement_keeps_replicas_off_their_host():
     # One host: no replica can leave it (the tier warns); more replicas than other hosts: fewer.
     assert _local_tier.placement(["a", "a"], 1) == {0: [], 1: []}
     assert _local_tier.placement(["a", "b"], 3) == {0: [1], 1: [0]}
+
+
+def test_a_step_counts_when_every_part_survives_in_the_layout_asked_for():
+    def inv(held, need="L"):
+        return {"held": {k: [2, "L"] for k in held}, "need": need}
+
+    # Process 1's part of step 10 survives only as process 0's replica; step 5 lacks it.
+    invs = [inv(["10/0", "10/1", "5/0"]), inv(["5/0"])]
+    assert _local_tier._usable(invs, 2, None) == {10: {0: [0], 1: [0]}}
+    assert _local_tier._usable(invs, 2, ["L", "L"]) == {10: {0: [0], 1: [0]}}
+    # Another mesh or sharding (another layout) for either process: nothing local serves it.
+    assert _local_tier._usable(invs, 2, ["L", "other"]) == {}
+    # Parts saved by another number of processes never count.
+    assert _local_tier._usable([inv(["10/0", "10/1"])] * 3, 3, None) == {}
 
 
 def manager(tmp_path, **kw):
