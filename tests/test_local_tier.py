@@ -319,3 +319,23 @@ def test_a_failed_local_save_is_reported_and_not_counted(tmp_path, monkeypatch):
     assert mngr.save(20, tree(20))  # the manager goes on
     mngr.close()
     assert mngr._local.steps == [5, 20]
+
+
+def test_a_part_that_never_comes_or_comes_without_commit_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXCKPT_BARRIER_TIMEOUT_S", "0.2")
+    receiver = _local_channel.Tcp(str(tmp_path))
+    try:
+        with pytest.raises(
+            jc.CoordinationError,
+            match=r"jaxckpt: a part did not come from process 3: nothing arrived within 0\.2 s: "
+            r"it died, hung, or cannot reach this process at .*\. Fix: see the log of process 3",
+        ):
+            receiver.receive("never", 3, "a part")
+    finally:
+        receiver.close()
+    os.makedirs(tmp_path / "staged" / "x")
+    with pytest.raises(
+        jc.CheckpointError, match=r"the part received for .*process-0 has no COMMIT"
+    ):
+        _local_parts.place(str(tmp_path / "staged"), str(tmp_path / "ckpt-1" / "process-0"))
+    assert not os.path.exists(tmp_path / "staged")
