@@ -38,6 +38,18 @@ def host_id() -> str:
     return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
 
 
+def check(interval: Any, max_to_keep: Any, replicas: Any) -> None:
+    """Refuses arguments of the local tier that mean nothing (a manager checks them always)."""
+    for name, value, least in (
+        ("local_save_interval_steps", interval, 1),
+        ("local_max_to_keep", max_to_keep, 1),
+        ("peer_replicas", replicas, 0),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive int" if least else "a non-negative int"
+            raise ValueError(f"{name} must be {kind}, not {value!r}.")
+
+
 def placement(hosts: list[str], replicas: int) -> dict[int, list[int]]:
     """Which processes hold a replica of each process's part: for a process on the ``i``-th
     host (in order of first process), one process on each of the next ``replicas`` hosts."""
@@ -141,12 +153,19 @@ class LocalTier:
         """The committed parts in this directory: ``"step/owner"`` -> [processes, layout]."""
         held = {}
         for step in self._on_disk():
-            for name in os.listdir(step_dir(self.directory, step)):
+            try:
+                names = os.listdir(step_dir(self.directory, step))
+            except FileNotFoundError:  # removed meanwhile (a process sharing the directory)
+                continue
+            for name in names:
                 owner = _local_parts.owner_of(name)
                 path = part_dir(self.directory, step, owner) if owner is not None else ""
                 if owner is None or not _local_parts.is_committed(path):
                     continue
-                ino = os.stat(os.path.join(path, _storage.COMMIT)).st_ino
+                try:
+                    ino = os.stat(os.path.join(path, _storage.COMMIT)).st_ino
+                except FileNotFoundError:
+                    continue
                 if (path, ino, step) not in self._hashes:
                     try:
                         self._hashes[(path, ino, step)] = _local_parts.read_hash(path)
@@ -280,6 +299,8 @@ class LocalTier:
         """Restores ``step`` (None: the newest, unless ``persistent`` is newer) from the local
         tier when every process's part survived somewhere in the layout each process's
         ``target`` needs: ``(True, tree)``; else ``(False, None)``. Every process calls it."""
+        if self._pool is not None:  # retention's removals done: what is listed stays
+            self._pool.submit(lambda: None).result()
         need = None
         if target is not None and not kwargs:
             need = _local_parts.layout_hash(self.n, _local_parts.layout_of(target))

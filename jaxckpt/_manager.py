@@ -91,14 +91,7 @@ class CheckpointManager:
         _check_count("max_to_keep", max_to_keep, none_ok=True)
         _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
         _check_count("save_interval_steps", save_interval_steps, none_ok=False)
-        _check_count("local_save_interval_steps", local_save_interval_steps, none_ok=False)
-        _check_count("local_max_to_keep", local_max_to_keep, none_ok=False)
-        if (
-            not isinstance(peer_replicas, int)
-            or isinstance(peer_replicas, bool)
-            or peer_replicas < 0
-        ):
-            raise ValueError(f"peer_replicas must be a non-negative int, not {peer_replicas!r}.")
+        _local_tier.check(local_save_interval_steps, local_max_to_keep, peer_replicas)
         if keep_every_n_hours is not None and not keep_every_n_hours > 0:
             raise ValueError(
                 f"keep_every_n_hours must be a positive number of hours or None, not "
@@ -325,7 +318,8 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` saves without ``force``: ``step`` is a multiple of
         ``save_interval_steps`` and newer than every step saved or being saved (so a loop
-        resumed at a saved step does not save it again)."""
+        resumed at a saved step does not save it again), or the same holds for the local
+        tier's ``local_save_interval_steps`` and steps."""
         step = _checkpoint.check_step(step)
         return self._persistent_due(step) or (
             self._local is not None and self._local.due(step, force=False)
