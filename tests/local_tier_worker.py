@@ -183,8 +183,9 @@ def scenario_resume() -> None:
     end_job(victim=1)
 
 
-def scenario_again() -> None:
-    """A restart restores the newest local step that survived whole, and saves on."""
+def scenario_again(preempt: bool = False) -> None:
+    """A restart restores the newest local step that survived whole, and saves on; with
+    ``preempt``, process 1 then gets SIGTERM and every process saves the step both tiers."""
     mngr = manager()
     step = restore_latest(mngr)
     on_disk = sorted(os.listdir(LOCAL))
@@ -205,9 +206,23 @@ def scenario_again() -> None:
     out = mngr.restore(target=elsewhere)
     check(out, 60)
     report("other-mesh", step=out["step"], local=mngr._local.steps)
+    if preempt:
+        for step in range(61, 300):
+            if PID_ == 1 and step == 62:
+                os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier catches it
+            preempted = mngr.reached_preemption(step)
+            mngr.save(step, state(step), force=preempted)
+            if preempted:
+                mngr.wait_until_finished()
+                report("preempted", step=step, steps=mngr.steps, local=mngr._local.steps)
+                return
+            _multihost.barrier(f"train-step-{step}", timeout=30)
+            time.sleep(0.02)
+        raise AssertionError("no preemption sync point was reached")
 
 
 SCENARIOS = {"first": scenario_first, "resume": scenario_resume, "again": scenario_again}
+SCENARIOS["again-preempt"] = lambda: scenario_again(preempt=True)
 SCENARIOS[SCENARIO]()
 _multihost.barrier("worker-done", timeout=60)
 report("done")

@@ -105,13 +105,20 @@ def test_a_part_and_its_replica_both_lost_falls_back_to_the_persistent_tier(firs
     job = copy_of(first_job, tmp_path)
     shutil.rmtree(job / "local-1")  # process 1's part of each step ...
     shutil.rmtree(job / "local-2")  # ... and its replica, held by process 2
-    procs = run("again-kv", job)  # the job then saves on, its parts sent through JAX's store
+    # The job then saves on, its parts sent through JAX's store, until a preemption.
+    procs = run("again-preempt-kv", job)
     assert_all_done(procs)
     for i, p in enumerate(procs):
         assert (p.results["restored"]["latest"], p.results["restored"]["step"]) == (20, 20)
         assert p.results["saved-on"]["at_start"] == [f"{_local_tier.MARKER}{i}"]  # 25, 30 gone
         assert p.results["saved-on"]["local"] == [55, 60]
         assert p.results["saved-on"]["steps"] == [40, 60]
+        # Process 1 got SIGTERM at step 62: all saved the same later step, to both tiers.
+        step = procs[0].results["preempted"]["step"]
+        assert step >= 62 and p.results["preempted"]["step"] == step
+        last = (step - 1) // 20 * 20, (step - 1) // 5 * 5  # the saves due before it
+        assert p.results["preempted"]["steps"] == [last[0], step]
+        assert p.results["preempted"]["local"] == [last[1], step]
 
 
 def test_ls_shows_what_a_local_directory_holds(first_job, capsys):
