@@ -146,8 +146,10 @@ class LocalTier:
         return max(self.steps, default=None)
 
     def _on_disk(self) -> list[int]:
+        """The local steps in this directory (complete or not)."""
         steps = [_run.step_of(n) for n in os.listdir(self.directory)]
-        return sorted(s for s in steps if s is not None)
+        found = (s for s in steps if s is not None)
+        return sorted(s for s in found if os.path.isdir(step_dir(self.directory, s)))
 
     def _inventory(self) -> dict[str, list[Any]]:
         """The committed parts in this directory: ``"step/owner"`` -> [processes, layout]."""
