@@ -292,7 +292,8 @@ class CheckpointManager:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        step = self.latest_step
+        """The path of the newest committed checkpoint (of the persistent tier), or None."""
+        step = max(self._entries, default=None)
         return None if step is None else self._path(step)
 
     @property

@@ -192,6 +192,7 @@ def test_one_process_restores_the_newer_tier(tmp_path):
             mngr.save(s, tree(s))
     mngr = manager(tmp_path)
     assert mngr.steps == [0, 10] and mngr.latest_step == 15
+    assert mngr.latest_checkpoint == str(tmp_path / "run" / "ckpt-10")  # the persistent tier's
     out = mngr.restore(target=tree(0))
     assert out["step"] == 15
     np.testing.assert_array_equal(out["w"], tree(15)["w"])
