@@ -8,6 +8,7 @@ Usage (``make bench`` runs the first)::
     python benchmarks/bench.py --workloads W4       # a fine-tune's incremental saves (w4.py)
     python benchmarks/bench.py --workloads W5       # 4 processes, a replicated 256 MiB tree
     python benchmarks/bench.py --workloads ST       # a 1 GiB safetensors file restored
+    python benchmarks/bench.py --workloads W6       # a 4-process job's local tier
 
 Workloads: W1 a transformer-like float32 tree (~100 arrays nested 3 deep) with its optax.adam
 state, ~1 GiB in all; W2 10,000 float32 arrays of 1-64 KiB (~0.3 GiB) in nested dicts; W3
@@ -16,8 +17,10 @@ device copy); W4 a fine-tune (1 GiB frozen, 16 MiB trained with Adam) whose
 manager saves every step (benchmarks/w4.py); W5 4 processes on 127.0.0.1 (1 CPU device each)
 saving and restoring a fully replicated 256 MiB tree, replicas sharing the work or not; ST W1's
 parameters (3x wider, ~1 GiB) in one safetensors file, restored into jax.Arrays by jaxckpt and
-by ``safetensors.flax.load_file``. ``--scale`` multiplies the bytes (W1, W3, W4) or the leaf
-count (W2).
+by ``safetensors.flax.load_file``; W6 a job of 4 processes on this machine, 256 MiB of state each,
+saving to a manager's local tier (one peer replica) and to its persistent tier, and restoring
+after losing a host (benchmarks/pod_worker.py). ``--scale`` multiplies the bytes (W1, W3, W4,
+W6) or the leaf count (W2).
 Prints a table (medians, min-max, GiB/s, ratio jaxckpt / best peer), checks the issue's floors
 and writes JSON (``--json``).
 """
@@ -757,6 +760,51 @@ OPS = [
 SECONDS = {"save", "restore_warm", "restore_cold", "async_total"}
 
 
+def run_pod(args: argparse.Namespace, res: Results, n: int = 4) -> None:
+    """W6: ``n`` processes of benchmarks/pod_worker.py joined on 127.0.0.1; each figure is the
+    slowest process's (the job waits for it)."""
+    import socket
+    import subprocess
+
+    mib = 256 * args.scale
+    directory = os.path.join(args.dir, "W6")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pod_worker.py")
+    argv = [str(n), str(port), directory, str(mib), str(args.repeats)]
+    print(f"W6: {n} processes, {mib:.0f} MiB each, {args.repeats} repeats", flush=True)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    outs = [p.communicate(timeout=3600)[0] for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        if p.returncode:
+            raise RuntimeError(f"W6 process {i} failed:\n{out[-3000:]}")
+    per: dict[tuple[str, str], list[list[float]]] = {}
+    for out in outs:
+        mine: dict[tuple[str, str], list[float]] = {}
+        for line in out.splitlines():
+            if line.startswith("POD "):
+                r = json.loads(line[4:])
+                mine.setdefault((r["op"], r["tool"]), []).append(r["seconds"])
+        for k, v in mine.items():
+            per.setdefault(k, []).append(v)
+    res.notes["W6"] = {"bytes": int(mib * (1 << 20) * n), "processes": n}
+    for (op, tool), by_process in per.items():
+        for values in zip(*by_process, strict=True):
+            res.add("W6", op, tool, max(values))
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def table(res: Results) -> str:
     head = f"| {'workload':<4} | {'operation':<19} | {'tool':<12} | {'median':>9} | {'min-max':>17} | {'GiB/s':>6} | {'jaxckpt/best peer':>17} |"
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
@@ -879,6 +927,18 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
                 m(wl, op, "orbax"),
                 "s",
             )
+    check(
+        "W6 local save block <= persistent async block",
+        m("W6", "async_block", "local+1 replica"),
+        m("W6", "async_block", "persistent"),
+        "s",
+    )
+    check(
+        "W6 lost-host restore, local <= 1/2 persistent",
+        m("W6", "restore_lost_host", "local+1 replica"),
+        times(m("W6", "restore_lost_host", "persistent"), 0.5),
+        "s",
+    )
     # W3 (a GPU): the issue's aims, from Orbax 0.12.4 on an H200, and Orbax in the same run.
     for desc, op, aim in (
         ("W3 async block <= 0.19 s and <= Orbax", "async_block", 0.19),
@@ -1118,11 +1178,13 @@ def main(argv: list[str] | None = None) -> int:
     res = Results()
     makers = {"W1": make_w1, "W2": make_w2, "W3": make_w3}
     for wl in args.workloads.split(","):
-        if wl in ("W4", "W5", "ST"):  # their own loops (W4's in benchmarks/w4.py)
+        if wl in ("W4", "W5", "W6", "ST"):  # their own loops (W4's in benchmarks/w4.py)
             if wl == "W4":
                 import w4
 
                 w4.run(sys.modules[__name__], args.scale, res, args)
+            elif wl == "W6":
+                run_pod(args, res)
             else:
                 run_w5(res, args) if wl == "W5" else safetensors_workload(args, res)
             report(res, args, can_drop)

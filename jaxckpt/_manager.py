@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from . import _checkpoint, _multihost, _restore, _run, _runtime
+from . import _checkpoint, _local_tier, _multihost, _restore, _run, _runtime
 from . import storage as _storage
 from ._errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ._log import logged_deletion, logged_retention
@@ -72,7 +72,11 @@ class CheckpointManager:
     ``restore``, ``wait_until_finished`` or ``close``. On several processes all call the same
     methods at the same steps; process 0 alone deletes and writes the index. With
     ``incremental`` (the default) a save on a local disk hard-links the chunks unchanged since
-    the manager's previous save instead of writing them again. See docs/manager.md.
+    the manager's previous save instead of writing them again. With ``local_directory``, a
+    local tier saves every ``local_save_interval_steps`` to each host's own disk, each
+    process's part replicated to ``peer_replicas`` processes on other hosts, keeping
+    ``local_max_to_keep`` steps; a restart restores the newest step that survived whole
+    (docs/multihost.md, "Surviving a lost host"). See docs/manager.md.
 
     Example:
         >>> with jc.CheckpointManager("./tf_ckpts", max_to_keep=3) as mngr:  # doctest: +SKIP
@@ -93,10 +97,15 @@ class CheckpointManager:
         async_save: bool = True,
         read_only: bool = False,
         incremental: bool = True,
+        local_directory: str | os.PathLike[str] | None = None,
+        local_save_interval_steps: int = 1,
+        local_max_to_keep: int = 2,
+        peer_replicas: int = 1,
     ):
         _check_count("max_to_keep", max_to_keep, none_ok=True)
         _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
         _check_count("save_interval_steps", save_interval_steps, none_ok=False)
+        _local_tier.check(local_save_interval_steps, local_max_to_keep, peer_replicas)
         if keep_every_n_hours is not None and not keep_every_n_hours > 0:
             raise ValueError(
                 f"keep_every_n_hours must be a positive number of hours or None, not "
@@ -139,6 +148,16 @@ class CheckpointManager:
         self._entries, stale = self._load()
         if stale and self._primary and not self.read_only:
             self._writing(self._write_index, True)
+        self._local = None  # the local tier (docs/multihost.md, "Surviving a lost host")
+        if local_directory is not None and not read_only:
+            self._local = _local_tier.LocalTier(
+                local_directory,
+                local_save_interval_steps,
+                local_max_to_keep,
+                peer_replicas,
+                async_save,
+                self._barrier,
+            )
         # At interpreter exit its last saves still commit (a manager's hook runs before the
         # saves' own: hooks run in reverse order of registration).
         _runtime.at_exit(_finish_at_exit, weakref.ref(self))
@@ -286,7 +305,11 @@ class CheckpointManager:
 
     @property
     def latest_step(self) -> int | None:
-        return max((*self._entries, *self._foreign), default=None)
+        """The newest step restorable: from the persistent tier (with the steps another library
+        wrote in the directory) or the local one."""
+        local = self._local.latest if self._local is not None else None
+        steps = [*self._entries, *self._foreign, *([local] if local is not None else [])]
+        return max(steps, default=None)
 
     @property
     def checkpoints(self) -> list[str]:
@@ -295,7 +318,8 @@ class CheckpointManager:
 
     @property
     def latest_checkpoint(self) -> str | None:
-        step = self.latest_step
+        """The path of the newest checkpoint in ``directory`` (the persistent tier), or None."""
+        step = max((*self._entries, *self._foreign), default=None)
         return None if step is None else self.checkpoint_path(step)
 
     @property
@@ -323,8 +347,14 @@ class CheckpointManager:
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` saves without ``force``: ``step`` is a multiple of
         ``save_interval_steps`` and newer than every step saved or being saved (so a loop
-        resumed at a saved step does not save it again)."""
+        resumed at a saved step does not save it again), or the same holds for the local
+        tier's ``local_save_interval_steps`` and steps."""
         step = _checkpoint.check_step(step)
+        return self._persistent_due(step) or (
+            self._local is not None and self._local.due(step, force=False)
+        )
+
+    def _persistent_due(self, step: int) -> bool:
         newest = max([*self.steps, *(p.step for p in self._pending)], default=-1)
         return step > newest and step % self.save_interval_steps == 0
 
@@ -354,6 +384,10 @@ class CheckpointManager:
         self._reap(wait=False)
         if not force and not self.should_save(step):
             return False
+        local = self._local if self._local is not None and self._local.due(step, force) else None
+        if local is not None and not (force or self._persistent_due(step)):
+            local.save(step, tree, _checkpoint.check_metrics(metrics))
+            return True
         if not single:
             self.wait_until_finished()
         if step in self._entries or any(p.step == step for p in self._pending):
@@ -376,6 +410,8 @@ class CheckpointManager:
         else:
             _checkpoint.save(path, tree, step=step, metrics=as_saved, base=base, _hashing=hashing)
             self._committed(self._entry_from_metadata(step))
+        if local is not None:
+            local.save(step, tree, as_saved)
         return True
 
     def _finish_pending(self, only_done: bool = False) -> None:
@@ -469,6 +505,8 @@ class CheckpointManager:
     def wait_until_finished(self) -> None:
         """Waits for the saves in flight to commit and applies retention; raises an error."""
         try:
+            if self._local is not None:
+                self._local.wait()
             self._finish_pending()
         finally:
             self._reap(wait=True)
@@ -478,6 +516,8 @@ class CheckpointManager:
         the run (a later ``save`` takes the run back)."""
         try:
             self.wait_until_finished()
+            if self._local is not None:
+                self._local.close()
         finally:
             if self._writer is not None:
                 self._writer()
@@ -511,8 +551,13 @@ class CheckpointManager:
         if step is not None:
             step = _checkpoint.check_step(step)
         self.wait_until_finished()
+        if self._local is not None:
+            persistent = max(self.steps, default=None)
+            found, tree = self._local.restore(step, persistent, target, restore_kwargs)
+            if found:
+                return tree
         if step is None:
-            step = self.latest_step
+            step = max(self.steps, default=None)
             if step is None:
                 raise CheckpointNotFoundError(
                     f"{self.directory} holds no committed checkpoint to restore. Fix: check the "

@@ -16,10 +16,12 @@ raises :class:`~jaxckpt.CoordinationError` naming the processes that did not arr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,16 +33,31 @@ DEFAULT_TIMEOUT_S = 600.0
 log = logging.getLogger("jaxckpt")
 
 
+_alone = threading.local()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """In this thread, saves act as if this process were the job's only one: each process
+    writes its own part of a local-tier step by itself (see jaxckpt/_local_tier.py)."""
+    before = getattr(_alone, "on", False)
+    _alone.on = True
+    try:
+        yield
+    finally:
+        _alone.on = before
+
+
 def process_index() -> int:
-    return jax.process_index()
+    return 0 if getattr(_alone, "on", False) else jax.process_index()
 
 
 def process_count() -> int:
-    return jax.process_count()
+    return 1 if getattr(_alone, "on", False) else jax.process_count()
 
 
 def is_primary() -> bool:
-    return jax.process_index() == 0
+    return process_index() == 0
 
 
 def timeout_s() -> float:
@@ -83,7 +100,7 @@ def barrier(
     Raises:
         CoordinationError: a process did not arrive within the timeout, or one died.
     """
-    if jax.process_count() == 1:
+    if process_count() == 1:
         return
     seconds = timeout_s() if timeout is None else timeout
     try:
@@ -164,7 +181,7 @@ def own_state(rec: dict[str, Any]) -> dict[str, Any]:
     per = rec.get("per_process")
     if not per:
         return rec
-    if len(per) != jax.process_count():
+    if len(per) != process_count():
         log.warning(
             "jaxckpt: the state at %s was saved by %d processes, each its own; restoring in %d "
             "processes, every process gets process 0's.",
@@ -198,7 +215,7 @@ class SaveSync:
         self.what = what
         self.phases = list(phases)
         self._next = 0
-        self.multi = jax.process_count() > 1
+        self.multi = process_count() > 1
 
     def share(self, name: str, make: Callable[[], str]) -> str:
         """Process 0's ``make()``, read by every other process from the key-value store."""

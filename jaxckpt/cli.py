@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import __version__, _cli_json, _convert, _graph, _progress, _run, _scan
+from . import __version__, _cli_json, _convert, _graph, _local_tier, _progress, _run, _scan
 from . import storage as _storage
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._reader import Reader
@@ -154,6 +154,9 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
             f"{directory} is one checkpoint, not a manager's directory. Fix: `jaxckpt inspect "
             f"{args.dir}` lists its variables; `jaxckpt ls {os.path.dirname(directory)}` lists its siblings."
         )
+    local = None if args.json else _local_tier.describe(directory)
+    if local is not None:
+        return _ls_local(directory, *local, out)
     index = _run.read_index(directory).entries
     rows = []
     kinds: dict[str, str] = {}
@@ -205,6 +208,23 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
         print(f"{len(rows)} checkpoints, {human_bytes(total)} on disk", file=out)
     if unfinished:
         print(f"{len(unfinished)} unfinished save(s) ignored: {', '.join(unfinished)}", file=out)
+    return 0
+
+
+def _ls_local(
+    directory: str, mine: list[int], rows: list[tuple[int, list[int], list[int], int]], out: TextIO
+) -> int:
+    """A manager's local tier: the parts of each step this host holds, its own and its peers'."""
+    who = ", ".join(map(str, mine))
+    print(f"{directory}: the local tier of process {who}", file=out)
+    if not rows:
+        print("No local steps.", file=out)
+        return 0
+    table = [
+        (str(s), ",".join(map(str, own)) or "-", ",".join(map(str, peers)) or "-", human_bytes(n))
+        for s, own, peers, n in rows
+    ]
+    print(_table(("STEP", "OWN", "REPLICAS OF", "SIZE"), table, right=(0, 3)), file=out)
     return 0
 
 
