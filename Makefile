@@ -33,7 +33,7 @@ dist: install
 	$(BIN)/python -m build --outdir dist
 
 bench: install
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py --workloads W1,W2,W4,W5,W6,ST
 
 bench-gpu: install
 	$(BIN)/python benchmarks/bench.py --workloads W3
