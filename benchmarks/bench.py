@@ -1141,7 +1141,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W4, W5, W6, ST")
+    ap.add_argument(
+        "--workloads", default="W1,W2", help="comma-separated: W1, W2, W3, W4, W5, W6, ST"
+    )
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies the workload sizes")
     ap.add_argument("-r", "--repeats", type=int, default=3)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import servers  # noqa: E402
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _paths  # noqa: E402
+from jaxckpt.format import paths as _paths  # noqa: E402
 
 
 def w1(total_mib: float) -> dict:

@@ -4,9 +4,11 @@ Usage: ``python pod_worker.py PROCESS_ID NUM_PROCESSES PORT DIRECTORY MIB REPEAT
 process holds ``MIB`` MiB of float32 state (4 arrays sharded by rows over the job's devices)
 and is its own host. Per repeat it times, side by side on the same disk: a local-tier save with
 one peer replica, and an asynchronous persistent save (blocking: the ``save`` call; durable:
-until ``wait_until_finished`` returns on every process). Then process 2's local directory is
+until ``wait_until_finished`` returns on every process), the state changed before each round as
+training changes it. Then process 2's local directory is
 deleted (a lost host) and a new manager restores the newest local step, process 2's part coming
-from its replica; then the same state is restored from the persistent tier. Prints one JSON
+from its replica; then the same state is restored from the persistent tier; each restore after
+the page cache was dropped (where this process may), as after a restart. Prints one JSON
 line per figure: ``POD {"op": ..., "tool": ..., "seconds": ...}``.
 """
 
@@ -34,7 +36,7 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _multihost  # noqa: E402
+from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
 
 # The local tier on the disk the persistent tier uses, and in memory (/dev/shm), if there.
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -56,6 +58,17 @@ def state() -> dict:
             shape, sharding, [jax.device_put(local, jax.local_devices()[0])]
         )
     return out
+
+
+def drop_caches() -> None:
+    """A cold page cache, as after a restart (root only; /dev/shm keeps its files in memory,
+    as a RAM-disk local tier does)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
 
 
 def emit(op: str, tool: str, seconds: float) -> None:
@@ -93,6 +106,8 @@ def main() -> None:
     managers["persistent"] = jc.CheckpointManager(os.path.join(DIRECTORY, "run"), max_to_keep=2)
     # Repeat 0 is not timed: the first snapshot of each pays for touching fresh memory.
     for r in range(REPEATS_ + 1):
+        # Trained state: new values every step, so no tier links what the last save wrote.
+        tree = jax.block_until_ready(jax.tree.map(lambda x: x + 1, tree))
         for tool, mngr in managers.items():
             timed_save(mngr, r + 1, tree, tool, keep=r > 0)
     for tool in LOCALS:
@@ -103,6 +118,9 @@ def main() -> None:
     for tool in LOCALS:
         managers[tool] = local_manager(tool)
     for tool, mngr in managers.items():
+        _multihost.barrier(f"before-drop-{tool}", timeout=600)
+        if PID_ == 0:
+            drop_caches()
         _multihost.barrier(f"before-restore-{tool}", timeout=600)
         t = time.perf_counter()
         out = mngr.restore(target=abstract)

@@ -28,7 +28,10 @@ DIRECTORY, MIB, REPEATS = sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
 jax.distributed.initialize(f"127.0.0.1:{PORT}", NPROC, PID, initialization_timeout=120)
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _broadcast, _multihost, _reader, _shares  # noqa: E402
+from jaxckpt.checkpoint import broadcast as _broadcast  # noqa: E402
+from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
+from jaxckpt.checkpoint import reader as _reader  # noqa: E402
+from jaxckpt.checkpoint import shares as _shares  # noqa: E402
 from jaxckpt.storage import chunk_files as _chunks  # noqa: E402
 
 

@@ -28,8 +28,10 @@ import ml_dtypes
 import numpy as np
 
 import jaxckpt as jc
-from jaxckpt import _checkpoint, _snapshot, _write
 from jaxckpt import storage as _storage
+from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import snapshot as _snapshot
+from jaxckpt.checkpoint import write as _write
 from jaxckpt.storage.local import LocalStore
 
 KEEP = 3  # every manager of the soak keeps the newest 3 checkpoints

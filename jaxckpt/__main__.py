@@ -1,7 +1,7 @@
-"""``python -m jaxckpt``: the command line (see :mod:`jaxckpt.cli`)."""
+"""``python -m jaxckpt``: the command line (see :mod:`jaxckpt.tools.cli`)."""
 
 import sys
 
-from .cli import main
+from jaxckpt.tools.cli import main
 
 sys.exit(main())

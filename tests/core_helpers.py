@@ -55,7 +55,7 @@ def rewrite_metadata(ckpt: str | os.PathLike[str], key: str, value: Any) -> None
     """Writes the metadata file ``ckpt/key`` (``value``: bytes, or a JSON value encoded as
     jaxckpt encodes it) and the checksum ``COMMIT`` holds for it: the checkpoint reads as if a
     save had written it (a crafted checkpoint, not a damaged one)."""
-    from jaxckpt import _checksum
+    from jaxckpt.format import checksum as _checksum
     from jaxckpt.storage import chunk_files as _chunks
 
     data = value if isinstance(value, bytes) else _chunks.json_bytes(value)

@@ -1,5 +1,5 @@
 """One process of a real 4-process training job with a manager's local tier, started by
-tests/test_local_tier.py.
+tests/manager/test_local_tier.py.
 
 Usage: ``python local_tier_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIRECTORY``. Each
 process has 4 CPU devices, is its own host (``JAXCKPT_HOST_ID``), saves persistently to
@@ -44,7 +44,8 @@ jax.distributed.initialize(
 from multihost_tree import SHAPES, Loader, expected  # noqa: E402
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _multihost, _write  # noqa: E402
+from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
+from jaxckpt.checkpoint import write as _write  # noqa: E402
 
 RUN = os.path.join(DIRECTORY, "run")
 LOCAL = os.path.join(DIRECTORY, f"local-{PID_}")

@@ -1,5 +1,5 @@
 """What the multi-process tests' workers save and the test process checks: shared by
-tests/multihost_worker.py (one process of the job) and tests/test_multihost.py."""
+tests/multihost_worker.py (one process of the job) and tests/checkpoint/test_multihost.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One process of a real multi-process jaxckpt job, started by tests/test_multihost.py.
+"""One process of a real multi-process jaxckpt job, started by tests/checkpoint/test_multihost.py.
 
 Usage: ``python multihost_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIRECTORY``.
 Every process has 4 CPU devices and joins the others through ``jax.distributed.initialize``.
@@ -6,7 +6,7 @@ It appends one JSON line per check to the file ``$MULTIHOST_RESULTS`` for the te
 (and prints it after ``RESULT`` for people reading the log), and exits non-zero
 with a traceback when one of its own checks fails.
 
-Failures are injected by wrapping ``jaxckpt._write.write_arrays`` in this process only
+Failures are injected by wrapping ``jaxckpt.checkpoint.write.write_arrays`` in this process only
 (the real function runs first): ``raise`` an OSError, ``sleep`` past the barrier timeout, or
 ``kill`` this process with SIGKILL between writing its shards and the ``written`` barrier.
 """
@@ -44,7 +44,10 @@ jax.distributed.initialize(
 from multihost_tree import SHAPES, Loader, expected  # noqa: E402
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _incremental, _multihost, _reader, _write  # noqa: E402
+from jaxckpt.checkpoint import incremental as _incremental  # noqa: E402
+from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
+from jaxckpt.checkpoint import reader as _reader  # noqa: E402
+from jaxckpt.checkpoint import write as _write  # noqa: E402
 
 
 def save_mesh() -> jax.sharding.Mesh:

@@ -1,5 +1,5 @@
 """One process of a job whose processes share the writing and reading of replicated arrays,
-started by tests/test_shares.py.
+started by tests/checkpoint/test_shares.py.
 
 Usage: ``python shares_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DIRECTORY``. Every
 process has 1 CPU device; the tree is mostly replicated over all of them. Chunks are made small
@@ -35,8 +35,11 @@ jax.distributed.initialize(
 )
 
 import jaxckpt as jc  # noqa: E402
-from jaxckpt import _broadcast, _multihost, _reader, _shares  # noqa: E402
-from jaxckpt._errors import CorruptCheckpointError  # noqa: E402
+from jaxckpt.checkpoint import broadcast as _broadcast  # noqa: E402
+from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
+from jaxckpt.checkpoint import reader as _reader  # noqa: E402
+from jaxckpt.checkpoint import shares as _shares  # noqa: E402
+from jaxckpt.errors import CorruptCheckpointError  # noqa: E402
 from jaxckpt.storage import arrays as _arrays  # noqa: E402
 from jaxckpt.storage import chunk_files as _chunks  # noqa: E402
 
@@ -148,7 +151,7 @@ def scenario_shares() -> None:
     tree = make_tree()
     for mode in ("1", "0"):  # replicas share the writing; then as before, for comparison
         os.environ[_shares.ENV] = mode
-        pieces = {a.loc: len(a.pieces) for a in jc._write.plan(tree)[1]}
+        pieces = {a.loc: len(a.pieces) for a in jc.checkpoint.write.plan(tree)[1]}
         with count_writes() as wrote:
             jc.save(os.path.join(DIRECTORY, f"ckpt-{mode}"), tree)
         report(f"wrote-{mode}", pieces=pieces, **wrote)

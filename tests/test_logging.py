@@ -115,7 +115,7 @@ def test_debug_lines_time_the_phases(tmp_path, caplog):
 
 @pytest.mark.parametrize("level", [logging.WARNING, logging.INFO])
 def test_nothing_is_counted_unless_asked(tmp_path, caplog, level, monkeypatch):
-    from jaxckpt import _log
+    from jaxckpt import log as _log
 
     walked = []
     monkeypatch.setattr(_log.os, "walk", lambda p: walked.append(p) or iter(()))

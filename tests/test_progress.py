@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _progress
+from jaxckpt import progress as _progress
 
 
 class Terminal(io.StringIO):
@@ -87,7 +87,7 @@ def test_on_a_terminal_the_line_is_redrawn_as_pieces_land(tmp_path, progress, mo
 
 
 def test_a_failed_save_ends_the_line_it_was_drawing(tmp_path, monkeypatch, progress):
-    from jaxckpt import _write
+    from jaxckpt.checkpoint import write as _write
 
     terminal = Terminal()
     jc.set_progress(True, stream=terminal)

@@ -1,4 +1,4 @@
-"""The process-wide state lives in jaxckpt._runtime: pools, saves in flight, buffers, the
+"""The process-wide state lives in jaxckpt.runtime: pools, saves in flight, buffers, the
 TensorStore context, exit hooks (through public APIs only) and reset()."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxckpt as jc
-from jaxckpt import _runtime
+from jaxckpt import runtime as _runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 

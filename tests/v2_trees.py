@@ -1,6 +1,6 @@
 """The trees saved in tests/data/v2_*: checkpoints of format version 2, written by jaxckpt at
 commit 8535ec8 (before COMMIT held checksums) with ``python tests/v2_trees.py``. Kept so that
-tests/test_checksums.py restores them bit-exactly with today's reader."""
+tests/format/test_checksums.py restores them bit-exactly with today's reader."""
 
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import storage as _storage
-from .._errors import CheckpointNotFoundError, CorruptCheckpointError
-from .source import Index, Keys, Leaf
+from jaxckpt import storage as _storage
+from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from jaxckpt.interop.source import Index, Keys, Leaf
 
 # A msgpack map's first byte: fixmap (0x80-0x8f), map16 (0xde), map32 (0xdf). A pickle starts
 # with 0x80 too (its PROTO opcode, then the protocol number 2-5): an empty fixmap is only a

@@ -2,7 +2,7 @@
 :class:`~jaxckpt.interop.source.Source` through the interface of :class:`jaxckpt.Reader`.
 
 The leaves get the paths a jaxckpt checkpoint of the same tree has (edge names of
-:mod:`jaxckpt._paths`): a ``str`` key is a dict key, an ``int`` a sequence index. Formats that
+:mod:`jaxckpt.format.paths`): a ``str`` key is a dict key, an ``int`` a sequence index. Formats that
 keep every key as a string (Orbax, Flax msgpack) cannot tell an ``int`` dict key (``~i0`` in
 jaxckpt, e.g. the layers of an ``nnx.Sequential``) from the string ``"0"``: a lookup of a path
 with ``~i<n>`` edges that the checkpoint lacks finds the leaf named ``<n>`` there instead.
@@ -17,10 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from .. import _metadata, _paths, _run, _runtime, storage
-from .._errors import CheckpointNotFoundError
-from .._reader import _checked_index
-from .source import Keys, Leaf, Source
+from jaxckpt import runtime as _runtime
+from jaxckpt import storage
+from jaxckpt.checkpoint.reader import _checked_index
+from jaxckpt.errors import CheckpointNotFoundError
+from jaxckpt.format import metadata as _metadata
+from jaxckpt.format import paths as _paths
+from jaxckpt.format import run as _run
+from jaxckpt.interop.source import Keys, Leaf, Source
 
 PyTree = Any
 _INT_EDGE = re.compile(r"(^|/)~i(-?[0-9]+)(?=/|$)")
@@ -305,7 +309,7 @@ VERIFIED = (
 def verify(reader: ForeignReader, progress: Any) -> Any:
     """``jaxckpt verify`` of a foreign checkpoint: every array read (a chunk that does not
     decode, a missing file, is damage); the formats keep no checksums to check."""
-    from .._scan import VerifyReport
+    from jaxckpt.tools.scan import VerifyReport
 
     arrays = {p: r for p, r in reader.records.items() if r["t"] == "array"}
     progress.total = sum(
@@ -330,11 +334,11 @@ def verify(reader: ForeignReader, progress: Any) -> Any:
 def _recognisers() -> list[Any]:
     """The modules that recognise and open a format, each with ``recognise(path) -> bool``
     and ``open(path) -> Source``: tried in order."""
-    from . import flax_msgpack, orbax
+    from jaxckpt.interop import flax_msgpack, orbax
 
     mods: list[Any] = [orbax, flax_msgpack]
     try:
-        from . import safetensors  # written beside this one; absent until merged
+        from jaxckpt.interop import safetensors  # written beside this one; absent until merged
     except ImportError:
         pass
     else:
@@ -346,7 +350,7 @@ def open_source(path: str | os.PathLike[str]) -> Source | None:
     """The foreign checkpoint at ``path`` opened as a :class:`Source`, recognised by its
     content (not its name); None when no reader recognises it. A checkpoint of a format
     jaxckpt cannot read (a torch ``.pt`` file...) raises an error saying what it is."""
-    from . import unreadable
+    from jaxckpt.interop import unreadable
 
     where = storage.normalize(path)
     unreadable.check(where)  # first: a file's magic bytes can also start a msgpack map
@@ -366,14 +370,14 @@ def open_source(path: str | os.PathLike[str]) -> Source | None:
 
 def run_steps(directory: str) -> dict[int, str]:
     """``{step: path}`` of the steps another library (Orbax) wrote in a run's directory."""
-    from . import orbax
+    from jaxckpt.interop import orbax
 
     return orbax.steps(directory)
 
 
 def run_entry(step: int, path: str) -> _run.Entry:
     """What a manager shows of a foreign step: its time and numeric metrics."""
-    from . import orbax
+    from jaxckpt.interop import orbax
 
     meta = orbax.step_metadata(path)
     metrics = {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))}

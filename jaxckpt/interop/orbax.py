@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from .. import _runtime
-from .. import storage as _storage
-from .._errors import CheckpointError, CorruptCheckpointError
-from .source import Index, Keys, Leaf
+from jaxckpt import runtime as _runtime
+from jaxckpt import storage as _storage
+from jaxckpt.errors import CheckpointError, CorruptCheckpointError
+from jaxckpt.interop.source import Index, Keys, Leaf
 
 ITEM = "_METADATA"
 STEP = "_CHECKPOINT_METADATA"

@@ -27,10 +27,10 @@ from typing import Any, TypeGuard
 import ml_dtypes
 import numpy as np
 
-from .. import _memory
-from .. import storage as _storage
-from .._errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
-from .source import Index, Keys, Leaf
+from jaxckpt import memory as _memory
+from jaxckpt import storage as _storage
+from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
+from jaxckpt.interop.source import Index, Keys, Leaf
 
 FORMAT = "safetensors"
 MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import zipfile
 
-from .._errors import CheckpointError
+from jaxckpt.errors import CheckpointError
 
 _SAFETENSORS_FIX = (
     "Fix: load it with its own library and save the arrays as safetensors "

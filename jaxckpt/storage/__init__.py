@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-from .base import COMMIT, PENDING, TMP_MARK, Store, is_debris, join, parse_json
-from .errors import local_error, read_error, save_error, storage_error
-from .kvstore import DRIVERS, KvStore, set_storage_options
-from .local import LocalStore
+from jaxckpt.storage.base import COMMIT, PENDING, TMP_MARK, Store, is_debris, join, parse_json
+from jaxckpt.storage.errors import local_error, read_error, save_error, storage_error
+from jaxckpt.storage.kvstore import DRIVERS, KvStore, set_storage_options
+from jaxckpt.storage.local import LocalStore
 
 
 def at(path: str | os.PathLike[str]) -> Store:

@@ -6,7 +6,7 @@ Keys are ``/``-separated paths relative to the location. The code above this pac
 asks which kind of store it holds: what differs is a method here (or a capability such as
 :meth:`Store.os_path`, which only a store of real files answers).
 
-Commit protocol. A save calls, in this order (``jaxckpt._checkpoint._execute``)::
+Commit protocol. A save calls, in this order (``jaxckpt.checkpoint.save._execute``)::
 
     final = at(path)
     final.is_committed(), final.occupied()  # refuse to overwrite anything
@@ -36,11 +36,11 @@ from typing import Any
 
 import tensorstore as ts
 
-from .. import _runtime
-from .._errors import CorruptCheckpointError
-from . import leases
-from .confine import Unconfined
-from .leases import Lock
+from jaxckpt import runtime as _runtime
+from jaxckpt.errors import CorruptCheckpointError
+from jaxckpt.storage import leases
+from jaxckpt.storage.confine import Unconfined
+from jaxckpt.storage.leases import Lock
 
 COMMIT = "COMMIT"
 PENDING = "PENDING"

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import _runtime
-from .._checksum import crc32c
-from .._memory import Zeros, aligned_empty, as_bytes, is_zero
-from .confine import Violation
+from jaxckpt import runtime as _runtime
+from jaxckpt.format.checksum import crc32c
+from jaxckpt.memory import Zeros, aligned_empty, as_bytes, is_zero
+from jaxckpt.storage.confine import Violation
 
 # Bytes per os.write / os.readv of a chunk, checksummed just before it is written or just after
 # it is read, while in the CPU cache (and a snapshot waits for at most about one such write).

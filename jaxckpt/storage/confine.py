@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-from .._errors import CorruptCheckpointError
+from jaxckpt.errors import CorruptCheckpointError
 
 
 class Violation(ValueError):

@@ -11,19 +11,19 @@ import errno
 import os
 import re
 
-from .._errors import (
+from jaxckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StorageError,
 )
-from .base import TMP_MARK
+from jaxckpt.storage.base import TMP_MARK
 
 
 def save_error(where: str, e: BaseException, what: str = "") -> BaseException:
     """``e`` as a save to ``where`` reports it: a local file system's error (an ``OSError``
     with an errno) as the ``StorageError`` naming ``where`` and the fix; any other as it is."""
-    from . import at
+    from jaxckpt.storage import at
 
     return at(where).save_error(e, what)
 
@@ -31,7 +31,7 @@ def save_error(where: str, e: BaseException, what: str = "") -> BaseException:
 def storage_error(where: str, e: Exception, what: str = "") -> CheckpointError:
     """A permanent storage error (retries are TensorStore's), naming the location and the
     array."""
-    from . import at
+    from jaxckpt.storage import at
 
     store = at(where)
     local = store.save_error(e, what)

@@ -21,13 +21,13 @@ from typing import Any
 
 import tensorstore as ts
 
-from .. import _runtime
-from .._errors import CheckpointError
-from .._log import phase
-from . import leases, object_stores
-from .base import COMMIT, PENDING, Store
-from .chunk_files import json_bytes
-from .errors import storage_error
+from jaxckpt import runtime as _runtime
+from jaxckpt.errors import CheckpointError
+from jaxckpt.log import phase
+from jaxckpt.storage import leases, object_stores
+from jaxckpt.storage.base import COMMIT, PENDING, Store
+from jaxckpt.storage.chunk_files import json_bytes
+from jaxckpt.storage.errors import storage_error
 
 DRIVERS = {"s3": "s3", "gs": "gcs", "memory": "memory"}
 log = logging.getLogger("jaxckpt")

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 
-from .._errors import CheckpointError
+from jaxckpt.errors import CheckpointError
 
 STALE_AFTER = 24 * 3600.0
 WRITER_FILE = ".jaxckpt-writer"

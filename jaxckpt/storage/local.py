@@ -17,11 +17,11 @@ from typing import Any
 
 import tensorstore as ts
 
-from .. import _runtime
-from .._errors import CheckpointError
-from .._log import phase
-from . import chunk_files, errors, leases
-from .base import COMMIT, TMP_MARK, Store
+from jaxckpt import runtime as _runtime
+from jaxckpt.errors import CheckpointError
+from jaxckpt.log import phase
+from jaxckpt.storage import chunk_files, errors, leases
+from jaxckpt.storage.base import COMMIT, TMP_MARK, Store
 
 
 class LocalStore(Store):
@@ -146,7 +146,7 @@ class LocalStore(Store):
         _remove(self._path(key))
 
     def link(self, src: str, name: str) -> bool:
-        from . import at
+        from jaxckpt.storage import at
 
         source = at(src).os_path(name)
         if source is None:  # not a file of this file system
@@ -171,7 +171,7 @@ class LocalStore(Store):
         return ts.open(spec, create=True, open=True, context=_runtime.context())
 
     def confined(self) -> Any:
-        from .confine import Confined
+        from jaxckpt.storage.confine import Confined
 
         return Confined(self.root)
 

@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt as jc
-from jaxckpt import StructureMismatchError, cli, storage
+from jaxckpt import StructureMismatchError, storage
+from jaxckpt.tools import cli as cli
 
 
 def _bits(x):

@@ -16,8 +16,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt as jc
-from jaxckpt import cli
 from jaxckpt.interop import orbax as orbax_reader
+from jaxckpt.tools import cli as cli
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's info and warnings
 
