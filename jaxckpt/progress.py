@@ -44,6 +44,19 @@ def set_progress(on: bool = True, *, stream: TextIO | None = None) -> None:
     _settings.update(on=on, stream=stream)
 
 
+@contextlib.contextmanager
+def shown_on(stream: TextIO | None) -> Iterator[None]:
+    """Within it, progress is drawn on ``stream`` (None: not drawn, as set before), whatever
+    ``set_progress`` said; the setting is restored after (the command line's own bars)."""
+    was = dict(_settings)
+    if stream is not None:
+        _settings.update(on=True, stream=stream)
+    try:
+        yield
+    finally:
+        _settings.update(was)
+
+
 class Bar:
     """One operation's progress; ``add`` may be called from any thread."""
 

@@ -334,16 +334,9 @@ def verify(reader: ForeignReader, progress: Any) -> Any:
 def _recognisers() -> list[Any]:
     """The modules that recognise and open a format, each with ``recognise(path) -> bool``
     and ``open(path) -> Source``: tried in order."""
-    from jaxckpt.interop import flax_msgpack, orbax
+    from jaxckpt.interop import flax_msgpack, orbax, safetensors
 
-    mods: list[Any] = [orbax, flax_msgpack]
-    try:
-        from jaxckpt.interop import safetensors  # written beside this one; absent until merged
-    except ImportError:
-        pass
-    else:
-        mods.insert(0, safetensors)
-    return mods
+    return [safetensors, orbax, flax_msgpack]
 
 
 def open_source(path: str | os.PathLike[str]) -> Source | None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxckpt.interop.safetensors import DTYPES, INDEX_SUFFIX
+from jaxckpt.interop.safetensors_header import DTYPES, INDEX_SUFFIX
 
 # The library's dtype order (its Dtype enum): the data of higher ones comes first.
 _ORDER = (

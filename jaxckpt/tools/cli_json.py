@@ -6,6 +6,7 @@ be added. Times are Unix seconds, sizes are bytes, shapes are lists of ints.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from typing import Any, TextIO
@@ -14,6 +15,13 @@ from jaxckpt.checkpoint.reader import Reader
 from jaxckpt.tools import scan as _scan
 
 SCHEMA = 1  # bumped only when a key changes meaning or goes away
+
+
+def add_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--json`` option of a command that prints one of these documents."""
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object (see docs/cli.md)"
+    )
 
 
 def write(doc: dict[str, Any], out: TextIO) -> None:
