@@ -17,7 +17,7 @@ from core_helpers import edit_metadata
 import jaxckpt as jc
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage as _storage
-from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.storage.local import LocalStore
 
 
@@ -95,14 +95,14 @@ def test_async_retention_applies_when_the_save_commits(tmp_path):
 
 def test_a_save_does_not_wait_for_the_previous_write(tmp_path, monkeypatch):
     gate = threading.Event()
-    execute = _checkpoint._execute
+    execute = _steps.execute
 
     def held_back(s, budget):  # step 1's write waits until the test lets it go
         if s.final.endswith("ckpt-1"):
             assert gate.wait(60)
         return execute(s, budget)
 
-    monkeypatch.setattr(_checkpoint, "_execute", held_back)
+    monkeypatch.setattr(_steps, "execute", held_back)
     d = os.fspath(tmp_path)
     m = jc.CheckpointManager(d, max_to_keep=1)
     m.save(1, tree_of(1))
