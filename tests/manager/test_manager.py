@@ -18,6 +18,7 @@ import jaxckpt as jc
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage as _storage
 from jaxckpt.checkpoint import save_steps as _steps
+from jaxckpt.format import run as _run
 from jaxckpt.storage.local import LocalStore
 
 
@@ -495,3 +496,18 @@ def test_a_failed_index_rewrite_is_raised_and_the_checkpoints_stay(tmp_path):
     m.close()
     assert [c["step"] for c in index_of(d)["checkpoints"]] == [1, 2, 3]
     assert jc.CheckpointManager(d).steps == [1, 2, 3]
+
+
+def test_a_step_of_both_kinds_without_an_index_opens(tmp_path):
+    """A run holding ckpt-2 and an Orbax step 2, without an index: the manager read ckpt-2's
+    entry by asking for the step's path before it knew its own steps (an AttributeError)."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    run = tmp_path / "run"
+    with ocp.CheckpointManager(run) as mgr:
+        mgr.save(2, args=ocp.args.StandardSave({"w": np.full(2, 2.0, np.float32)}))
+        mgr.wait_until_finished()
+    jc.save(run / "ckpt-2", {"w": np.full(2, 5.0, np.float32)}, step=2, metrics={"loss": 0.5})
+    assert not os.path.exists(run / _run.INDEX)
+    with jc.CheckpointManager(run, async_save=False) as m:
+        assert m.steps == [2] and m.metrics(2) == {"loss": 0.5}
+        np.testing.assert_array_equal(m.restore(2)["w"], [5.0, 5.0])
