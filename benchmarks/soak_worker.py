@@ -29,7 +29,7 @@ import numpy as np
 
 import jaxckpt as jc
 from jaxckpt import storage as _storage
-from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.checkpoint import snapshot as _snapshot
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.storage.local import LocalStore
@@ -38,7 +38,7 @@ KEEP = 3  # every manager of the soak keeps the newest 3 checkpoints
 
 # (module, function, phase): the steps of a save, in the order a save runs them.
 PHASES = [
-    (_checkpoint, "_prepare", "plan"),
+    (_steps, "prepare", "plan"),
     (_snapshot, "snapshot", "snapshot"),
     (LocalStore, "begin", "mkdir"),
     (_write, "write_arrays", "chunks"),

@@ -46,6 +46,7 @@ from multihost_tree import SHAPES, Loader, expected  # noqa: E402
 import jaxckpt as jc  # noqa: E402
 from jaxckpt.checkpoint import incremental as _incremental  # noqa: E402
 from jaxckpt.checkpoint import multihost as _multihost  # noqa: E402
+from jaxckpt.checkpoint import plan as _plan  # noqa: E402
 from jaxckpt.checkpoint import reader as _reader  # noqa: E402
 from jaxckpt.checkpoint import write as _write  # noqa: E402
 
@@ -206,7 +207,7 @@ def count_reads():
 
 def written_pieces(tree: dict) -> dict[str, int]:
     """How many pieces (distinct shards) this process writes for each array."""
-    return {a.loc: len(a.pieces) for a in _write.plan(tree)[1]}
+    return {a.loc: len(a.pieces) for a in _plan.plan(tree)[1]}
 
 
 def scenario_main() -> None:

@@ -151,7 +151,7 @@ def scenario_shares() -> None:
     tree = make_tree()
     for mode in ("1", "0"):  # replicas share the writing; then as before, for comparison
         os.environ[_shares.ENV] = mode
-        pieces = {a.loc: len(a.pieces) for a in jc.checkpoint.write.plan(tree)[1]}
+        pieces = {a.loc: len(a.pieces) for a in jc.checkpoint.plan.plan(tree)[1]}
         with count_writes() as wrote:
             jc.save(os.path.join(DIRECTORY, f"ckpt-{mode}"), tree)
         report(f"wrote-{mode}", pieces=pieces, **wrote)

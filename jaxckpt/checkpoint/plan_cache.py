@@ -1,7 +1,7 @@
 """Plans of trees saved before: a tree whose structure did not change is not walked again.
 
 A training loop saves the same tree every time: the same containers and keys, and leaves of
-the same types, shapes, dtypes and shardings. Walking it (:func:`jaxckpt.checkpoint.write.plan`: a
+the same types, shapes, dtypes and shardings. Walking it (:func:`jaxckpt.checkpoint.plan.plan`: a
 record per leaf, key checks, packing) costs tens of microseconds per leaf, which a tree of
 10,000 small arrays pays on every save, inside ``save_async``'s call. So the plan of each tree
 saved is kept as a :class:`Template` under a key of its structure (the ``PyTreeDef``) and each
@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxckpt.checkpoint import multihost as _multihost
-from jaxckpt.checkpoint import write as _write
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.format import metadata as _metadata
 
 PyTree = Any
@@ -39,7 +39,7 @@ _VALUE_TYPES = (bool, int, float, complex, str, bytes)
 class Template:
     """What a plan of one tree structure is made of, without the tree's arrays."""
 
-    record: bytes  # the pickled structure record, as ``_write.plan`` made it (before any write)
+    record: bytes  # the pickled structure record, as ``_plan.plan`` made it (before any write)
     # Per leaf, in flatten order: ("pack", k) | ("array", (loc, meta)) | ("value", None) |
     # ("none", None) for a zero-size packed leaf, which has nothing to write.
     kinds: list[tuple[str, Any]]
@@ -52,8 +52,8 @@ class Plan:
     to the arrays and packs) has run: an async save binds on its background thread."""
 
     record: dict[str, Any] | None
-    arrays: list[_write.Array]
-    packs: list[_write.Pack]
+    arrays: list[_plan.Array]
+    packs: list[_plan.Pack]
     bind: Callable[[], dict[str, Any]] | None = None
 
 
@@ -71,7 +71,7 @@ def plan(tree: PyTree) -> Plan:
     """The plan of ``tree``: from a kept template when its key matches, else walked (and a
     template kept for the next save)."""
     if _multihost.process_count() > 1:  # who writes which share is dealt out per save
-        return Plan(*_write.plan(tree))
+        return Plan(*_plan.plan(tree))
     flat, treedef = jax.tree_util.tree_flatten(tree)
     key = _key(flat, treedef)
     tpl = None
@@ -84,7 +84,7 @@ def plan(tree: PyTree) -> Plan:
                 _cache.move_to_end(h)
     if tpl is not None:
         return _instantiate(tpl, flat)
-    record, arrays, packs = _write.plan(tree)
+    record, arrays, packs = _plan.plan(tree)
     if key is not None:
         made = _template(record, arrays, packs, flat)
         if made is not None:
@@ -118,11 +118,11 @@ def _key(flat: list[Any], treedef: Any) -> Any:
             return None
     # Packing's settings (tests change them) and the process's place in the job shape a plan.
     settings = (
-        _write.PACK_BELOW,
-        _write.PACK_MIN_LEAVES,
-        _write.PACK_CHUNK,
-        _write.PACK_MAX,
-        _write.PACK_ALIGN,
+        _plan.PACK_BELOW,
+        _plan.PACK_MIN_LEAVES,
+        _plan.PACK_CHUNK,
+        _plan.PACK_MAX,
+        _plan.PACK_ALIGN,
         _multihost.process_count(),
         _multihost.process_index(),
     )
@@ -163,7 +163,7 @@ def _leaf_records(node: dict[str, Any], out: list[dict[str, Any]]) -> list[dict[
 
 
 def _template(
-    record: dict[str, Any], arrays: list[_write.Array], packs: list[_write.Pack], flat: list[Any]
+    record: dict[str, Any], arrays: list[_plan.Array], packs: list[_plan.Pack], flat: list[Any]
 ) -> Template | None:
     """A template of a plan just made (its records not yet changed by a write)."""
     recs = _leaf_records(record, [])
@@ -202,16 +202,16 @@ def _template(
 def _instantiate(tpl: Template, flat: list[Any]) -> Plan:
     """The plan of ``flat`` (leaves of a tree with ``tpl``'s key); its records come at bind."""
     packs = [
-        _write.Pack(loc, nbytes, starts, [flat[i] for i in idx])
+        _plan.Pack(loc, nbytes, starts, [flat[i] for i in idx])
         for loc, nbytes, starts, idx in tpl.packs
     ]
-    arrays: list[_write.Array] = []
-    owners: list[tuple[int, _write.Array]] = []
+    arrays: list[_plan.Array] = []
+    owners: list[tuple[int, _plan.Array]] = []
     values: list[tuple[int, Any]] = []
     for i, (kind, what) in enumerate(tpl.kinds):
         if kind == "array":
-            pieces, _ = _write._pieces(flat[i])
-            a = _write.Array(what[0], what[1], pieces, {}, _write.source_of(flat[i]))
+            pieces, _ = _plan._pieces(flat[i])
+            a = _plan.Array(what[0], what[1], pieces, {}, _plan.source_of(flat[i]))
             arrays.append(a)
             owners.append((i, a))
         elif kind == "value":

@@ -1,20 +1,16 @@
 """Saving one checkpoint: ``save`` is the synchronous case of ``save_async``'s path.
 
-A save plans the tree once (:mod:`jaxckpt.checkpoint.write`), writes every array's pieces, writes the
-metadata, then commits: ``COMMIT`` is written last and, on a local disk, the temporary sibling
-directory is renamed into place. In a multi-process job every process runs the same steps,
-with barriers between them; ``save_async`` runs them in a thread after a host snapshot.
+Both run the steps of :mod:`jaxckpt.checkpoint.save_steps` (plan the tree, write every
+array's pieces and the metadata, then commit); ``save_async`` runs the writing and the commit
+in a worker after a host snapshot, and its ``SaveHandle`` reports how that ended. This module
+also checks a save's ``step`` and ``metrics``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import json
 import operator
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any
@@ -22,246 +18,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxckpt import progress as _progress
 from jaxckpt import runtime as _runtime
-from jaxckpt import storage as _storage
-from jaxckpt.checkpoint import incremental as _incremental
-from jaxckpt.checkpoint import multihost as _multihost
-from jaxckpt.checkpoint import plan_cache as _plan_cache
+from jaxckpt.checkpoint import plan as _plan
+from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.checkpoint import snapshot as _snapshot
 from jaxckpt.checkpoint import write as _write
-from jaxckpt.errors import CheckpointError, CheckpointExistsError, StorageError
-from jaxckpt.format import commit as _commit
-from jaxckpt.format import metadata as _metadata
-from jaxckpt.format import split as _split
+from jaxckpt.errors import CheckpointError
 from jaxckpt.log import logged_save, logged_save_async
-from jaxckpt.storage import arrays as _arrays
 
 PyTree = Any
-
-
-@dataclasses.dataclass
-class _Save:
-    final: str
-    record: dict[str, Any]  # empty until ``bind`` ran (a plan from a kept template)
-    arrays: list[_write.Array]
-    packs: list[_write.Pack]
-    extra: dict[str, Any]
-    sync: _multihost.SaveSync
-    buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
-    time: float = 0.0  # when it was written, as its metadata says
-    inc: _incremental.Save | None = None  # what it links from its base, and records
-    bind: Callable[[], dict[str, Any]] | None = None  # makes ``record`` (_plan_cache.Plan)
-
-
-def _prepare(
-    path: str | os.PathLike[str],
-    tree: PyTree,
-    extra: dict[str, Any],
-    base: str | os.PathLike[str] | None = None,
-    hashing: bool = False,
-) -> _Save:
-    final = _storage.normalize(path)
-    if base is not None and not isinstance(base, (str, os.PathLike)):
-        raise TypeError(
-            f"base must be the path of an earlier checkpoint (str or os.PathLike), not {base!r} "
-            f"({type(base).__name__}). Fix: pass the path that save returned, or base=None."
-        )
-    sync = _multihost.SaveSync(f"the save to {final}", ("start", "written", "committed"))
-    if not sync.multi:  # several processes: process 0 checks, for all (``_agree_on_tmp``)
-        _check_free(final)
-    p = _plan_cache.plan(tree)  # a tree saved before is not walked again
-    inc = _incremental.prepare(final, p.arrays, None if base is None else os.fspath(base), hashing)
-    return _Save(final, p.record or {}, p.arrays, p.packs, extra, sync, inc=inc, bind=p.bind)
-
-
-def _complete(s: _Save) -> None:
-    """Makes the save's record (a plan from a kept template attaches each leaf's record to its
-    array or pack) and seals an async snapshot's packs. Deferred to here, an async save's
-    background thread: the caller of ``save_async`` waits only for the snapshot."""
-    if s.bind is not None:
-        s.record, s.bind = s.bind(), None
-    _snapshot.seal_packs(s.packs)
-
-
-def _check_free(final: str) -> None:
-    """Raises ``CheckpointExistsError`` unless ``final`` is absent or an empty directory (a
-    ``StorageError`` where the file system refuses to tell: a directory it may not list)."""
-    try:
-        store = _storage.at(final)
-        committed = store.is_committed()
-        occupied = not committed and store.occupied()
-    except OSError as e:
-        error = _storage.save_error(final, e)
-        if error is e:
-            raise
-        raise error from e
-    if committed:
-        raise CheckpointExistsError(
-            f"A checkpoint already exists at {final}; jaxckpt never overwrites one. Fix: save "
-            "to a new path (e.g. one per step), or delete the old checkpoint first."
-        )
-    if occupied:
-        raise CheckpointExistsError(
-            f"{final} exists and is neither an empty directory nor a checkpoint. Fix: choose "
-            "another path, or remove that directory."
-        )
-
-
-def _agree_on_tmp(s: _Save) -> str:
-    """The temporary directory process 0 picked; every process must be saving to ``s.final``."""
-
-    def pick() -> str:  # process 0 only
-        refused = None
-        if s.sync.multi:  # the others would see process 0's save in progress there
-            try:
-                _check_free(s.final)
-            except CheckpointExistsError as e:
-                refused = str(e)
-        return json.dumps([s.final, _storage.at(s.final).temporary().root, refused])
-
-    final, tmp, refused = json.loads(s.sync.share("tmp", pick))
-    if refused:
-        raise CheckpointExistsError(refused)
-    if final != s.final:
-        raise CheckpointError(  # not a CoordinationError: it is reported to the other processes
-            f"jaxckpt: process {_multihost.process_index()} saves to {s.final} while process 0 "
-            f"saves to {final}. Every process must call save with the same path, in the same "
-            "order. Fix: derive the path from a value all processes share, such as the step."
-        )
-    return tmp
-
-
-def _check_shared(tmp: str, final: str) -> None:
-    """The directory process 0 made must be visible to every process: the storage is shared."""
-    if _storage.at(tmp).is_dir():
-        return
-    raise CheckpointError(
-        f"jaxckpt: process {_multihost.process_index()} does not see the directory {tmp} that "
-        f"process 0 created for the save to {final}: that path is not on storage every process "
-        "shares (a disk local to each host?), so no process could read the whole checkpoint. "
-        "Fix: save to a filesystem mounted on every host (NFS, Lustre, a GCS/S3 FUSE mount) or "
-        "to an object store URL (gs://bucket/run, s3://bucket/run)."
-    )
-
-
-def _keep_every_state(s: _Save, states: dict[str, str]) -> None:
-    """On process 0: a state leaf that differs between processes keeps each one's state."""
-    every = [json.loads(v) for v in s.sync.collect("states", json.dumps(states))]
-    for path, rec in _metadata.iter_leaves(s.record):
-        if rec["t"] == "state":
-            per = [d.get(path, rec["v"]) for d in every]
-            if len(set(per)) > 1:
-                rec["per_process"] = per
-
-
-def _execute(s: _Save, budget: int) -> str:
-    """Writes, then commits; in a multi-process job every process runs this together.
-
-    Each process writes its own shards; process 0 also writes the metadata, and the ``COMMIT``
-    only once every process has passed the ``written`` barrier.
-    """
-    primary = _multihost.is_primary()
-    tmp = None
-    lock = None
-    begun = False  # the directory exists for this process: its loss is reported as such
-    try:
-        _complete(s)
-        tmp = _agree_on_tmp(s)
-        states = {p: r["v"] for p, r in _metadata.iter_leaves(s.record) if r["t"] == "state"}
-        if states:
-            s.sync.post("states", json.dumps(states))
-        if primary:
-            lock = _storage.at(tmp).begin()
-        s.sync.barrier("start")
-        if not primary:
-            _check_shared(tmp, s.final)
-        elif states and s.sync.multi:
-            _keep_every_state(s, states)
-        begun = True
-        linker = s.inc.linker(tmp) if s.inc is not None else None
-        with _progress.shown(f"save {s.final}", lambda: _save_bytes(s)):
-            _write.write_arrays(tmp, s.arrays, s.packs, budget, linker)
-        if s.inc is not None:
-            s.inc.finish(s.arrays)
-        s.time = time.time()
-        written = _write.written_keys(s.arrays, s.packs, primary)
-        if primary:
-            record, moved = _split.split(s.record)
-            attrs = _metadata.root_attributes(record, {"time": s.time, **s.extra})
-            files = {"zarr.json": _arrays.group_json(attrs)}
-            files.update(_write.group_files(s.record, moved))
-            if s.packs:
-                files[f"{_write.PACK_DIR}/zarr.json"] = _arrays.group_json()
-            _write.write_json_files(tmp, files)
-            written += list(files)
-        _write.durable(tmp)
-        _check_written(tmp, s.final, written, primary)
-        s.sync.barrier("written")
-        if primary:
-            _storage.at(tmp).write_durable(
-                _storage.COMMIT, _commit.commit_bytes(files, s.arrays, s.packs)
-            )
-            try:
-                _storage.at(tmp).commit(_storage.at(s.final))
-            except OSError:
-                _check_free(s.final)  # another save got there first: say so plainly
-                raise
-        s.sync.barrier("committed")
-        if s.inc is not None:
-            s.inc.committed()
-    except BaseException as e:
-        if s.inc is not None:
-            s.inc.failed()
-        error = _storage.save_error(s.final, e)
-        s.sync.abandon(error)
-        gone = begun and primary and isinstance(error, CheckpointError)
-        gone = gone and tmp is not None and not _storage.at(tmp).is_dir()
-        if primary and tmp is not None:
-            _storage.at(tmp).delete()
-        if gone:
-            raise _lost(s.final, f"its directory {tmp}") from e
-        if error is e:
-            raise
-        raise error from e
-    finally:
-        if lock is not None:
-            lock.release()
-    return s.final
-
-
-def _save_bytes(s: _Save) -> int:
-    """The bytes this process writes for ``s``."""
-    return sum(p.nbytes for a in s.arrays for p in a.pieces) + sum(k.nbytes for k in s.packs)
-
-
-def _check_written(tmp: str, final: str, written: list[str], primary: bool) -> None:
-    """Nothing is committed over missing data: every file this process wrote is still there.
-
-    A directory gone altogether, on a process other than 0, was removed by process 0 giving up
-    on the save: the barrier that follows says why.
-    """
-    store = _storage.at(tmp)
-    lost = store.missing(written)
-    if lost and (primary or store.is_dir()):
-        example = _storage.join(tmp, lost[0])
-        raise _lost(final, f"{len(lost)} of the {len(written)} files it wrote (e.g. {example})")
-
-
-def _lost(final: str, what: str) -> StorageError:
-    error = StorageError(
-        f"The save to {final} lost {what} before its commit: something else deleted the save's "
-        "files while it was writing. Nothing was committed; earlier checkpoints are intact. "
-        "Fix: save again, and stop whatever deletes a save's temporary files while it writes."
-    )
-    error.errno = errno.ENOENT  # str(error) stays the sentence
-    return error
 
 
 class SaveHandle:
     """A save in flight: ``wait()`` returns the final path or raises the save's error."""
 
-    def __init__(self, save: _Save, held: int, on_device: list[_write.Piece]):
+    def __init__(self, save: _steps.Save, held: int, on_device: list[_plan.Piece]):
         self.path = save.final
         self.time = 0.0  # when it was written, as its metadata says; set once it is committed
         self._error: BaseException | None = None
@@ -272,14 +43,14 @@ class SaveHandle:
             self._after, _runtime.last = _runtime.last, self
             self._future = _runtime.pool("save").submit(self._run, save, held, on_device)
 
-    def _run(self, save: _Save, held: int, on_device: list[_write.Piece]) -> None:
+    def _run(self, save: _steps.Save, held: int, on_device: list[_plan.Piece]) -> None:
         try:
             _snapshot.fetch(on_device, save.buffers)  # under way before any earlier save ends
             on_device.clear()
             if self._after is not None:  # writes go one save at a time, in call order
                 futures.wait([self._after._future])
                 self._after = None
-            _execute(save, budget=1 << 62)
+            _steps.execute(save, budget=1 << 62)
             self.time = save.time
         except BaseException as e:  # surfaced by wait(), the next save, or a manager's close()
             self._error = e
@@ -369,8 +140,8 @@ def save(
         '/tmp/ckpt-1'
     """
     _raise_earlier_errors()
-    s = _prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
-    return _execute(s, budget=_write.STREAM_BYTES)
+    s = _steps.prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
+    return _steps.execute(s, budget=_write.STREAM_BYTES)
 
 
 @logged_save_async
@@ -398,7 +169,7 @@ def save_async(
     """
     _raise_earlier_errors()
     with _runtime.writes_paused():  # the caller waits: earlier saves' writes leave it the CPU
-        s = _prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
+        s = _steps.prepare(path, tree, extra_attributes(step, metrics), base, _hashing)
     held = _snapshot.snapshot_bytes(s.arrays, s.packs)
     # The most the snapshot can hold; what its zero pieces do not is given back below.
     _runtime.reserve(held)

@@ -76,7 +76,7 @@ def _key(index: Sequence[slice]) -> tuple[tuple[int, int], ...]:
 
 @dataclasses.dataclass
 class _Unit:
-    array: Any  # _write.Array
+    array: Any  # _plan.Array
     index: tuple[slice, ...]  # the chunk, in the array
     shard: Any  # this process's copy of the shard (None when it holds none)
     local: tuple[slice, ...]  # the chunk, in the shard
@@ -120,7 +120,7 @@ class Shares:
         return chunks
 
     def add(self, array: Any, x: Any, nbytes: int) -> None:
-        """``array`` (a planned ``_write.Array`` of the leaf ``x``, ``nbytes``) is written by
+        """``array`` (a planned ``_plan.Array`` of the leaf ``x``, ``nbytes``) is written by
         its shares: its pieces are set by :meth:`deal`. A process-local value is process 0's."""
         if not self.spans(x):
             self.load[0] += nbytes
@@ -176,7 +176,7 @@ class Shares:
                 self._take(u)
 
     def _take(self, u: _Unit) -> None:
-        from jaxckpt.checkpoint.write import Piece  # _write imports this module
+        from jaxckpt.checkpoint.plan import Piece  # _plan imports this module
 
         data = u.shard if u.whole else Part(u.shard, u.local)
         u.array.pieces.append(Piece(u.index, data, u.nbytes))

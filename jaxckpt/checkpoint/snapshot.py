@@ -22,11 +22,12 @@ from jaxckpt import memory as _memory
 from jaxckpt import runtime as _runtime
 from jaxckpt.checkpoint import device as _device
 from jaxckpt.checkpoint import incremental as _incremental
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.format import checksum as _checksum
 
 
-def snapshot_bytes(arrays: list[_write.Array], packs: list[_write.Pack]) -> int:
+def snapshot_bytes(arrays: list[_plan.Array], packs: list[_plan.Pack]) -> int:
     """Host bytes a snapshot holds (before it is taken: at most this; a zero piece holds none,
     nor does a piece an incremental save links)."""
     return sum(
@@ -34,10 +35,10 @@ def snapshot_bytes(arrays: list[_write.Array], packs: list[_write.Pack]) -> int:
         for a in arrays
         for p in a.pieces
         if not isinstance(p.data, (_memory.Zeros, _incremental.Unchanged))
-    ) + sum(k.n_chunks * _write.PACK_CHUNK for k in packs)
+    ) + sum(k.n_chunks * _plan.PACK_CHUNK for k in packs)
 
 
-def copy_on_device(arrays: list[_write.Array]) -> list[_write.Piece]:
+def copy_on_device(arrays: list[_plan.Array]) -> list[_plan.Piece]:
     """Copies the pieces held on an accelerator within its own memory, where it has room.
 
     The caller of an async save then waits for device-to-device copies (memory bandwidth,
@@ -46,7 +47,7 @@ def copy_on_device(arrays: list[_write.Array]) -> list[_write.Piece]:
     under twice its pieces' bytes (or that reports none, like the CPU) is left to
     :func:`snapshot`. Returns the pieces copied.
     """
-    by_device: dict[Any, list[_write.Piece]] = {}
+    by_device: dict[Any, list[_plan.Piece]] = {}
     for a in arrays:
         for p in a.pieces:
             if isinstance(p.data, jax.Array):
@@ -79,7 +80,7 @@ def _device_has_room(device: Any, nbytes: int) -> bool:
     return 2 * nbytes <= stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def fetch(pieces: list[_write.Piece], taken: list[np.ndarray]) -> None:
+def fetch(pieces: list[_plan.Piece], taken: list[np.ndarray]) -> None:
     """Starts moving the device copies of :func:`copy_on_device` to host memory.
 
     The fetch threads move them: each device copy is freed once it is on the host, however
@@ -92,7 +93,7 @@ def fetch(pieces: list[_write.Piece], taken: list[np.ndarray]) -> None:
 
 
 def snapshot(
-    arrays: list[_write.Array], packs: list[_write.Pack], skip: Sequence[_write.Piece] = ()
+    arrays: list[_plan.Array], packs: list[_plan.Pack], skip: Sequence[_plan.Piece] = ()
 ) -> list[np.ndarray]:
     """Copies every piece but ``skip`` to host memory that this save owns (donation-safe).
 
@@ -124,12 +125,12 @@ def snapshot(
     return taken
 
 
-def _own_host(p: _write.Piece, host: np.ndarray) -> None:
+def _own_host(p: _plan.Piece, host: np.ndarray) -> None:
     """A piece's fresh host copy becomes its data (a ``Zeros`` marker if all zero)."""
     p.data = _memory.Zeros(host.shape, host.dtype) if _memory.is_zero(host) else host
 
 
-def _copy_pack(k: _write.Pack, taken: list[np.ndarray]) -> None:
+def _copy_pack(k: _plan.Pack, taken: list[np.ndarray]) -> None:
     """Copies a pack's leaves into one buffer, each at its offset; its chunks are views of it.
 
     Only the copies are made here, in the caller's time: the alignment gaps are zeroed and
@@ -137,7 +138,7 @@ def _copy_pack(k: _write.Pack, taken: list[np.ndarray]) -> None:
     leaves are split into ``COPY_SPLIT`` runs of about equal bytes, copied on the copy
     threads (NumPy lets go of the GIL for the larger copies).
     """
-    buf = _runtime.take_buffer(k.n_chunks * _write.PACK_CHUNK)
+    buf = _runtime.take_buffer(k.n_chunks * _plan.PACK_CHUNK)
     taken.append(buf)
     cuts = _cuts(k.starts, k.nbytes, COPY_SPLIT)
     runs = [(k.starts[lo:hi], k.leaves[lo:hi]) for lo, hi in itertools.pairwise(cuts)]
@@ -148,11 +149,11 @@ def _copy_pack(k: _write.Pack, taken: list[np.ndarray]) -> None:
     for j in jobs:
         j.result()
     k.whole = buf
-    k.chunks = [buf[i : i + _write.PACK_CHUNK] for i in range(0, buf.size, _write.PACK_CHUNK)]
+    k.chunks = [buf[i : i + _plan.PACK_CHUNK] for i in range(0, buf.size, _plan.PACK_CHUNK)]
     k.leaves = []
 
 
-def _copy_piece(p: _write.Piece, taken: list[np.ndarray]) -> None:
+def _copy_piece(p: _plan.Piece, taken: list[np.ndarray]) -> None:
     p.data = _host_copy(p.data, taken)
 
 
@@ -193,7 +194,7 @@ def _copy_run(buf: np.ndarray, starts: list[int], leaves: list[Any]) -> None:
         buf[start : start + raw.size] = raw
 
 
-def seal_packs(packs: list[_write.Pack]) -> None:
+def seal_packs(packs: list[_plan.Pack]) -> None:
     """Finishes the snapshots of :func:`_copy_pack` once the leaf records are bound: zeroes
     the alignment gaps and the tail, and takes each leaf's checksum (for reading it alone)."""
     for k in packs:

@@ -1,26 +1,20 @@
-"""Planning and writing a tree's arrays: pieces, packs of small leaves, chunk writes.
+"""Writing a save's plan (:mod:`jaxckpt.checkpoint.plan`): the arrays' chunks, the packs of
+small leaves, the group metadata, then making them durable.
 
-``plan`` walks the tree once into a structure record, the arrays (each with the pieces this
-process writes) and the packs of small leaves; an async save snapshots them first
-(:mod:`jaxckpt.checkpoint.snapshot`); ``write_arrays`` writes them, directly as zarr chunk files on a
-local disk and through TensorStore elsewhere.
-
-A single-process save to a local disk leaves all-zero chunks unwritten and lists them in the
-leaf record (``"zero_chunks"``); an async snapshot keeps an all-zero piece as a
-:class:`_memory.Zeros` marker instead of a copy.
+``write_arrays`` writes the chunks directly as zarr chunk files on a local disk and through
+TensorStore elsewhere. A single-process save to a local disk leaves all-zero chunks unwritten
+and lists them in the leaf record (``"zero_chunks"``); an async snapshot keeps an all-zero
+piece as a :class:`_memory.Zeros` marker instead of a copy.
 """
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import functools
 import math
 import os
-import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,8 +26,8 @@ from jaxckpt import storage as _storage
 from jaxckpt.checkpoint import device as _device
 from jaxckpt.checkpoint import incremental as _incremental
 from jaxckpt.checkpoint import multihost as _multihost
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import shares as _shares
-from jaxckpt.format import checksum as _checksum
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
 from jaxckpt.format import split as _split
@@ -41,189 +35,9 @@ from jaxckpt.log import phase
 from jaxckpt.storage import arrays as _arrays
 from jaxckpt.storage import chunk_files as _chunks
 
-PyTree = Any
 # Host bytes a synchronous save holds in flight (device-to-host copies not yet on disk).
 STREAM_BYTES = 512 << 20
-# Array leaves under this size are packed together; 1 MiB or more has its own zarr array.
-PACK_BELOW = 1 << 20
-# Packing starts at this many small leaves: a small model keeps one zarr array per leaf (each
-# readable by zarr-python at its own path), while 10,000 tiny arrays do not cost 10,000 files.
-PACK_MIN_LEAVES = 64
-PACK_CHUNK = 1 << 20  # chunk of a pack array: what reading one small leaf reads at most twice
-PACK_MAX = 1 << 30  # a pack array holds at most this many bytes; more start another
-PACK_ALIGN = 64  # leaf offsets in a pack: restored leaves are aligned views of the read chunks
 PACK_FLIGHT = 32 << 20  # pack chunks a synchronous save builds ahead of the writes
-PACK_DIR = "~pack"  # "~" starts no escaped edge name, so this never collides with the tree
-
-
-@dataclasses.dataclass
-class Piece:
-    index: tuple[slice, ...]
-    # np.ndarray, a single-device jax.Array not yet on the host, _memory.Zeros, or a Future of
-    # one of those on its way from a device copy (fetch)
-    data: Any
-    nbytes: int
-
-
-@dataclasses.dataclass
-class Array:
-    loc: str
-    meta: dict[str, Any]
-    pieces: list[Piece]
-    record: dict[str, Any]  # the leaf record, where the writer lists its absent zero chunks
-    source: weakref.ref[Any] | None = None  # the jax.Array leaf (incremental saves compare it)
-
-
-@dataclasses.dataclass
-class Pack:
-    """Small leaves concatenated into one 1-D uint8 zarr array at ``loc``."""
-
-    loc: str
-    nbytes: int = 0
-    starts: list[int] = dataclasses.field(default_factory=list)
-    leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
-    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the leaves'
-    chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
-    # An async snapshot's bytes, whose views ``chunks`` are, until _snapshot.seal_packs ran
-    whole: np.ndarray | None = None
-
-    @property
-    def meta(self) -> dict[str, Any]:
-        return _arrays.array_metadata([self.nbytes], "uint8", [PACK_CHUNK])
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.nbytes // PACK_CHUNK)
-
-    def chunk(self, k: int, taken: list[np.ndarray] | None = None) -> np.ndarray:
-        """The bytes of chunk ``k`` (the last one padded with zeros to a full chunk); with
-        ``taken`` (a snapshot), in a pooled buffer that is appended to it."""
-        if self.chunks is not None:
-            return self.chunks[k]
-        lo, hi = k * PACK_CHUNK, min((k + 1) * PACK_CHUNK, self.nbytes)
-        if taken is None:
-            buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
-        else:
-            buf = _runtime.take_buffer(PACK_CHUNK)
-            buf.fill(0)
-            taken.append(buf)
-        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
-        while i < len(self.starts) and self.starts[i] < hi:
-            off, raw = self.starts[i], _memory.as_bytes(np.ascontiguousarray(self.leaves[i]))
-            a, b = max(lo, off), min(hi, off + raw.size)
-            if b > a:
-                buf[a - lo : b - lo] = raw[a - off : b - off]
-            if off >= lo:  # the leaf starts here: its own checksum, for reading it alone
-                self.records[i]["crc32c"] = _checksum.crc32c(raw)
-            i += 1
-        return buf
-
-
-def _pieces(x: Any) -> tuple[list[Piece], tuple[int, ...] | None]:
-    """The parts of ``x`` this process writes (one replica of each shard) and the shard shape.
-
-    In a multi-process job a value local to each process (a NumPy array, or a ``jax.Array``
-    on this process's devices only) is saved from process 0, like the tree's Python values.
-    """
-    from_peer = _multihost.process_count() > 1 and not _multihost.is_primary()
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        shard_shape = tuple(x.sharding.shard_shape(x.shape))
-        if from_peer and x.is_fully_addressable:
-            return [], shard_shape
-        pieces = [
-            Piece(tuple(s.index), s.data, s.data.nbytes)
-            for s in x.addressable_shards
-            if s.replica_id == 0
-        ]
-        return pieces, shard_shape
-    arr = np.asarray(x)
-    if from_peer:
-        return [], None
-    return [Piece(tuple(slice(None) for _ in arr.shape), arr, arr.nbytes)], None
-
-
-def _packable(x: Any, nbytes: int) -> bool:
-    """A small array leaf (of ``nbytes``) on one device (a sharded one keeps chunks that follow
-    its shards)."""
-    if nbytes >= PACK_BELOW or isinstance(x, jax.core.Tracer):
-        return False  # a tracer is refused with its key path by _metadata.check_array
-    if isinstance(x, jax.Array):
-        s = x.sharding  # device_set builds a set: costly for 10,000 leaves
-        return isinstance(s, jax.sharding.SingleDeviceSharding) or len(s.device_set) == 1
-    return isinstance(x, (np.ndarray, np.generic))
-
-
-def _nbytes(x: Any) -> int:
-    """An array's bytes (0 for a value), cheaper than ``jax.Array.nbytes``."""
-    dtype = getattr(x, "dtype", None)
-    return math.prod(x.shape) * dtype.itemsize if dtype is not None and hasattr(x, "shape") else 0
-
-
-class Plan(NamedTuple):
-    """What a save writes: the structure record, the arrays with their own zarr paths, and the
-    packs of small leaves."""
-
-    record: dict[str, Any]
-    arrays: list[Array]
-    packs: list[Pack]
-
-
-def plan(tree: PyTree) -> Plan:
-    arrays: list[Array] = []
-    packs: list[Pack] = []
-    # Packing needs every byte of a leaf on this process; multi-process saves keep one path each.
-    pack = _multihost.process_count() == 1 and (
-        sum(_packable(x, _nbytes(x)) for x in jax.tree_util.tree_leaves(tree)) >= PACK_MIN_LEAVES
-    )
-    shares = _shares.Shares.start()  # several processes: replicas share the writing
-
-    def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
-        dtype = np.dtype(x.dtype)
-        shape = tuple(int(d) for d in np.shape(x))
-        nbytes = math.prod(shape) * dtype.itemsize
-        name = _metadata.dtype_name(dtype)
-        rec: dict[str, Any] = {"t": "array", "dtype": name, "shape": list(shape)}
-        if isinstance(x, np.generic):
-            rec["np_scalar"] = True
-        if pack and _packable(x, nbytes):
-            if not packs or packs[-1].nbytes + nbytes > PACK_MAX:
-                packs.append(Pack(f"{PACK_DIR}/{len(packs)}"))
-            p = packs[-1]
-            start = -(-p.nbytes // PACK_ALIGN) * PACK_ALIGN
-            rec["loc"], rec["packed"] = p.loc, [start, nbytes, PACK_CHUNK]
-            if nbytes:
-                p.starts.append(start)
-                p.leaves.append(x)
-                p.records.append(rec)
-                p.nbytes = start + nbytes
-            return rec
-        pieces, shard = _pieces(x)
-        data_type = _arrays.stored_dtype(dtype)
-        chunks = _arrays.chunk_shape(shape, dtype.itemsize, shard)
-        if shares is not None and shares.spans(x):
-            chunks = shares.chunk_shape(x, dtype.itemsize)
-        loc = path or "%"
-        meta = _arrays.array_metadata(shape, data_type, chunks)
-        arrays.append(Array(loc, meta, pieces, rec, source_of(x)))
-        if shares is not None:
-            shares.add(arrays[-1], x, nbytes)
-        rec["chunks"], rec["loc"] = chunks, loc
-        if data_type != name:
-            rec["stored"] = data_type
-        return rec
-
-    record, _ = _metadata.describe(tree, array_record)
-    if shares is not None:
-        shares.deal()
-    return Plan(record, arrays, packs)
-
-
-def source_of(x: Any) -> weakref.ref[Any] | None:
-    """A weak reference to a ``jax.Array`` leaf: the same object at the next save is unchanged
-    (a NumPy array is not: it may have been written to since)."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return weakref.ref(x)
-    return None
 
 
 def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -265,8 +79,8 @@ def _to_host(data: Any, copy: bool) -> np.ndarray:
 @phase("save: wrote the arrays")
 def write_arrays(
     root: str,
-    arrays: list[Array],
-    packs: list[Pack],
+    arrays: list[_plan.Array],
+    packs: list[_plan.Pack],
     budget: int,
     linker: _incremental.Linker | None = None,
 ) -> None:
@@ -288,83 +102,105 @@ def write_arrays(
             array = _result(root, k.loc, store.open_array(k.loc, k.meta, create=True))
             _result(root, k.loc, array.write(whole))
         return
-    io = _runtime.pool("write")
-    bar = _progress.current()
-    jobs: deque[tuple[Any, int, Array | str | None]] = deque()
+    w = _FileWrites(root, files, linker)
     if _multihost.is_primary():  # process 0 writes each array's zarr.json
         for loc, meta in [(a.loc, a.meta) for a in arrays] + [(k.loc, k.meta) for k in packs]:
             path = os.path.join(files, loc, "zarr.json")
-            jobs.append((io.submit(_chunks.write_json, path, meta), 0, None))
-    held = 0
-    fallback: dict[int, Array] = {}
-    skip_zeros = _multihost.process_count() == 1
-    zeros: dict[int, list[tuple[int, ...]]] = {}
-    put = linker.put if linker is not None else _chunks.write_chunk
+            w.jobs.append((w.io.submit(_chunks.write_json, path, meta), 0, None))
+    for a in arrays:
+        w.array(a, budget)
+    for k in packs:
+        w.pack(k, budget)
+    w.finish()
+    if w.fallback:  # TensorStore writes every chunk of these, zeros included
+        _write_arrays_ts(root, list(w.fallback.values()), budget)
+    for a in arrays:
+        if id(a) in w.zeros and id(a) not in w.fallback:
+            a.record["zero_chunks"] = _zero_list(a.meta, w.zeros[id(a)])
 
-    def settle(owner: Array | str | None, result: Any) -> None:
-        if not isinstance(owner, Array):
+
+class _FileWrites:
+    """The chunk files of one save written with ``os`` calls on the I/O threads (a local
+    disk): the writes in flight, the bytes they hold, and what they found (the all-zero chunks
+    left out; the arrays a linker could not write, for TensorStore)."""
+
+    def __init__(self, root: str, files: str, linker: _incremental.Linker | None):
+        self.root, self.files, self.linker = root, files, linker
+        self.io = _runtime.pool("write")
+        self.bar = _progress.current()
+        self.jobs: deque[tuple[Any, int, _plan.Array | str | None]] = deque()
+        self.held = 0
+        self.fallback: dict[int, _plan.Array] = {}
+        self.zeros: dict[int, list[tuple[int, ...]]] = {}
+        self.skip_zeros = _multihost.process_count() == 1
+        self.put = linker.put if linker is not None else _chunks.write_chunk
+
+    def settle(self, owner: _plan.Array | str | None, result: Any) -> None:
+        if not isinstance(owner, _plan.Array):
             return
         if result is None:
-            fallback[id(owner)] = owner
+            self.fallback[id(owner)] = owner
         elif result:
-            zeros.setdefault(id(owner), []).extend(result)
+            self.zeros.setdefault(id(owner), []).extend(result)
 
-    def queue(job: Future[Any], cost: int, owner: Array | str, bound: int) -> None:
+    def queue(self, job: Future[Any], cost: int, owner: _plan.Array | str, bound: int) -> None:
         """Adds a write costing ``cost`` bytes in flight; waits for the oldest past ``bound``."""
-        nonlocal held
-        jobs.append((job, cost, owner))
-        held += cost
-        while held > bound and jobs:
-            done, n, first = jobs.popleft()
-            settle(first, _wrap_os(root, first, done.result))
-            held -= n
+        self.jobs.append((job, cost, owner))
+        self.held += cost
+        while self.held > bound and self.jobs:
+            done, n, first = self.jobs.popleft()
+            self.settle(first, _wrap_os(self.root, first, done.result))
+            self.held -= n
 
-    for a in arrays:
+    def array(self, a: _plan.Array, budget: int) -> None:
+        """Queues the writes of ``a``'s pieces (or their links)."""
         m = a.meta
         for p in a.pieces:
             if math.prod(m["shape"]) == 0:
                 continue
             write = functools.partial(
                 _chunks.write_piece,
-                files,
+                self.files,
                 a.loc,
                 m["data_type"],
                 m["chunk_grid"]["configuration"]["chunk_shape"],
                 m["shape"],
                 p.index,
                 _host_of(p.data),
-                skip_zeros,
-                put,
+                self.skip_zeros,
+                self.put,
             )
             # Decided before the job runs: a piece it cannot link becomes its array again.
             cost = 0 if isinstance(p.data, (np.ndarray, _memory.Zeros)) else p.nbytes
             if isinstance(p.data, _incremental.Unchanged):  # linked, else written from the array
                 cost = 0
-                job = io.submit(linker.piece, a.loc, m, p, write)  # type: ignore[union-attr]
+                job = self.io.submit(self.linker.piece, a.loc, m, p, write)  # type: ignore[union-attr]
             else:
-                job = io.submit(write)
-            bar.after(job, p.nbytes)
-            queue(job, cost, a, budget)
-    for k in packs:  # chunks built here, on one thread: I/O threads building them fight for the GIL
-        d = os.path.join(files, k.loc, "c")
-        _wrap_os(root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
+                job = self.io.submit(write)
+            self.bar.after(job, p.nbytes)
+            self.queue(job, cost, a, budget)
+
+    def pack(self, k: _plan.Pack, budget: int) -> None:
+        """Queues the writes of a pack's chunks, built here, on one thread: I/O threads
+        building them fight for the GIL."""
+        d = os.path.join(self.files, k.loc, "c")
+        _wrap_os(self.root, k.loc, lambda d=d: os.makedirs(d, exist_ok=True))
         for i in range(k.n_chunks):
-            job = io.submit(put, os.path.join(d, str(i)), k.chunk(i))
-            bar.after(job, k.nbytes // k.n_chunks)
-            cost = 0 if k.chunks is not None else PACK_CHUNK
-            queue(job, cost, k.loc, min(budget, PACK_FLIGHT))
-    try:
-        for done, _, owner in jobs:
-            settle(owner, _wrap_os(root, owner, done.result))
-    except BaseException:
-        for done, _, _ in jobs:  # let every write land before the caller removes the directory
-            done.exception()
-        raise
-    if fallback:  # TensorStore writes every chunk of these, zeros included
-        _write_arrays_ts(root, list(fallback.values()), budget)
-    for a in arrays:
-        if id(a) in zeros and id(a) not in fallback:
-            a.record["zero_chunks"] = _zero_list(a.meta, zeros[id(a)])
+            job = self.io.submit(self.put, os.path.join(d, str(i)), k.chunk(i))
+            self.bar.after(job, k.nbytes // k.n_chunks)
+            cost = 0 if k.chunks is not None else _plan.PACK_CHUNK
+            self.queue(job, cost, k.loc, min(budget, PACK_FLIGHT))
+
+    def finish(self) -> None:
+        """Waits for every write; on an error, lets every write land before the caller
+        removes the directory."""
+        try:
+            for done, _, owner in self.jobs:
+                self.settle(owner, _wrap_os(self.root, owner, done.result))
+        except BaseException:
+            for done, _, _ in self.jobs:
+                done.exception()
+            raise
 
 
 def _host_of(data: Any) -> Any:
@@ -385,7 +221,7 @@ def _zero_list(meta: dict[str, Any], coords: list[tuple[int, ...]]) -> str | lis
     return "all" if len(flat) == math.prod(grid) else flat
 
 
-def written_keys(arrays: list[Array], packs: list[Pack], primary: bool) -> list[str]:
+def written_keys(arrays: list[_plan.Array], packs: list[_plan.Pack], primary: bool) -> list[str]:
     """The files :func:`write_arrays` wrote for this process, relative to the checkpoint: the
     chunks its pieces cover but the all-zero ones left out, and (``primary``) each array's
     ``zarr.json``."""
@@ -428,7 +264,7 @@ def durable(root: str) -> None:
     _wrap_os(root, "", _storage.at(root).make_durable)
 
 
-def _write_arrays_ts(root: str, arrays: list[Array], budget: int) -> None:
+def _write_arrays_ts(root: str, arrays: list[_plan.Array], budget: int) -> None:
     """TensorStore writes every piece, keeping at most ``budget`` bytes in flight."""
     peer = not _multihost.is_primary()  # process 0 writes each array's zarr.json
     store = _storage.at(root)
@@ -461,12 +297,12 @@ def _write_arrays_ts(root: str, arrays: list[Array], budget: int) -> None:
         raise
 
 
-def _wrap_os(root: str, owner: Array | str | None, fn: Any) -> Any:
+def _wrap_os(root: str, owner: _plan.Array | str | None, fn: Any) -> Any:
     """Runs a local write; its ``OSError`` (a full disk, say) names the directory and array."""
     try:
         return fn()
     except OSError as e:
-        loc = owner.loc if isinstance(owner, Array) else (owner or "")
+        loc = owner.loc if isinstance(owner, _plan.Array) else (owner or "")
         raise _storage.storage_error(root, e, loc) from e
 
 

@@ -32,7 +32,7 @@ from jaxckpt import memory as _memory
 from jaxckpt.errors import CheckpointNotFoundError, StructureMismatchError
 from jaxckpt.interop.safetensors_header import INDEX_SUFFIX, corrupt, looks_like, read_header
 from jaxckpt.interop.safetensors_ranges import MIN_RUN as MIN_RUN
-from jaxckpt.interop.safetensors_ranges import File, Tensor, is_url, read_box
+from jaxckpt.interop.safetensors_ranges import File, Tensor, no_files, read_box
 from jaxckpt.interop.source import Index, Keys, Leaf
 
 FORMAT = "safetensors"
@@ -42,7 +42,7 @@ def recognise(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a safetensors file, an index of shards, or a directory holding
     ``model.safetensors`` or an index; judged by content (the header), not by name alone."""
     path = os.fspath(path)
-    if is_url(path):
+    if no_files(path):
         if not path.endswith((".safetensors", INDEX_SUFFIX)):
             return False
         try:
@@ -89,7 +89,7 @@ class SafetensorsSource:
 
     def __init__(self, path: str, *, split: bool = True):
         self.path = path
-        if not is_url(path) and os.path.isdir(path):
+        if not no_files(path) and os.path.isdir(path):
             main = _main_file(path)
             if main is None:
                 raise CheckpointNotFoundError(

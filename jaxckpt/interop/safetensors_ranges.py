@@ -26,7 +26,7 @@ MIN_RUN = 4096
 MIN_RUN_URL = 1 << 20
 
 
-def is_url(path: str) -> bool:
+def no_files(path: str) -> bool:
     """Whether ``path`` is on a store without files (an object store): read in byte ranges."""
     return _storage.at(path).os_path() is None
 
@@ -39,7 +39,7 @@ class File:
         self.path = path
         self._fd: int | None = None
         self._kv: Any = None
-        if is_url(path):
+        if no_files(path):
             parent, name = path.rsplit("/", 1)
             self._kv, self._name = _storage.at(parent).open_kv(), name
         else:
@@ -151,7 +151,7 @@ def read_box(t: Tensor, index: Index) -> np.ndarray:
     j = len(shape) - 1  # the first axis from which on the box is contiguous
     while j > 0 and (los[j], his[j]) == (0, shape[j]):
         j -= 1
-    least = MIN_RUN_URL if is_url(t.file.path) else MIN_RUN
+    least = MIN_RUN_URL if no_files(t.file.path) else MIN_RUN
     while j > 0 and (his[j] - los[j]) * strides[j] * item < least:
         los[j], his[j] = 0, shape[j]
         j -= 1

@@ -6,7 +6,7 @@ Keys are ``/``-separated paths relative to the location. The code above this pac
 asks which kind of store it holds: what differs is a method here (or a capability such as
 :meth:`Store.os_path`, which only a store of real files answers).
 
-Commit protocol. A save calls, in this order (``jaxckpt.checkpoint.save._execute``)::
+Commit protocol. A save calls, in this order (``jaxckpt.checkpoint.save_steps.execute``)::
 
     final = at(path)
     final.is_committed(), final.occupied()  # refuse to overwrite anything

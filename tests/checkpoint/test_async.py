@@ -12,9 +12,9 @@ import pytest
 
 import jaxckpt as jc
 from jaxckpt import runtime as _runtime
-from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import plan as _plan
+from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.checkpoint import snapshot as _snapshot
-from jaxckpt.checkpoint import write as _write
 from jaxckpt.storage import chunk_files as _chunks
 
 
@@ -90,7 +90,7 @@ def test_background_error_nobody_waited_for_is_raised_by_the_next_save(tmp_path)
 
 def test_async_host_memory_is_bounded(tmp_path, monkeypatch):
     tree = {"x": np.ones((1024, 1024), np.float32), "s": np.ones(10, np.float32)}  # ~5 MiB
-    size = _snapshot.snapshot_bytes(*_write.plan(tree)[1:])
+    size = _snapshot.snapshot_bytes(*_plan.plan(tree)[1:])
     monkeypatch.setenv("JAXCKPT_ASYNC_HOST_BYTES", str(size + size // 2))
     assert _runtime.async_host_bytes() == size + size // 2
     handles = []
@@ -127,7 +127,7 @@ def _packed_tree(step):
 
 def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     monkeypatch.setattr(_runtime, "_free", {})
-    one_set = 200_000 * 8 + _write.PACK_CHUNK  # a snapshot's buffers: big + one pack chunk
+    one_set = 200_000 * 8 + _plan.PACK_CHUNK  # a snapshot's buffers: big + one pack chunk
     a = _packed_tree(1)
     jc.save_async(tmp_path / "a", a).wait()
     assert _runtime.pooled_bytes() == one_set
@@ -141,14 +141,14 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     # Overlapping saves: the third is held back while the fourth snapshots into fresh buffers;
     # then the pool keeps both sets, and the next save takes no fresh memory.
     gate = threading.Event()
-    execute = _checkpoint._execute
+    execute = _steps.execute
 
     def held_back(s, budget):
         if s.final.endswith("c"):
             assert gate.wait(60)
         return execute(s, budget)
 
-    monkeypatch.setattr(_checkpoint, "_execute", held_back)
+    monkeypatch.setattr(_steps, "execute", held_back)
     third = jc.save_async(tmp_path / "c", _packed_tree(3))
     fourth = jc.save_async(tmp_path / "d", _packed_tree(4))
     gate.set()
@@ -159,7 +159,7 @@ def test_snapshot_buffers_are_handed_to_the_next_save(tmp_path, monkeypatch):
     # Another tree: buffers no snapshot of it could use are let go (both pack chunks fit it).
     other = {"big": np.arange(300_000, dtype=np.int64) + 1, "small": _packed_tree(6)["small"]}
     jc.save_async(tmp_path / "f", other).wait()
-    assert _runtime.pooled_bytes() == 300_000 * 8 + 2 * _write.PACK_CHUNK
+    assert _runtime.pooled_bytes() == 300_000 * 8 + 2 * _plan.PACK_CHUNK
     for name, step in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("e", 5)):
         _assert_same(jc.restore(tmp_path / name), _packed_tree(step))
     _assert_same(jc.restore(tmp_path / "f"), other)
@@ -304,8 +304,8 @@ def test_async_saves_run_on_workers_that_stay(tmp_path, monkeypatch):
         names.append(threading.current_thread().name)
         return run(s, budget)
 
-    run = _checkpoint._execute
-    monkeypatch.setattr(_checkpoint, "_execute", execute)
+    run = _steps.execute
+    monkeypatch.setattr(_steps, "execute", execute)
     jc.save_async(tmp_path / "first", _tree()).wait()  # the pool exists, all its workers started
     workers = set(_runtime.pool("save").threads)
     for i in range(3):

@@ -14,7 +14,7 @@ import pytest
 from core_helpers import assert_tree_equal, edit_metadata, files_under, rewrite_metadata
 
 import jaxckpt as jc
-from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import save_steps as _steps
 
 
 def _snapshot(root) -> dict[str, bytes]:
@@ -127,11 +127,11 @@ def test_existing_checkpoint_is_never_clobbered(ckpt, tmp_path):
 
 def test_losing_a_commit_race_leaves_the_winner(tmp_path):
     """Two saves to one path: the one committing second fails and removes only its own files."""
-    late = _checkpoint._prepare(tmp_path / "c", {"late": np.ones(3)}, {})
+    late = _steps.prepare(tmp_path / "c", {"late": np.ones(3)}, {})
     jc.save(tmp_path / "c", {"early": np.zeros(2)})
     before = _snapshot(tmp_path / "c")
     with pytest.raises(jc.CheckpointExistsError, match="A checkpoint already exists at"):
-        _checkpoint._execute(late, budget=1 << 30)
+        _steps.execute(late, budget=1 << 30)
     assert os.listdir(tmp_path) == ["c"]
     assert _snapshot(tmp_path / "c") == before
     assert_tree_equal(jc.restore(tmp_path / "c"), {"early": np.zeros(2)})

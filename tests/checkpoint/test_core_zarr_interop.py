@@ -17,7 +17,7 @@ import jaxckpt as jc
 def test_zarr_python_reads_params(tmp_path, monkeypatch):
     # Leaves under 1 MiB are packed by default (DESIGN: packed leaves are read through the
     # metadata, see test_packing.py); unpacked, each of them is its own zarr array.
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0)
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0)
     kernel = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
     tree = {
         "params": {
@@ -47,7 +47,7 @@ def test_zarr_python_reads_params(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("spec", [PartitionSpec("x"), PartitionSpec("x", "y"), PartitionSpec()])
 def test_zarr_python_reads_sharded_arrays(tmp_path, spec, monkeypatch):
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0)  # small enough to be packed otherwise
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0)  # small enough to be packed otherwise
     mesh = jax.make_mesh((4, 2), ("x", "y"))
     data = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
     x = jax.device_put(data, NamedSharding(mesh, spec))
@@ -60,7 +60,7 @@ def test_zarr_python_reads_sharded_arrays(tmp_path, spec, monkeypatch):
 def test_a_chunk_of_many_read_and_write_steps_is_checksummed_whole(tmp_path, monkeypatch):
     """A chunk is written and read ``STEP`` bytes at a time, its CRC-32C carried across the
     steps: zarr-python checks the same checksum, and a byte flipped in any step is caught."""
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0)  # its own zarr array, one chunk
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0)  # its own zarr array, one chunk
     monkeypatch.setattr(
         jc.storage.chunk_files, "STEP", 3 << 10
     )  # 40,000 bytes: 14 steps, the last short

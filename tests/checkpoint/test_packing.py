@@ -17,6 +17,7 @@ from core_helpers import edit_metadata
 
 import jaxckpt as jc
 from jaxckpt import memory as _memory
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.storage import chunk_files as _chunks
@@ -25,7 +26,7 @@ from jaxckpt.storage import chunk_files as _chunks
 @pytest.fixture(autouse=True)
 def _pack_even_small_trees(monkeypatch):
     """These tests use a few leaves; packing starts at PACK_MIN_LEAVES small ones otherwise."""
-    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 1)
+    monkeypatch.setattr(_plan, "PACK_MIN_LEAVES", 1)
 
 
 DTYPES = ["float32", "bfloat16", "float16", "int8", "uint32", "bool", "complex64"]
@@ -95,8 +96,8 @@ def test_every_packed_leaf_is_readable_by_tensorstore_from_the_metadata(tmp_path
 
 
 def test_leaves_straddling_chunks_and_several_packs(tmp_path, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_CHUNK", 100)
-    monkeypatch.setattr(_write, "PACK_MAX", 1000)
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 100)
+    monkeypatch.setattr(_plan, "PACK_MAX", 1000)
     tree = {f"k{i}": np.arange(i * 7, dtype=np.float32) for i in range(40)}
     path = jc.save(tmp_path / "ckpt", tree)
     locs = {r["loc"] for r in _leaf_records(path).values()}
@@ -115,7 +116,7 @@ def test_leaves_straddling_chunks_and_several_packs(tmp_path, monkeypatch):
 
 
 def test_partial_restore_reads_only_the_chunks_asked_for(tmp_path, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_CHUNK", 256)
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 256)
     tree = {"a": np.arange(64, dtype=np.float32), "b": np.arange(64, 128, dtype=np.float32)}
     path = jc.save(tmp_path / "ckpt", tree)
     # "b" lives in chunk 1 only; damage chunk 0 (which holds "a").
@@ -133,7 +134,7 @@ def test_partial_restore_reads_only_the_chunks_asked_for(tmp_path, monkeypatch):
 
 
 def test_one_packed_leaf_is_read_alone_and_checked_against_its_own_crc(tmp_path, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_CHUNK", 4096)
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 4096)
     tree = {f"k{i}": np.arange(100, dtype=np.float32) + i for i in range(40)}  # 400 B each
     tree["empty"] = np.zeros(0, np.float32)  # no bytes, no crc32c
     path = jc.save(tmp_path / "ckpt", tree)
@@ -169,7 +170,7 @@ def test_one_packed_leaf_is_read_alone_and_checked_against_its_own_crc(tmp_path,
 
 def test_packed_leaves_without_their_own_crc_are_read_by_chunk(tmp_path, monkeypatch):
     """Checkpoints written before packed leaves had a ``crc32c`` still read (whole chunks)."""
-    monkeypatch.setattr(_write, "PACK_CHUNK", 4096)
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 4096)
     tree = {f"k{i}": np.arange(100, dtype=np.float32) + i for i in range(40)}
     path = jc.save(tmp_path / "ckpt", tree)
 
@@ -244,7 +245,7 @@ def test_restored_arrays_are_aligned_for_zero_copy(tmp_path):
 
 def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
     """0-d arrays at their own path (multi-process saves never pack) keep their value."""
-    monkeypatch.setattr(_write, "PACK_BELOW", 0)
+    monkeypatch.setattr(_plan, "PACK_BELOW", 0)
     tree = {"z": np.float32(7), "q": np.array(3.0), "i": np.array(-5, np.int8)}
     path = jc.save(tmp_path / "c", tree)
     assert jc.open(path).record("q")["loc"] == "q"
@@ -256,7 +257,7 @@ def test_unpacked_zero_d_arrays_read_back_their_value(tmp_path, monkeypatch):
 def test_small_trees_keep_a_zarr_array_per_leaf_and_many_small_leaves_are_packed(
     tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 64)
+    monkeypatch.setattr(_plan, "PACK_MIN_LEAVES", 64)
     few = {f"l{i}": np.full(3, i, np.float32) for i in range(63)}
     path = jc.save(tmp_path / "few", few)
     assert not os.path.exists(os.path.join(path, "~pack"))
@@ -272,10 +273,10 @@ def test_small_trees_keep_a_zarr_array_per_leaf_and_many_small_leaves_are_packed
 
 
 def test_a_synchronous_save_builds_few_pack_chunks_ahead_of_the_writes(tmp_path, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_CHUNK", 256)
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 256)
     monkeypatch.setattr(_write, "PACK_FLIGHT", 4 * 256)
     built, written, ahead, lock = [0], [0], [], threading.Lock()
-    chunk, write_chunk = _write.Pack.chunk, _chunks.write_chunk
+    chunk, write_chunk = _plan.Pack.chunk, _chunks.write_chunk
 
     def counting_chunk(self, k, taken=None):
         built[0] += 1
@@ -288,7 +289,7 @@ def test_a_synchronous_save_builds_few_pack_chunks_ahead_of_the_writes(tmp_path,
         with lock:
             written[0] += 1
 
-    monkeypatch.setattr(_write.Pack, "chunk", counting_chunk)
+    monkeypatch.setattr(_plan.Pack, "chunk", counting_chunk)
     monkeypatch.setattr(_chunks, "write_chunk", slow_write_chunk)
     tree = {f"k{i}": np.full(60, i, np.float32) for i in range(100)}  # 240 B each: ~100 chunks
     path = jc.save(tmp_path / "ckpt", tree)

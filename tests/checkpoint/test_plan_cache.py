@@ -10,17 +10,17 @@ import pytest
 
 import jaxckpt as jc
 from jaxckpt import runtime as _runtime
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import plan_cache as _plan_cache
-from jaxckpt.checkpoint import write as _write
 
 
 @pytest.fixture(autouse=True)
 def walks(monkeypatch):
-    """Counts the full walks (``_write.plan``) of the test's saves."""
+    """Counts the full walks (``_plan.plan``) of the test's saves."""
     _plan_cache.clear()
     count = []
-    plan = _write.plan
-    monkeypatch.setattr(_write, "plan", lambda tree: count.append(1) or plan(tree))
+    plan = _plan.plan
+    monkeypatch.setattr(_plan, "plan", lambda tree: count.append(1) or plan(tree))
     yield count
     _plan_cache.clear()
 
@@ -88,7 +88,7 @@ def test_a_changed_tree_is_walked_again(tmp_path, walks, what, tree):
 
 def test_changed_packing_settings_are_walked_again(tmp_path, walks, monkeypatch):
     jc.save(tmp_path / "a", _tree())
-    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 1000)  # no pack now
+    monkeypatch.setattr(_plan, "PACK_MIN_LEAVES", 1000)  # no pack now
     jc.save(tmp_path / "b", _tree())
     assert len(walks) == 2
     assert "packed" not in jc.open(tmp_path / "b").record("small/s1")

@@ -17,7 +17,7 @@ from core_helpers import edit_metadata
 
 import jaxckpt as jc
 from jaxckpt import memory as _memory
-from jaxckpt.checkpoint import write as _write
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.format import split as _split
 from jaxckpt.tools.cli import main
 
@@ -143,7 +143,7 @@ def test_a_directory_linked_inside_the_checkpoint_still_reads(pair):
 
 @pytest.fixture
 def packed(tmp_path, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_MIN_LEAVES", 1)
+    monkeypatch.setattr(_plan, "PACK_MIN_LEAVES", 1)
     tree = {"a": np.ones((4, 4), np.float32), "b": np.arange(3, dtype=np.int32)}
     ck = _save(tmp_path / "ck", tree)
     evil = _save(tmp_path / "evil", {"a": np.full((4, 4), 7, np.float32)})

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import jaxckpt as jc
-from jaxckpt.checkpoint import write as _write
+from jaxckpt.checkpoint import plan as _plan
 
 P = PartitionSpec
 SHAPE = (8, 16)
@@ -80,7 +80,7 @@ def saved(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("sharded")
     paths = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_write, "PACK_BELOW", 0)  # each leaf at its own path, as multi-host
+        mp.setattr(_plan, "PACK_BELOW", 0)  # each leaf at its own path, as multi-host
         for kind in SAVED:
             x = jax.device_put(value(), sharding(kind))
             paths[kind] = jc.save(
@@ -91,9 +91,9 @@ def saved(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", SAVED)
 def test_each_distinct_shard_is_written_once(kind, saved, monkeypatch):
-    monkeypatch.setattr(_write, "PACK_BELOW", 0)  # a small single-device leaf is packed
+    monkeypatch.setattr(_plan, "PACK_BELOW", 0)  # a small single-device leaf is packed
     x = jax.device_put(value(), sharding(kind))
-    _, arrays, _ = _write.plan({"w": x})
+    _, arrays, _ = _plan.plan({"w": x})
     pieces = arrays[0].pieces
     assert len(pieces) == DISTINCT[kind]
     starts = {tuple(s.start or 0 for s in p.index) for p in pieces}

@@ -35,7 +35,7 @@ def test_escape_is_injective_over_odd_keys():
 
 
 def test_odd_keys_roundtrip_and_stay_inside(tmp_path, monkeypatch):
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0)  # every leaf a directory: check names
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0)  # every leaf a directory: check names
     tree = {k: np.full(2, i, np.int16) for i, k in enumerate(ODD_KEYS)}
     tree["a"] = {"b": np.arange(3)}  # nested a -> b beside the key "a/b"
     path = jc.save(tmp_path / "ckpt", tree)

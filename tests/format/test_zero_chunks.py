@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jaxckpt as jc
 from jaxckpt import memory as _memory
+from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import snapshot as _snapshot
-from jaxckpt.checkpoint import write as _write
 from jaxckpt.storage import chunk_files as _chunks
 from jaxckpt.tools import scan as _scan
 from jaxckpt.tools.cli import main
@@ -196,7 +196,7 @@ def test_async_snapshot_keeps_no_copy_of_a_zero_piece_and_is_donation_safe(tmp_p
     tree = {"params": params, "host": host}
     expected = jax.tree_util.tree_map(np.array, tree)
 
-    _, arrays, packs = _write.plan(tree)
+    _, arrays, packs = _plan.plan(tree)
     full = _snapshot.snapshot_bytes(arrays, packs)
     _snapshot.snapshot(arrays, packs)
     kept = [p for a in arrays for p in a.pieces if not isinstance(p.data, _memory.Zeros)]
@@ -220,16 +220,16 @@ def test_async_snapshot_keeps_no_copy_of_a_zero_piece_and_is_donation_safe(tmp_p
 def test_pieces_written_through_tensorstore_keep_every_chunk(tmp_path, monkeypatch):
     """A piece that does not cover whole chunks goes through TensorStore, which writes every
     chunk of that array, zeros included: its record lists none."""
-    real = _write._pieces
+    real = _plan._pieces
 
     def uneven(x):
         if np.shape(x) != (8, 16):
             return real(x)
         rows = [(0, 4), (4, 6), (6, 8)]  # chunks of 4 rows: the last two pieces cut a chunk
-        cut = [_write.Piece((slice(a, b), slice(0, 16)), x[a:b], x[a:b].nbytes) for a, b in rows]
+        cut = [_plan.Piece((slice(a, b), slice(0, 16)), x[a:b], x[a:b].nbytes) for a, b in rows]
         return cut, (4, 16)
 
-    monkeypatch.setattr(_write, "_pieces", uneven)
+    monkeypatch.setattr(_plan, "_pieces", uneven)
     path = jc.save(tmp_path / "ckpt", {"x": np.zeros((8, 16), np.float32)})
     assert "zero_chunks" not in _records(path)["x"]
     assert _chunk_files(path, "x") == ["c/0/0", "c/1/0"]

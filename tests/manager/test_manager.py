@@ -17,7 +17,8 @@ from core_helpers import edit_metadata
 import jaxckpt as jc
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage as _storage
-from jaxckpt.checkpoint import save as _checkpoint
+from jaxckpt.checkpoint import save_steps as _steps
+from jaxckpt.format import run as _run
 from jaxckpt.storage.local import LocalStore
 
 
@@ -95,14 +96,14 @@ def test_async_retention_applies_when_the_save_commits(tmp_path):
 
 def test_a_save_does_not_wait_for_the_previous_write(tmp_path, monkeypatch):
     gate = threading.Event()
-    execute = _checkpoint._execute
+    execute = _steps.execute
 
     def held_back(s, budget):  # step 1's write waits until the test lets it go
         if s.final.endswith("ckpt-1"):
             assert gate.wait(60)
         return execute(s, budget)
 
-    monkeypatch.setattr(_checkpoint, "_execute", held_back)
+    monkeypatch.setattr(_steps, "execute", held_back)
     d = os.fspath(tmp_path)
     m = jc.CheckpointManager(d, max_to_keep=1)
     m.save(1, tree_of(1))
@@ -433,9 +434,12 @@ def test_the_manager_touches_files_only_through_storage():
     """So that _storage alone decides how a directory is listed, written and deleted (S3, GCS)."""
     import ast
 
-    source = open(jc.manager.__file__).read()
+    package = os.path.dirname(jc.manager.__file__)
+    modules = sorted(f for f in os.listdir(package) if f.endswith(".py"))
+    assert "checkpoint_manager.py" in modules and "steps.py" in modules, modules
     used = set()
-    for node in ast.walk(ast.parse(source)):
+    nodes = [n for m in modules for n in ast.walk(ast.parse(open(os.path.join(package, m)).read()))]
+    for node in nodes:
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             if node.value.id in ("os", "shutil", "pathlib"):
                 used.add(f"{node.value.id}.{node.attr}")
@@ -492,3 +496,18 @@ def test_a_failed_index_rewrite_is_raised_and_the_checkpoints_stay(tmp_path):
     m.close()
     assert [c["step"] for c in index_of(d)["checkpoints"]] == [1, 2, 3]
     assert jc.CheckpointManager(d).steps == [1, 2, 3]
+
+
+def test_a_step_of_both_kinds_without_an_index_opens(tmp_path):
+    """A run holding ckpt-2 and an Orbax step 2, without an index: the manager read ckpt-2's
+    entry by asking for the step's path before it knew its own steps (an AttributeError)."""
+    ocp = pytest.importorskip("orbax.checkpoint")
+    run = tmp_path / "run"
+    with ocp.CheckpointManager(run) as mgr:
+        mgr.save(2, args=ocp.args.StandardSave({"w": np.full(2, 2.0, np.float32)}))
+        mgr.wait_until_finished()
+    jc.save(run / "ckpt-2", {"w": np.full(2, 5.0, np.float32)}, step=2, metrics={"loss": 0.5})
+    assert not os.path.exists(run / _run.INDEX)
+    with jc.CheckpointManager(run, async_save=False) as m:
+        assert m.steps == [2] and m.metrics(2) == {"loss": 0.5}
+        np.testing.assert_array_equal(m.restore(2)["w"], [5.0, 5.0])

@@ -202,7 +202,7 @@ def test_restore_prefix_and_rename_of_the_wrong_type(tmp_path, with_target):
 @pytest.mark.parametrize("packed", [False, True])
 def test_reading_outside_a_leaf_is_an_index_error(tmp_path, packed, monkeypatch):
     if packed:
-        monkeypatch.setattr(jc.checkpoint.write, "PACK_MIN_LEAVES", 1)
+        monkeypatch.setattr(jc.checkpoint.plan, "PACK_MIN_LEAVES", 1)
     w = np.arange(6.0).reshape(2, 3)
     path = jc.save(tmp_path / "c", {"w": w})
     reader = jc.open(path)
@@ -360,7 +360,7 @@ def test_an_old_index_with_array_metrics_is_not_ranked(tmp_path):
 
 
 def test_verify_advice_to_skip_damaged_leaves_works(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0)  # every leaf its own array
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0)  # every leaf its own array
     saved = {"enc": {"w": np.full((4, 4), 2.0)}, "head": {"w": np.full(4, 3.0)}, "step": 7}
     path = jc.save(tmp_path / "ckpt", saved)
     chunk = os.path.join(path, "head", "w", "c", "0")

@@ -287,7 +287,7 @@ def _flip_a_bit(path):
 
 def _own_paths(monkeypatch):
     """Every array leaf at its own zarr path (small leaves are otherwise packed together)."""
-    monkeypatch.setattr(jc.checkpoint.write, "PACK_BELOW", 0, raising=False)
+    monkeypatch.setattr(jc.checkpoint.plan, "PACK_BELOW", 0, raising=False)
 
 
 def test_verify_reports_each_damaged_array(tmp_path, capsys, monkeypatch):

@@ -1,69 +1,36 @@
-"""Many checkpoints of one run: ``CheckpointManager`` and ``latest_checkpoint``.
-
-A manager's directory holds one checkpoint per saved step, ``ckpt-<step>``, and an index file,
-``checkpoint`` (JSON: each step's path, time and metrics), rewritten atomically after every
-change. The committed step directories are the truth: a missing or stale index is rebuilt from
-them. Every filesystem operation goes through :mod:`jaxckpt._storage`.
+"""``CheckpointManager``: many checkpoints of one run, ``directory/ckpt-<step>``; the package
+:mod:`jaxckpt.manager` describes the run's directory and the modules this one uses.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import errno
 import itertools
 import logging
-import math
 import operator
 import os
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
 from typing import Any
 
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage as _storage
 from jaxckpt.checkpoint import multihost as _multihost
-from jaxckpt.checkpoint import restore as _restore
 from jaxckpt.checkpoint import save as _checkpoint
-from jaxckpt.checkpoint.reader import Reader
 from jaxckpt.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from jaxckpt.format import run as _run
 from jaxckpt.interop import foreign
 from jaxckpt.local_tier import tier as _local_tier
 from jaxckpt.log import logged_deletion, logged_retention
+from jaxckpt.manager import arguments as _arguments
+from jaxckpt.manager import in_flight as _in_flight
+from jaxckpt.manager import retention as _retention
+from jaxckpt.manager import steps as _steps
 
 PyTree = Any
 log = logging.getLogger("jaxckpt")
 _serial = itertools.count()  # every process creates its managers in the same order
-
-
-def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
-    """The path of the newest committed checkpoint in ``directory``, or None: a jaxckpt
-    ``ckpt-<step>``, or a step another library (Orbax) wrote there, as a
-    :class:`CheckpointManager` of the directory lists them (its own checkpoint first, for a
-    step both have).
-
-    Example:
-        >>> path = jc.latest_checkpoint("./tf_ckpts")  # doctest: +SKIP
-        './tf_ckpts/ckpt-100'
-    """
-    steps = _run.committed_steps(os.fspath(directory))
-    others = foreign.run_steps(os.fspath(directory))
-    newest = max((*steps, *others), default=None)
-    if newest is None:
-        return None
-    if newest in others and newest not in steps:
-        return others[newest]
-    return _storage.join(directory, _run.step_name(newest))
-
-
-@dataclasses.dataclass
-class _Pending:
-    step: int
-    path: str
-    handle: _checkpoint.SaveHandle
-    metrics: dict[str, Any]  # as its metadata holds them
 
 
 class CheckpointManager:
@@ -107,52 +74,30 @@ class CheckpointManager:
         local_max_to_keep: int = 2,
         peer_replicas: int = 1,
     ):
-        _check_count("max_to_keep", max_to_keep, none_ok=True)
-        _check_count("keep_every_n_steps", keep_every_n_steps, none_ok=True)
-        _check_count("save_interval_steps", save_interval_steps, none_ok=False)
-        _local_tier.check(local_save_interval_steps, local_max_to_keep, peer_replicas)
-        if keep_every_n_hours is not None and not keep_every_n_hours > 0:
-            raise ValueError(
-                f"keep_every_n_hours must be a positive number of hours or None, not "
-                f"{keep_every_n_hours!r}."
-            )
-        if best_mode not in ("min", "max"):
-            raise ValueError(f'best_mode must be "min" or "max", not {best_mode!r}.')
+        rules = _retention.Rules(
+            max_to_keep, keep_every_n_steps, keep_every_n_hours, best_metric, best_mode
+        )
+        _arguments.check(
+            rules, save_interval_steps, local_save_interval_steps, local_max_to_keep, peer_replicas
+        )
         self.directory = os.fspath(directory)
         self._store = _storage.at(self.directory)
-        if self._store.is_committed():
-            raise CheckpointError(
-                f"{self.directory} is a checkpoint (it holds {_storage.COMMIT}), not a directory "
-                "of checkpoints: a manager would write its checkpoints inside it. Fix: give the "
-                "manager the run's directory (the one holding ckpt-<step> checkpoints), or read "
-                f"this checkpoint with jc.restore({self.directory!r})."
-            )
-        self.max_to_keep = max_to_keep
-        self.keep_every_n_steps = keep_every_n_steps
-        self.keep_every_n_hours = keep_every_n_hours
-        self.best_metric = best_metric
-        self.best_mode = best_mode
+        _arguments.check_directory(self.directory, self._store)
+        self.max_to_keep, self.keep_every_n_steps, self.keep_every_n_hours = rules[:3]
+        self.best_metric, self.best_mode = best_metric, best_mode
         self.save_interval_steps = save_interval_steps
         self.async_save = async_save
         self.read_only = read_only
         self.incremental = bool(incremental)
         self._last: str | None = None  # the path of this manager's previous save (a base)
         self._primary = _multihost.is_primary()
-        self._pending: collections.deque[_Pending] = collections.deque()  # in save order
-        # With async_save, deleted checkpoints' files and index rewrites go on one worker, in
-        # order: on a disk busy with a save, an index rewrite inside a save call held it up.
-        self._background: collections.deque[tuple[str, Future[None]]] = collections.deque()
+        self._pending: collections.deque[_in_flight.Pending] = collections.deque()  # save order
+        self._worker = _in_flight.Worker(self.directory)
         self._writer: weakref.finalize | None = None  # releases the run's writer lock
         self._unwritable: OSError | None = None  # why a directory we cannot write is read-only
-        if self._primary and not read_only:
-            self._store.make_dirs()  # a new run on a disk it cannot write: an error
-            self._writing(self._remove_debris)
         self._barrier = f"jaxckpt-manager-{next(_serial)}"  # a barrier name is used once
         self._commits = itertools.count()
-        _multihost.barrier(f"{self._barrier}-start", what="the manager", where=self.directory)
-        self._entries, stale = self._load()
-        if stale and self._primary and not self.read_only:
-            self._writing(self._write_index, True)
+        self._open()
         self._local = None  # the local tier (docs/multihost.md, "Surviving a lost host")
         if local_directory is not None and not read_only:
             self._local = _local_tier.LocalTier(
@@ -166,6 +111,16 @@ class CheckpointManager:
         # At interpreter exit its last saves still commit (a manager's hook runs before the
         # saves' own: hooks run in reverse order of registration).
         _runtime.at_exit(_finish_at_exit, weakref.ref(self))
+
+    def _open(self) -> None:
+        """Clears what saves that never committed left (process 0), then reads the steps."""
+        if self._primary and not self.read_only:
+            self._store.make_dirs()  # a new run on a disk it cannot write: an error
+            self._writing(_steps.remove_debris, self.directory, self._store)
+        _multihost.barrier(f"{self._barrier}-start", what="the manager", where=self.directory)
+        stale = self._load()
+        if stale and self._primary and not self.read_only:
+            self._writing(self._write_index, True)
 
     # ------------------------------------------------------------------------ reading state
 
@@ -200,107 +155,24 @@ class CheckpointManager:
     def reload(self) -> None:
         """Reads the directory again: the steps another process (the trainer, for an
         evaluation job's read-only manager) committed or deleted since."""
-        self._entries, _ = self._load()
+        self._load()
 
-    def _remove_debris(self) -> None:
-        """Removes what saves that never committed left behind, once their writers are gone
-        (a save in progress, of this process or another, is left alone); nothing else."""
-        for name in self._store.names():
-            path = _storage.join(self.directory, name)
-            store = self._store.child(name)
-            uncommitted = _run.step_of(name) is not None and not store.is_committed()
-            if not (_storage.is_debris(name) or (uncommitted and store.is_dir())):
-                continue
-            if store.remove_if_abandoned():
-                log.info("jaxckpt: removed %s, left by a save that never committed", path)
-            else:
-                log.info("jaxckpt: left %s alone: a save in progress writes there", path)
-
-    def _load(self) -> tuple[dict[int, _run.Entry], bool]:
-        """The committed steps, described by the index where it agrees with them."""
-        index = _run.read_index(self.directory)
-        if index.problem is not None:
-            log.log(
-                logging.INFO if index.legacy else logging.WARNING,
-                "jaxckpt: rebuilding the index %s/%s from the checkpoints: %s",
-                self.directory,
-                _run.INDEX,
-                index.problem,
-            )
-        # Steps another library (Orbax) wrote here: listed and restored, never written nor
-        # deleted; retention and the index count only the manager's own.
-        self._foreign: dict[int, str] = foreign.run_steps(self.directory)
-        entries = {}
-        # Steps described by the index alone: checked against the checkpoints' own metadata
-        # before retention deletes anything on what the index says (_check_index).
-        self._unchecked: set[int] = set()
-        for step in _run.committed_steps(self.directory):
-            if step in index.entries:
-                entries[step] = index.entries[step]
-                self._unchecked.add(step)
-            else:
-                entries[step] = self._entry_from_metadata(step)
-        return entries, index.entries.keys() != entries.keys() or not index.entries
-
-    def _check_index(self) -> None:
-        """Replaces what the index says of each step it alone described by what the step's own
-        (checksummed) metadata says, with a warning where they differ."""
-        for step in sorted(self._unchecked & self._entries.keys()):
-            truth = self._entry_from_metadata(step)
-            if truth.as_json() != self._entries[step].as_json():
-                log.warning(
-                    "jaxckpt: the index %s/%s says step %d has time %r and metrics %r, but its "
-                    "checkpoint says %r and %r; the checkpoint's are used.",
-                    self.directory,
-                    _run.INDEX,
-                    step,
-                    self._entries[step].time,
-                    self._entries[step].metrics,
-                    truth.time,
-                    truth.metrics,
-                )
-                self._entries[step] = truth
-        self._unchecked.clear()
-
-    def _entry_from_metadata(self, step: int) -> _run.Entry:
-        try:
-            meta = Reader(self.checkpoint_path(step)).metadata
-        except CheckpointError as e:
-            log.warning("jaxckpt: %s", e)
-            return _run.Entry(step, 0.0, {})
-        return _run.Entry(step, float(meta.get("time", 0.0)), dict(meta.get("metrics", {})))
+    def _load(self) -> bool:
+        """Reads the committed steps (:func:`jaxckpt.manager.steps.load`); whether the index
+        is stale."""
+        found = _steps.load(self.directory)
+        self._entries, self._foreign = found.entries, found.foreign
+        self._unchecked = found.unchecked
+        return found.stale
 
     def _write_index(self, now: bool = False) -> None:
-        """Rewrites the index: at once with ``now``, else as :meth:`_in_background` does."""
+        """Rewrites the index: at once with ``now``, else on the manager's worker with ``async_save``."""
         index = _run.index_bytes([self._entries[s] for s in sorted(self._entries)])
         if now:
             self._store.write_atomic(_run.INDEX, index)
         else:
             what = f"rewriting its index {self.directory}/{_run.INDEX}"
-            self._in_background(what, self._store.write_atomic, _run.INDEX, index)
-
-    def _in_background(self, what: str, fn: Callable[..., None], *args: Any) -> None:
-        """Runs ``fn(*args)`` after what the manager's worker already has, with ``async_save``;
-        else now."""
-        if self.async_save:
-            self._background.append((what, _runtime.pool("manager").submit(fn, *args)))
-        else:
-            fn(*args)
-
-    def _reap(self, wait: bool) -> None:
-        """Forgets the background work that finished (with ``wait``, all of it, once done);
-        raises its first error."""
-        while self._background and (wait or self._background[0][1].done()):
-            what, done = self._background.popleft()
-            try:
-                done.result()
-            except Exception as e:
-                raise CheckpointError(
-                    f"The manager of {self.directory} failed {what}: {str(e).rstrip('.')}. Its "
-                    "committed checkpoints are intact, and a stale index is rebuilt from them. "
-                    "Fix: remove the cause (disk space, permissions); the next save rewrites the "
-                    "index."
-                ) from e
+            self._worker.run(self.async_save, what, self._store.write_atomic, _run.INDEX, index)
 
     @property
     def steps(self) -> list[int]:
@@ -330,7 +202,7 @@ class CheckpointManager:
     @property
     def best_step(self) -> int | None:
         """The step with the best ``best_metric`` (None without a metric or checkpoints)."""
-        ranked = self._ranked()
+        ranked = _retention.ranked(self._entries, self._rules())
         return ranked[0] if ranked else None
 
     def metrics(self, step: int) -> dict[str, Any]:
@@ -386,7 +258,7 @@ class CheckpointManager:
         single = _multihost.process_count() == 1
         if single:  # on several processes only at points every process shares
             self._finish_pending(only_done=True)
-        self._reap(wait=False)
+        self._worker.reap(wait=False)
         if not force and not self.should_save(step):
             return False
         local = self._local if self._local is not None and self._local.due(step, force) else None
@@ -411,10 +283,10 @@ class CheckpointManager:
             handle = _checkpoint.save_async(
                 path, tree, step=step, metrics=as_saved, base=base, _hashing=hashing
             )
-            self._pending.append(_Pending(step, path, handle, as_saved))
+            self._pending.append(_in_flight.Pending(step, path, handle, as_saved))
         else:
             _checkpoint.save(path, tree, step=step, metrics=as_saved, base=base, _hashing=hashing)
-            self._committed(self._entry_from_metadata(step))
+            self._committed(_steps.entry_from_metadata(path, step))
         if local is not None:
             local.save(step, tree, as_saved)
         return True
@@ -422,32 +294,15 @@ class CheckpointManager:
     def _finish_pending(self, only_done: bool = False) -> None:
         """Records the saves in flight that committed, in save order (with ``only_done``, up to
         the first one still running); raises the first failure once all are handled."""
-        first: CheckpointError | None = None
-        while self._pending and not (only_done and not self._pending[0].handle.done()):
-            pending = self._pending.popleft()
-            try:
-                pending.handle.wait()
-            except Exception as e:
-                error = CheckpointError(
-                    f"The asynchronous save of step {pending.step} to {pending.path} failed: "
-                    f"{str(e).rstrip('.')}. That step was not saved; earlier checkpoints are "
-                    "intact. Fix: remove the cause (disk space, permissions) and save again."
-                )
-                error.__cause__ = e
-                first = first or error
-                continue
-            # Not read back from the checkpoint: while the next save writes, even a small read
-            # waits behind it.
-            self._committed(_run.Entry(pending.step, pending.handle.time, pending.metrics))
-        if first is not None:
-            raise first from first.__cause__
+        _in_flight.finish(self._pending, self._committed, only_done)
 
     def _committed(self, entry: _run.Entry) -> None:
         """Records a committed save, then applies retention and rewrites the index."""
         self._entries[entry.step] = entry
         doomed = self._doomed()
         if doomed and self._unchecked and (self.best_metric or self.keep_every_n_hours):
-            self._check_index()  # metrics and times decide: never delete on the index's word
+            # Metrics and times decide: never delete on the index's word.
+            _steps.check_index(self.directory, self._entries, self._unchecked)
             doomed = self._doomed()
         for step in doomed:
             if self._primary:
@@ -467,45 +322,20 @@ class CheckpointManager:
         rest = _storage.at(self.checkpoint_path(step)).retire()
         if rest is None:
             return
-        self._in_background(f"deleting {rest.root}", rest.delete)
+        self._worker.run(self.async_save, f"deleting {rest.root}", rest.delete)
 
-    def _ranked(self) -> list[int]:
-        """Steps holding ``best_metric`` as a number, best first (NaN last; ties: the newer
-        first). Other steps are never ranked (an older jaxckpt also stored array metrics)."""
-        if self.best_metric is None:
-            return []
-        sign = 1.0 if self.best_mode == "min" else -1.0
-        scored = []
-        for e in self._entries.values():
-            v = e.metrics.get(self.best_metric)
-            if isinstance(v, (int, float)):
-                v = float(v)
-                scored.append((math.isnan(v), sign * v if not math.isnan(v) else 0.0, -e.step))
-        return [-s for _, _, s in sorted(scored)]
+    def _rules(self) -> _retention.Rules:
+        return _retention.Rules(
+            self.max_to_keep,
+            self.keep_every_n_steps,
+            self.keep_every_n_hours,
+            self.best_metric,
+            self.best_mode,
+        )
 
     @logged_retention
     def _doomed(self) -> list[int]:
-        steps = sorted(self._entries)  # the manager's own: a foreign step is never deleted
-        if self.max_to_keep is None or not steps:
-            return []
-        keep = {steps[-1]}
-        if self.best_metric is None:
-            keep.update(steps[-self.max_to_keep :])
-        else:
-            ranked = self._ranked()
-            keep.update(ranked[: self.max_to_keep])
-            # Steps saved without the metric are kept by recency, as without best_metric.
-            keep.update(set(steps[-self.max_to_keep :]) - set(ranked))
-        if self.keep_every_n_steps:
-            keep.update(s for s in steps if s % self.keep_every_n_steps == 0)
-        if self.keep_every_n_hours:
-            last = None
-            for s in steps:
-                t = self._entries[s].time
-                if last is None or t - last >= self.keep_every_n_hours * 3600:
-                    keep.add(s)
-                    last = t
-        return [s for s in steps if s not in keep]
+        return _retention.doomed(self._entries, self._rules())
 
     def wait_until_finished(self) -> None:
         """Waits for the saves in flight to commit and applies retention; raises an error."""
@@ -514,7 +344,7 @@ class CheckpointManager:
                 self._local.wait()
             self._finish_pending()
         finally:
-            self._reap(wait=True)
+            self._worker.reap(wait=True)
 
     def close(self) -> None:
         """Waits for the saves in flight (raising an error), then lets another process write
@@ -545,14 +375,7 @@ class CheckpointManager:
         argument is always a step. Any other first argument is the target, as ``jc.restore``
         takes it: ``mngr.restore(state)`` restores the latest step into ``state``.
         """
-        if step is not None and not _is_step(step):
-            if target is not None:
-                raise TypeError(
-                    f"restore's first argument is a step (an int) or, alone, the target; it "
-                    f"was given a {type(step).__name__} and a target as well. Fix: "
-                    "mngr.restore(target) for the latest step, or mngr.restore(step, target)."
-                )
-            step, target = None, step
+        step, target = _arguments.step_and_target(step, target)
         if step is not None:
             step = _checkpoint.check_step(step)
         self.wait_until_finished()
@@ -570,16 +393,8 @@ class CheckpointManager:
                 )
         self._entry(step)
         path = self.checkpoint_path(step)
-        try:
-            return _restore.restore(path, target, **restore_kwargs)
-        except (CheckpointError, OSError) as e:
-            if _storage.at(path).is_committed() or path == self._foreign.get(step):
-                raise
-            raise CheckpointNotFoundError(
-                f"Step {step} ({path}) was deleted while it was being restored: another "
-                "process's manager retired it (retention). Fix: mngr.reload() and restore a "
-                "newer step, e.g. the latest."
-            ) from e
+        is_foreign = path == self._foreign.get(step)
+        return _steps.restore(path, step, is_foreign, target, restore_kwargs)
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process reached the step at which to save before a preemption.
@@ -609,23 +424,3 @@ def _finish_at_exit(ref: weakref.ref[CheckpointManager]) -> None:
             mngr.wait_until_finished()
         except Exception as e:
             log.error("jaxckpt: %s", e)
-
-
-def _is_step(x: Any) -> bool:
-    """Whether ``restore``'s first argument names a step rather than being the target: an
-    integer, or a value no target is (a float, a string) so that check_step says what is wrong."""
-    if isinstance(x, (float, str, bytes, bool)):
-        return True
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return True
-
-
-def _check_count(name: str, value: int | None, none_ok: bool) -> None:
-    if value is None and none_ok:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        allowed = "a positive int or None" if none_ok else "a positive int"
-        raise ValueError(f"{name} must be {allowed}, not {value!r}.")
