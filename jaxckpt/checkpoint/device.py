@@ -27,8 +27,12 @@ def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax
         slow: list[int] = []
         avals: dict[Any, Any] = {}  # one per shape and dtype: most of the per-array Python
         devices: dict[int, Any] = {}  # id(sharding) -> its device (``shardings`` keeps them)
+        canonical: dict[np.dtype, bool] = {}  # dtype -> whether JAX keeps it as it is
         for i, (a, s) in enumerate(zip(arrays, shardings, strict=True)):
-            if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype or not a.flags.c_contiguous:
+            same = canonical.get(a.dtype)
+            if same is None:
+                same = canonical[a.dtype] = jax.dtypes.canonicalize_dtype(a.dtype) == a.dtype
+            if not same or not a.flags.c_contiguous:
                 out.append(None)
                 slow.append(i)
                 continue
