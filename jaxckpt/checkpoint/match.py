@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import functools
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -259,9 +261,30 @@ class Target:
 
     @classmethod
     def of(cls, target: PyTree, prefix: Prefix, rename: Rename) -> Target:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-        to_ckpt = _renamer(prefix, rename)
-        return cls(flat, treedef, [to_ckpt(_paths.path_str(k)) for k, _ in flat])
+        leaves, treedef = jax.tree_util.tree_flatten(target, is_leaf=_metadata.is_stateful)
+        key = _paths_key(treedef, prefix, rename)
+        kept = None
+        if key is not None:
+            with _lock:
+                try:
+                    kept = _kept.get(key)
+                except ValueError:  # auxiliary data whose == is not a bool (an array's)
+                    key = None
+                if kept is not None:
+                    _kept.move_to_end(key)
+        if kept is None:
+            flat, treedef = jax.tree_util.tree_flatten_with_path(
+                target, is_leaf=_metadata.is_stateful
+            )
+            to_ckpt = _renamer(prefix, rename)
+            kept = [k for k, _ in flat], [to_ckpt(_paths.path_str(k)) for k, _ in flat]
+            if key is not None:
+                with _lock:
+                    _kept[key] = kept
+                    while len(_kept) > KEEP:
+                        _kept.popitem(last=False)
+        keypaths, cpaths = kept
+        return cls(list(zip(keypaths, leaves, strict=True)), treedef, list(cpaths))
 
     def groups(self, most: int = 32) -> list[str]:
         """The nodes above the target's leaves (``"a"``, ``"a/b"``), if at most ``most``."""
@@ -273,6 +296,33 @@ class Target:
             if len(out) > most:
                 return []
         return list(out)
+
+
+# The key paths and checkpoint paths of target structures restored before: a restore into a
+# tree of the same structure (a PyTreeDef holds every container and key) with the same
+# ``prefix`` and ``rename`` does not walk its key paths again. A callable ``rename`` is not
+# kept (it may answer differently another time).
+KEEP = 4
+_kept: OrderedDict[Any, tuple[list[tuple[Any, ...]], list[str | None]]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _paths_key(treedef: Any, prefix: Prefix, rename: Rename) -> Any:
+    """The key of a target structure's paths in ``_kept``, or None where they are not kept."""
+    if rename is not None and not isinstance(rename, dict):
+        return None
+    try:
+        key = (treedef, prefix, None if rename is None else tuple(rename.items()))
+        hash(key)
+    except TypeError:  # unhashable auxiliary data, a prefix or rename of the wrong type
+        return None
+    return key
+
+
+def clear() -> None:
+    """Forgets the paths of the target structures restored before."""
+    with _lock:
+        _kept.clear()
 
 
 class Pairing(NamedTuple):
