@@ -173,29 +173,10 @@ class ChunkReading:
                 if len(recs) == 1:  # no thread hand-off for a single leaf
                     return [self._read_one_packed(recs[0], paths[0])]
                 return list(_runtime.pool("read").map(self._read_one_packed, recs, paths))
-            runs: list[list[int]] = []
-            for k in need:
-                if runs and runs[-1][1] == k:
-                    runs[-1][1] = k + 1
-                else:
-                    runs.append([k, k + 1])
-            self._confined.dir(f"{loc}/c")
-            bufs = [_memory.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
-            base = os.path.join(self._files, loc, "c")
-            jobs = [
-                (
-                    _chunks.read_chunk_into,
-                    os.path.join(base, str(k)),
-                    buf[(k - a) * size : (k - a + 1) * size],
-                )
-                for (a, b), buf in zip(runs, bufs, strict=True)
-                for k in range(a, b)
-            ]
-            list(_runtime.pool("read").map(lambda j: j[0](*j[1:]), jobs))
+            starts, bufs = self._read_chunk_runs(loc, need, size)
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
             one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
             raise self._error(paths[0] if one else loc, e) from e
-        starts = [a * size for a, _ in runs]
         out = []
         for (o, n), rec in zip(spans, recs, strict=True):
             if not n:
@@ -204,6 +185,33 @@ class ChunkReading:
             i = bisect.bisect_right(starts, o) - 1
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
+
+    def _read_chunk_runs(
+        self, loc: str, need: list[int], size: int
+    ) -> tuple[list[int], list[np.ndarray]]:
+        """The chunks ``need`` of the pack ``loc`` (chunks of ``size`` bytes), each run of
+        consecutive ones read into one aligned buffer: (each run's first byte, its buffer)."""
+        assert self._files is not None  # read directly only from a store of files
+        runs: list[list[int]] = []
+        for k in need:
+            if runs and runs[-1][1] == k:
+                runs[-1][1] = k + 1
+            else:
+                runs.append([k, k + 1])
+        self._confined.dir(f"{loc}/c")
+        bufs = [_memory.aligned_empty([(b - a) * size], np.dtype(np.uint8)) for a, b in runs]
+        base = os.path.join(self._files, loc, "c")
+        jobs = [
+            (
+                _chunks.read_chunk_into,
+                os.path.join(base, str(k)),
+                buf[(k - a) * size : (k - a + 1) * size],
+            )
+            for (a, b), buf in zip(runs, bufs, strict=True)
+            for k in range(a, b)
+        ]
+        list(_runtime.pool("read").map(lambda j: j[0](*j[1:]), jobs))
+        return [a * size for a, _ in runs], bufs
 
     def _check_pack(
         self, loc: str, recs: list[dict[str, Any]], paths: list[str], store: Any = None
