@@ -16,6 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 
+# The abstract values of the shapes and dtypes put before (immutable): a restore into a tree
+# restored before makes none of them again.
+_avals: dict[tuple[tuple[int, ...], np.dtype], Any] = {}
+_AVALS_KEPT = 65536
+
 
 def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Array]:
     """``jax.device_put(arrays, shardings)`` for shardings that each hold one device."""
@@ -25,10 +30,16 @@ def put_many(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax
 
         out: list[Any] = []
         slow: list[int] = []
-        avals: dict[Any, Any] = {}  # one per shape and dtype: most of the per-array Python
+        avals = _avals  # one per shape and dtype: most of the per-array Python
+        if len(avals) > _AVALS_KEPT:  # shapes of trees restored long ago
+            avals.clear()
         devices: dict[int, Any] = {}  # id(sharding) -> its device (``shardings`` keeps them)
+        canonical: dict[np.dtype, bool] = {}  # dtype -> whether JAX keeps it as it is
         for i, (a, s) in enumerate(zip(arrays, shardings, strict=True)):
-            if jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype or not a.flags.c_contiguous:
+            same = canonical.get(a.dtype)
+            if same is None:
+                same = canonical[a.dtype] = jax.dtypes.canonicalize_dtype(a.dtype) == a.dtype
+            if not same or not a.flags.c_contiguous:
                 out.append(None)
                 slow.append(i)
                 continue

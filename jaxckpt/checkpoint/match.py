@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import functools
 import os
-import re
-from collections.abc import Callable, Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -20,14 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxckpt.checkpoint.reader import Reader, open_reader
+from jaxckpt.checkpoint.target_paths import Prefix, Rename, _prefix_of, _renamer
 from jaxckpt.errors import StructureMismatchError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
 from jaxckpt.log import phase
 
 PyTree = Any
-Rename = Mapping[str, str] | Callable[[str], str | None] | None
-Prefix = str | tuple[str | int, ...] | None  # a checkpoint path, or its keys in turn
 
 _LIMIT = 20  # paths listed per section of a mismatch message
 _FIX_MISSING = (
@@ -121,29 +121,6 @@ def _listed(items: list[Any], line: Callable[[Any], str]) -> list[str]:
     if len(items) <= _LIMIT:
         return [line(x) for x in items]
     return [*map(line, items[:_LIMIT]), f"    ... and {len(items) - _LIMIT} more"]
-
-
-def _renamer(prefix: Prefix, rename: Rename) -> Callable[[str], str | None]:
-    base = _prefix_of(prefix)
-    if rename is None:
-        fn: Callable[[str], str | None] = lambda p: p  # noqa: E731
-    elif callable(rename):
-        fn = rename
-    else:
-        rules = _rename_rules(rename)
-
-        def fn(p: str) -> str | None:
-            for pattern, repl in rules:
-                p = pattern.sub(repl, p)
-            return p
-
-    def mapped(p: str) -> str | None:
-        q = fn(p)
-        if q is None:
-            return None
-        return f"{base}/{q}" if base and q else (base or q)
-
-    return mapped
 
 
 def leaf_kind(x: Any) -> str:
@@ -248,47 +225,6 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
     return src == dst or _category(src) <= _category(dst) < 9
 
 
-def _prefix_of(prefix: Any) -> str:
-    """``prefix`` as a checkpoint path without empty segments ("" for None). A tuple of keys
-    names the edges in turn: a str a dict key or attribute, an int a list/tuple index."""
-    if isinstance(prefix, tuple) and all(
-        isinstance(k, str) or (isinstance(k, int) and not isinstance(k, bool)) for k in prefix
-    ):
-        return "/".join(_paths.escape(k) if isinstance(k, str) else str(k) for k in prefix)
-    if prefix is not None and not isinstance(prefix, str):
-        raise TypeError(
-            f"prefix must be a path in the checkpoint, as a str such as 'params/backbone' or a "
-            f"tuple of keys such as ('params', 'backbone'), or None, not {prefix!r} "
-            f"({type(prefix).__name__}). Fix: pass the path as a str or a tuple of keys."
-        )
-    return "/".join(p for p in (prefix or "").split("/") if p)
-
-
-def _rename_rules(rename: Any) -> list[tuple[re.Pattern[str], str]]:
-    """The compiled rules of a ``rename`` dict; any other ``rename`` is a TypeError."""
-    if not isinstance(rename, Mapping):
-        raise TypeError(
-            f"rename must be a dict of regex -> replacement, a callable mapping a target path "
-            f"to a checkpoint path (or None), or None; not {rename!r} "
-            f"({type(rename).__name__}). Fix: e.g. rename={{'^encoder/': 'backbone/'}}."
-        )
-    rules = []
-    for k, v in rename.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(
-                f"rename maps regex patterns (str) to replacements (str), but it holds "
-                f"{k!r}: {v!r}. Fix: write both as str, e.g. {{'^encoder/': 'backbone/'}}."
-            )
-        try:
-            rules.append((re.compile(k), v))
-        except re.error as e:
-            raise ValueError(
-                f"rename's pattern {k!r} is not a valid regular expression ({e}). Fix: correct "
-                "it (re.escape(...) matches a path literally)."
-            ) from None
-    return rules
-
-
 def check_prefix(reader: Reader, prefix: Prefix) -> str:
     base = _prefix_of(prefix)
     if base and reader.node(base) is None:
@@ -325,9 +261,30 @@ class Target:
 
     @classmethod
     def of(cls, target: PyTree, prefix: Prefix, rename: Rename) -> Target:
-        flat, treedef = jax.tree_util.tree_flatten_with_path(target, is_leaf=_metadata.is_stateful)
-        to_ckpt = _renamer(prefix, rename)
-        return cls(flat, treedef, [to_ckpt(_paths.path_str(k)) for k, _ in flat])
+        leaves, treedef = jax.tree_util.tree_flatten(target, is_leaf=_metadata.is_stateful)
+        key = _paths_key(treedef, prefix, rename)
+        kept = None
+        if key is not None:
+            with _lock:
+                try:
+                    kept = _kept.get(key)
+                except ValueError:  # auxiliary data whose == is not a bool (an array's)
+                    key = None
+                if kept is not None:
+                    _kept.move_to_end(key)
+        if kept is None:
+            flat, treedef = jax.tree_util.tree_flatten_with_path(
+                target, is_leaf=_metadata.is_stateful
+            )
+            to_ckpt = _renamer(prefix, rename)
+            kept = [k for k, _ in flat], [to_ckpt(_paths.path_str(k)) for k, _ in flat]
+            if key is not None:
+                with _lock:
+                    _kept[key] = kept
+                    while len(_kept) > KEEP:
+                        _kept.popitem(last=False)
+        keypaths, cpaths = kept
+        return cls(list(zip(keypaths, leaves, strict=True)), treedef, list(cpaths))
 
     def groups(self, most: int = 32) -> list[str]:
         """The nodes above the target's leaves (``"a"``, ``"a/b"``), if at most ``most``."""
@@ -339,6 +296,33 @@ class Target:
             if len(out) > most:
                 return []
         return list(out)
+
+
+# The key paths and checkpoint paths of target structures restored before: a restore into a
+# tree of the same structure (a PyTreeDef holds every container and key) with the same
+# ``prefix`` and ``rename`` does not walk its key paths again. A callable ``rename`` is not
+# kept (it may answer differently another time).
+KEEP = 4
+_kept: OrderedDict[Any, tuple[list[tuple[Any, ...]], list[str | None]]] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _paths_key(treedef: Any, prefix: Prefix, rename: Rename) -> Any:
+    """The key of a target structure's paths in ``_kept``, or None where they are not kept."""
+    if rename is not None and not isinstance(rename, dict):
+        return None
+    try:
+        key = (treedef, prefix, None if rename is None else tuple(rename.items()))
+        hash(key)
+    except TypeError:  # unhashable auxiliary data, a prefix or rename of the wrong type
+        return None
+    return key
+
+
+def clear() -> None:
+    """Forgets the paths of the target structures restored before."""
+    with _lock:
+        _kept.clear()
 
 
 class Pairing(NamedTuple):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -85,15 +86,33 @@ def restore(
         nnx.update(module, state)
         return module
     if target is None:
-        reader = open_reader(path)
-        base = _match.check_prefix(reader, prefix)
-        under = lambda: [(p, None) for p in reader.leaves(base)]  # noqa: E731
-        with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, under())):
-            return reader.tree(base)
+        return _restore_saved_tree(path, prefix)
     want = _match.Target.of(target, prefix, rename)
     # A partial restore looks up few paths: their group files are read beside the root's.
     reader = open_reader(path, prefetch=want.groups() if partial else ())
-    entries, treedef, status = _match.plan(reader, want, prefix, unused=not partial)
+    found = _match.plan(reader, want, prefix, unused=not partial)
+    entries = _settled(reader, found, partial=partial, missing=missing, mismatched=mismatched)
+    reads = _planned_reads(reader, entries)
+    arrays = _read(reader, reads)
+    leaves = _assembled(entries, reads, arrays)
+    return jax.tree_util.tree_unflatten(found.treedef, leaves)
+
+
+def _restore_saved_tree(path: str | os.PathLike[str], prefix: _match.Prefix) -> PyTree:
+    """The saved tree (under ``prefix``) as dicts, lists and tuples of NumPy arrays."""
+    reader = open_reader(path)
+    base = _match.check_prefix(reader, prefix)
+    under = lambda: [(p, None) for p in reader.leaves(base)]  # noqa: E731
+    with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, under())):
+        return reader.tree(base)
+
+
+def _settled(
+    reader: Reader, found: _match.Plan, *, partial: bool, missing: str, mismatched: str
+) -> list[_match.Pairing]:
+    """The pairings a restore reads, once the options said what to do with the leaves that
+    are missing, unused or mismatched: kept (with a warning) or a ``StructureMismatchError``."""
+    entries, status = found.pairings, found.status
     if status.mismatched and mismatched == "keep":
         kept = {m.path for m in status.mismatched}
         entries = [e._replace(record=None) if e.cpath in kept else e for e in entries]
@@ -118,16 +137,36 @@ def restore(
             reader.path,
             ", ".join(status.missing),
         )
+    return entries
 
-    # One read per distinct slice any addressable device needs, all issued together.
-    requests: list[tuple[str, Any]] = []
-    plans: list[Any] = []
-    to_device: dict[int, tuple[np.dtype, Any]] = {}  # whole arrays for one device each
-    everywhere: list[int] = []  # whole arrays every process restores: read once, broadcast
+
+@dataclasses.dataclass
+class _Reads:
+    """What a restore reads: one request per distinct slice any addressable device needs."""
+
+    requests: list[tuple[str, Any]]  # (checkpoint path, index or None)
+    plans: list[Any]  # per pairing: None, or ({device: index}, {index key: request})
+    to_device: dict[int, tuple[np.dtype, Any]]  # whole arrays for one device each
+    everywhere: list[int]  # whole arrays every process restores: read once, broadcast
+
+
+def _planned_reads(reader: Reader, entries: list[_match.Pairing]) -> _Reads:
+    reads = _Reads([], [], {}, [])
+    requests, to_device = reads.requests, reads.to_device
     broadcast = _broadcast.wanted(reader.path)
     for _, x, cpath, rec in entries:
         if rec is None or cpath is None or rec["t"] != "array":  # (a record has a path)
-            plans.append(None)
+            reads.plans.append(None)
+            continue
+        sharding = _sharding(x)
+        device = None if sharding is None or "key" in rec else _one_device(sharding)
+        if device is not None and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            # The common case, first: a whole array for one device.
+            if broadcast and _broadcast.everywhere(rec, sharding):
+                reads.everywhere.append(len(requests))
+            to_device[len(requests)] = (np.dtype(x.dtype), sharding)
+            reads.plans.append(({device: None}, {None: len(requests)}))
+            requests.append((cpath, None))
             continue
         shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))
         slots = {}
@@ -136,12 +175,18 @@ def restore(
             if key not in slots:
                 slots[key] = len(requests)
                 requests.append((cpath, idx))
-        plans.append((shards, slots))
-        sharding = _sharding(x)
+        reads.plans.append((shards, slots))
         if broadcast and len(slots) == 1 and _broadcast.everywhere(rec, sharding):
-            everywhere.append(next(iter(slots.values())))
-        if sharding is not None and _one_device(sharding) is not None and "key" not in rec:
+            reads.everywhere.append(next(iter(slots.values())))
+        if device is not None:
             to_device[slots[None]] = (np.dtype(x.dtype), sharding)
+    return reads
+
+
+def _read(reader: Reader, reads: _Reads) -> list[Any]:
+    """Every request read, all issued together; whole arrays for one device put there on
+    the I/O thread that read them."""
+    to_device = reads.to_device
 
     def put(i: int, host: np.ndarray) -> Any:  # on the I/O thread that read it
         bar.add(host.nbytes)  # other reads (slices, packed leaves) count when all have landed
@@ -150,24 +195,21 @@ def restore(
         dtype, sharding = to_device[i]
         return _device.put_many([host.astype(dtype, copy=False)], [sharding])[0]
 
-    with _progress.shown(f"restore {reader.path}", lambda: _read_bytes(reader, requests)) as bar:
-        arrays = _broadcast.read_many(reader, requests, everywhere, then=put)
+    with _progress.shown(
+        f"restore {reader.path}", lambda: _read_bytes(reader, reads.requests)
+    ) as bar:
+        return _broadcast.read_many(reader, reads.requests, reads.everywhere, then=put)
 
+
+def _assembled(entries: list[_match.Pairing], reads: _Reads, arrays: list[Any]) -> list[Any]:
+    """The restored leaves, in flatten order: arrays read placed as the target asks, saved
+    values and states loaded (``set_state`` called), the target's own value where kept."""
     leaves: list[Any] = []
     states = []
     batch: list[tuple[int, np.ndarray, Any]] = []
-    for (_, x, _, rec), plan in zip(entries, plans, strict=True):
-        if rec is None:
-            leaves.append(x)
-        elif rec["t"] == "state":
-            states.append((x, _metadata.load_state(_multihost.own_state(rec))))
-            leaves.append(x)
-        elif rec["t"] == "value":
-            v = _metadata.load_value(rec)
-            leaves.append(
-                _as_target(x, np.asarray(v)) if _match.leaf_kind(x) in ("array", "scalar") else v
-            )
-        else:
+    to_device = reads.to_device
+    for (_, x, _, rec), plan in zip(entries, reads.plans, strict=True):
+        if plan is not None:
             shards, slots = plan
             whole = slots.get(None)  # a whole array for one device: read via ``put``
             if whole in to_device:
@@ -181,14 +223,25 @@ def restore(
                 leaves.append(got)
             else:
                 pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
+                assert rec is not None  # a plan is made only for a record
                 leaves.append(_assemble(x, rec, pieces))
+        elif rec is None:
+            leaves.append(x)
+        elif rec["t"] == "state":
+            states.append((x, _metadata.load_state(_multihost.own_state(rec))))
+            leaves.append(x)
+        else:  # a saved Python value
+            v = _metadata.load_value(rec)
+            leaves.append(
+                _as_target(x, np.asarray(v)) if _match.leaf_kind(x) in ("array", "scalar") else v
+            )
     if batch:
         placed = _device.put_many([b[1] for b in batch], [b[2] for b in batch])
         for (i, _, _), y in zip(batch, placed, strict=True):
             leaves[i] = y
     for obj, state in states:
         obj.set_state(state)
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return leaves
 
 
 def _nnx_module(target: Any) -> Any:
