@@ -339,32 +339,22 @@ class LocalTier:
             return False, None
         owners = usable[chosen]
         key = f"{self._key}/fetch/{next(self._rounds)}"
-        sends = [o for o, holders in owners.items() if o not in holders and holders[0] == self.p]
-        # The parts this process sends go while it reads its own: the process waiting for
-        # one starts on it at once, not after this one's read.
-        pool = ThreadPoolExecutor(1, "jaxckpt-local-send") if sends else None
-        sending = pool.submit(self._send_parts, key, chosen, sends) if pool else None
-        try:
-            own = part_dir(self.directory, chosen, self.p)
-            if self.p not in owners[self.p]:
-                sender = owners[self.p][0]
-                what = f"process {self.p}'s part of local step {chosen}"
-                staged = self._channel.receive(f"{key}/{self.p}", sender, what)
-                _local_parts.place(staged, own, durable=False)
-                log.info("jaxckpt: got local step %d's part from process %d", chosen, sender)
-            tree = _local_parts.assemble(own, target)
-        finally:
-            if pool is not None and sending is not None:
-                pool.shutdown()
-                sending.result()  # raises its error (after this process's own read)
-        return True, tree
-
-    def _send_parts(self, key: str, step: int, owners: list[int]) -> None:
-        for o in owners:
-            what = f"process {o}'s part of local step {step}"
-            # Not synced there: read back at once, and a copy survives here anyway.
-            path = part_dir(self.directory, step, o)
-            self._channel.send(f"{key}/{o}", path, o, what, durable=False)
+        for o, holders in owners.items():
+            if o not in holders and holders[0] == self.p:
+                what = f"process {o}'s part of local step {chosen}"
+                # Sent before this process reads its own: the CPU and the disk go to the
+                # process waiting for it first (it is the job's slowest). Not synced there:
+                # read back at once, and a copy survives here anyway.
+                path = part_dir(self.directory, chosen, o)
+                self._channel.send(f"{key}/{o}", path, o, what, durable=False)
+        own = part_dir(self.directory, chosen, self.p)
+        if self.p not in owners[self.p]:
+            sender = owners[self.p][0]
+            what = f"process {self.p}'s part of local step {chosen}"
+            staged = self._channel.receive(f"{key}/{self.p}", sender, what)
+            _local_parts.place(staged, own, durable=False)
+            log.info("jaxckpt: got local step %d's part from process %d", chosen, sender)
+        return True, _local_parts.assemble(own, target)
 
 
 def _release(pool: ThreadPoolExecutor | None, channel: Any) -> None:
