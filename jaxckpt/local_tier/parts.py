@@ -148,9 +148,12 @@ def _copy_on_device(data: Any, rooms: dict[Any, int]) -> bool:
     whose free memory keeps half of it free after this save's copies."""
     if not isinstance(data, jax.Array):
         return False
-    device = next(iter(data.devices()))
+    devices = data.devices()
+    device = next(iter(devices))
     if device.platform == "cpu":
         return True
+    if len(devices) > 1:  # a leaf on several accelerators: copied to the host in the call
+        return False
     if device not in rooms:
         try:
             stats = device.memory_stats() or {}
