@@ -93,27 +93,36 @@ def layout_hash(processes: int, layout: list[list[Any]]) -> str:
 
 
 def split(tree: PyTree) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """This process's part of ``tree``, on the host: a tree ``jc.save`` writes alone, and the
-    snapshot buffers it holds (for :func:`jaxckpt.runtime.give_buffers` once written)."""
+    """This process's part of ``tree``, a copy the caller's later changes (donation) leave
+    alone: a tree ``jc.save`` writes alone, and the host snapshot buffers it holds (for
+    :func:`jaxckpt.runtime.give_buffers` once written). Shards copied on their device are
+    ``jax.Array`` copies (the write moves them to the host)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     rest: list[Any] = []
     shards: dict[str, dict[str, np.ndarray]] = {}
     layout: list[Any] = []
     copies: list[tuple[np.ndarray, Any]] = []
     buffers: list[np.ndarray] = []
+    rooms: dict[Any, int] = {}  # per accelerator: bytes its copies may still take
     for path, x in leaves:
         if not _sharded(x):
-            rest.append(x)
+            rest.append(_own_copy(x, rooms))
             continue
         entry = _leaf_layout(jax.tree_util.keystr(path), x)
         by_index: dict[str, Any] = {}
         for s in x.addressable_shards:
             by_index.setdefault(json.dumps(_index(tuple(s.index), tuple(x.shape))), s.data)
-        # A copy: the caller may donate or overwrite its arrays once save returns. Into the
-        # snapshot buffers async saves reuse: fresh memory costs more than the copy.
+        # A copy: the caller may donate its arrays once save returns. Where the shard's
+        # device has room (the CPU always: its copy is the host copy), a copy made by the
+        # device, dispatched without waiting: JAX runs it before any later use of the
+        # original's buffer, donation included, so the caller does not wait for the bytes.
+        # Else into the snapshot buffers async saves reuse (fresh memory costs more).
         mine = shards[f"a{len(layout)}"] = {}
         for j, i in enumerate(entry[3]):
             data = by_index[json.dumps(i)]
+            if _copy_on_device(data, rooms):
+                mine[f"s{j}"] = jax.device_put(data, data.sharding, may_alias=False)
+                continue
             dtype, shape = np.dtype(data.dtype), tuple(data.shape)
             nbytes = math.prod(shape) * dtype.itemsize
             buffers.append(_runtime.take_buffer(max(1, nbytes)))
@@ -132,6 +141,42 @@ def split(tree: PyTree) -> tuple[dict[str, Any], list[np.ndarray]]:
         "tree": jax.tree_util.tree_unflatten(treedef, rest),
     }
     return part, buffers
+
+
+def _copy_on_device(data: Any, rooms: dict[Any, int]) -> bool:
+    """Whether to copy the shard ``data`` on its own device: the CPU's, or an accelerator
+    whose free memory keeps half of it free after this save's copies."""
+    if not isinstance(data, jax.Array):
+        return False
+    devices = data.devices()
+    device = next(iter(devices))
+    if device.platform == "cpu":
+        return True
+    if len(devices) > 1:  # a leaf on several accelerators: copied to the host in the call
+        return False
+    if device not in rooms:
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # a backend without memory statistics
+            stats = {}
+        free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+        rooms[device] = max(0, free // 2)
+    nbytes = int(data.nbytes)
+    if nbytes > rooms[device]:
+        return False
+    rooms[device] -= nbytes
+    return True
+
+
+def _own_copy(x: Any, rooms: dict[Any, int]) -> Any:
+    """A leaf written whole: an array copied (the caller may donate or change it), else as is."""
+    if isinstance(x, jax.Array):
+        if _copy_on_device(x, rooms):
+            return jax.device_put(x, x.sharding, may_alias=False)
+        return np.array(x, copy=True)
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    return x
 
 
 def _copy(dest: np.ndarray, x: Any) -> None:

@@ -342,7 +342,9 @@ class LocalTier:
         for o, holders in owners.items():
             if o not in holders and holders[0] == self.p:
                 what = f"process {o}'s part of local step {chosen}"
-                # Not synced there: read back at once, and a copy survives here anyway.
+                # Sent before this process reads its own: the CPU and the disk go to the
+                # process waiting for it first (it is the job's slowest). Not synced there:
+                # read back at once, and a copy survives here anyway.
                 path = part_dir(self.directory, chosen, o)
                 self._channel.send(f"{key}/{o}", path, o, what, durable=False)
         own = part_dir(self.directory, chosen, self.p)
