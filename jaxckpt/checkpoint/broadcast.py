@@ -39,6 +39,7 @@ from jaxckpt import storage as _storage
 from jaxckpt.checkpoint import multihost as _multihost
 from jaxckpt.checkpoint import shares as _shares
 from jaxckpt.errors import CoordinationError
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import chunk_files as _chunks
 
 ENV = "JAXCKPT_BROADCAST"
@@ -73,7 +74,7 @@ def wanted(path: str) -> bool:
     return _storage.at(path).os_path() is None and jax.devices()[0].platform != "cpu"
 
 
-def everywhere(rec: dict[str, Any], sharding: Any) -> bool:
+def everywhere(rec: Record, sharding: Any) -> bool:
     """Whether every process restores the array ``rec`` whole onto ``sharding`` (None: a
     NumPy target), and it is large enough to broadcast."""
     if "key" in rec or "packed" in rec:

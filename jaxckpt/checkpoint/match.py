@@ -25,6 +25,7 @@ from jaxckpt.checkpoint.target_paths import Prefix, Rename, _prefix_of, _renamer
 from jaxckpt.errors import StructureMismatchError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
+from jaxckpt.format.metadata import Record
 from jaxckpt.log import phase
 
 PyTree = Any
@@ -135,13 +136,13 @@ def leaf_kind(x: Any) -> str:
     return "any"
 
 
-def _describe(rec: dict[str, Any]) -> str:
+def _describe(rec: Record) -> str:
     if rec["t"] == "array":
         return f"{rec.get('key_dtype', rec['dtype'])}{list(rec.get('key_shape', rec['shape']))}"
     return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
 
 
-def _problem(x: Any, rec: dict[str, Any]) -> str | None:
+def _problem(x: Any, rec: Record) -> str | None:
     """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
     if (  # the common case, first: an array of the very shape and dtype saved
         rec["t"] == "array"
@@ -187,7 +188,7 @@ def _problem(x: Any, rec: dict[str, Any]) -> str | None:
     return None
 
 
-def _as_key(x: Any, rec: dict[str, Any]) -> dict[str, Any]:
+def _as_key(x: Any, rec: Record) -> Record:
     """``rec``, made the record of a typed key of ``x``'s implementation where ``x`` is a
     typed-key target leaf and ``rec`` a plain array of exactly its key data (formats with no
     key type, Flax msgpack and safetensors, hold keys so): the restore wraps the data."""
@@ -331,7 +332,7 @@ class Pairing(NamedTuple):
     keypath: tuple[Any, ...]  # the target leaf's jax.tree_util key path
     value: Any  # the target's leaf
     cpath: str | None  # the checkpoint path it maps to (None: the rename dropped it)
-    record: dict[str, Any] | None  # the saved leaf record there (None: the checkpoint lacks it)
+    record: Record | None  # the saved leaf record there (None: the checkpoint lacks it)
 
 
 class Plan(NamedTuple):

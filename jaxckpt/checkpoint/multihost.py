@@ -27,6 +27,7 @@ from typing import Any
 import jax
 
 from jaxckpt.errors import CoordinationError
+from jaxckpt.format.metadata import Record
 
 TIMEOUT_ENV = "JAXCKPT_BARRIER_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -171,7 +172,7 @@ def _late_processes(text: str) -> list[str]:
     return [n for n in names if n.isdigit()]
 
 
-def own_state(rec: dict[str, Any]) -> dict[str, Any]:
+def own_state(rec: Record) -> Record:
     """A state leaf's record as this process saved it, when each process saved its own.
 
     A save by several processes whose states differ (each host's data iterator) keeps them all

@@ -23,6 +23,7 @@ from jaxckpt.checkpoint import multihost as _multihost
 from jaxckpt.checkpoint import shares as _shares
 from jaxckpt.format import checksum as _checksum
 from jaxckpt.format import metadata as _metadata
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import arrays as _arrays
 
 PyTree = Any
@@ -52,7 +53,7 @@ class Array:
     loc: str
     meta: dict[str, Any]
     pieces: list[Piece]
-    record: dict[str, Any]  # the leaf record, where the writer lists its absent zero chunks
+    record: Record  # the leaf record, where the writer lists its absent zero chunks
     source: weakref.ref[Any] | None = None  # the jax.Array leaf (incremental saves compare it)
 
 
@@ -64,7 +65,7 @@ class Pack:
     nbytes: int = 0
     starts: list[int] = dataclasses.field(default_factory=list)
     leaves: list[Any] = dataclasses.field(default_factory=list)  # arrays, in ``starts`` order
-    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the leaves'
+    records: list[Record] = dataclasses.field(default_factory=list)  # the leaves'
     chunks: list[np.ndarray] | None = None  # the snapshot: every chunk's bytes
     # An async snapshot's bytes, whose views ``chunks`` are, until _snapshot.seal_packs ran
     whole: np.ndarray | None = None
@@ -145,7 +146,7 @@ class Plan(NamedTuple):
     """What a save writes: the structure record, the arrays with their own zarr paths, and the
     packs of small leaves."""
 
-    record: dict[str, Any]
+    record: Record
     arrays: list[Array]
     packs: list[Pack]
 
@@ -159,12 +160,12 @@ def plan(tree: PyTree) -> Plan:
     )
     shares = _shares.Shares.start()  # several processes: replicas share the writing
 
-    def array_record(path: str, x: Any) -> dict[str, Any]:  # x passed _metadata.check_array
+    def array_record(path: str, x: Any) -> Record:  # x passed _metadata.check_array
         dtype = np.dtype(x.dtype)
         shape = tuple(int(d) for d in np.shape(x))
         nbytes = math.prod(shape) * dtype.itemsize
         name = _metadata.dtype_name(dtype)
-        rec: dict[str, Any] = {"t": "array", "dtype": name, "shape": list(shape)}
+        rec: Record = {"t": "array", "dtype": name, "shape": list(shape)}
         if isinstance(x, np.generic):
             rec["np_scalar"] = True
         if pack and _packable(x, nbytes):

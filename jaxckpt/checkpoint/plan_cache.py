@@ -21,7 +21,7 @@ import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -29,6 +29,7 @@ import numpy as np
 from jaxckpt.checkpoint import multihost as _multihost
 from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.format import metadata as _metadata
+from jaxckpt.format.metadata import Record
 
 PyTree = Any
 KEEP = 4  # templates kept (the most recently used): a job saves one or two kinds of tree
@@ -51,10 +52,10 @@ class Plan:
     """A save's plan. ``record`` is None until :meth:`bind` (which attaches the leaf records
     to the arrays and packs) has run: an async save binds on its background thread."""
 
-    record: dict[str, Any] | None
+    record: Record | None
     arrays: list[_plan.Array]
     packs: list[_plan.Pack]
-    bind: Callable[[], dict[str, Any]] | None = None
+    bind: Callable[[], Record] | None = None
 
 
 _cache: OrderedDict[int, tuple[Any, Template]] = OrderedDict()  # by the key's hash
@@ -152,7 +153,7 @@ def _kind(t: type) -> str:
     return kind
 
 
-def _leaf_records(node: dict[str, Any], out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _leaf_records(node: Record, out: list[Record]) -> list[Record]:
     """The leaf records of a structure record, in order (``iter_leaves`` without paths)."""
     if node["t"] in _metadata.LEAF_KINDS:
         out.append(node)
@@ -163,7 +164,7 @@ def _leaf_records(node: dict[str, Any], out: list[dict[str, Any]]) -> list[dict[
 
 
 def _template(
-    record: dict[str, Any], arrays: list[_plan.Array], packs: list[_plan.Pack], flat: list[Any]
+    record: Record, arrays: list[_plan.Array], packs: list[_plan.Pack], flat: list[Any]
 ) -> Template | None:
     """A template of a plan just made (its records not yet changed by a write)."""
     recs = _leaf_records(record, [])
@@ -217,7 +218,7 @@ def _instantiate(tpl: Template, flat: list[Any]) -> Plan:
         elif kind == "value":
             values.append((i, flat[i]))
 
-    def bind() -> dict[str, Any]:
+    def bind() -> Record:
         record = pickle.loads(tpl.record)
         recs = _leaf_records(record, [])
         for k, (_, _, _, idx) in zip(packs, tpl.packs, strict=True):
@@ -225,8 +226,9 @@ def _instantiate(tpl: Template, flat: list[Any]) -> Plan:
         for i, a in owners:
             a.record = recs[i]
         for i, v in values:
-            recs[i].clear()
-            recs[i].update(_metadata.value_record(v, ""))
+            held = cast(dict[str, Any], recs[i])  # the record the template's tree holds
+            held.clear()
+            held.update(_metadata.value_record(v, ""))
         return record
 
     return Plan(None, arrays, packs, bind)

@@ -23,6 +23,7 @@ from jaxckpt import storage as _storage
 from jaxckpt.format import checksum as _checksum
 from jaxckpt.format import commit as _commit
 from jaxckpt.format import validate as _validate
+from jaxckpt.format.metadata import Record
 from jaxckpt.log import phase
 from jaxckpt.storage import arrays as _arrays
 from jaxckpt.storage import chunk_files as _chunks
@@ -40,7 +41,7 @@ class ChunkReading:
     _files: str | None  # its directory, where chunk files are read with os calls
     _present: set[str]  # arrays whose unlisted chunks were found on disk
 
-    def record(self, path: str) -> dict[str, Any]:
+    def record(self, path: str) -> Record:
         raise NotImplementedError
 
     def metadata_file(self, key: str) -> Any:
@@ -121,7 +122,7 @@ class ChunkReading:
                 raise self._error(requests[i][0], e) from e
         return out  # type: ignore[return-value]
 
-    def _read_direct(self, rec: dict[str, Any]) -> np.ndarray:
+    def _read_direct(self, rec: Record) -> np.ndarray:
         assert self._files is not None  # read directly only from a store of files
         if id(rec) not in self._matched:  # before the array is allocated
             self._confined.dir(rec["loc"])
@@ -144,9 +145,7 @@ class ChunkReading:
         )
         return arr.view(np.dtype(rec["dtype"])) if rec.get("stored") else arr
 
-    def _read_packed(
-        self, loc: str, recs: list[dict[str, Any]], paths: list[str]
-    ) -> list[np.ndarray]:
+    def _read_packed(self, loc: str, recs: list[Record], paths: list[str]) -> list[np.ndarray]:
         """Leaves packed in the 1-D uint8 array ``loc``: each needed chunk is read once.
 
         Each run of consecutive needed chunks is read into one aligned buffer, and every leaf
@@ -214,7 +213,7 @@ class ChunkReading:
         return [a * size for a, _ in runs], bufs
 
     def _check_pack(
-        self, loc: str, recs: list[dict[str, Any]], paths: list[str], store: Any = None
+        self, loc: str, recs: list[Record], paths: list[str], store: Any = None
     ) -> None:
         """Raises unless the places of the packed leaves ``recs`` lie in their pack ``loc``, as
         its zarr.json (or the opened TensorStore ``store``) describes it: before any read."""
@@ -238,7 +237,7 @@ class ChunkReading:
             if problem is not None:
                 raise self._error(path, _confine.Violation(problem))
 
-    def _read_one_packed(self, rec: dict[str, Any], path: str) -> np.ndarray:
+    def _read_one_packed(self, rec: Record, path: str) -> np.ndarray:
         """A packed leaf read alone (a few of the pack's bytes), checked against its own CRC;
         a failure names the leaf's ``path``."""
         offset, n, size = (int(v) for v in rec["packed"])
@@ -261,7 +260,7 @@ class ChunkReading:
         return _view(buf, 0, n, rec)
 
     def _read_ts(
-        self, requests: Sequence[tuple[str, Index | None]], recs: list[dict[str, Any]]
+        self, requests: Sequence[tuple[str, Index | None]], recs: list[Record]
     ) -> list[np.ndarray]:
         opened = {}
         for (p, _), rec in zip(requests, recs, strict=True):
@@ -296,7 +295,7 @@ class ChunkReading:
             out.append(arr)
         return out
 
-    def _check_present(self, rec: dict[str, Any]) -> None:
+    def _check_present(self, rec: Record) -> None:
         """Raises ``ChunkError`` when a chunk the record does not list as zeros is missing.
 
         TensorStore reads an array with listed absent chunks filling every missing chunk with
@@ -320,7 +319,7 @@ class ChunkReading:
         self._present.add(rec["loc"])
 
 
-def _view(buf: np.ndarray, offset: int, nbytes: int, rec: dict[str, Any]) -> np.ndarray:
+def _view(buf: np.ndarray, offset: int, nbytes: int, rec: Record) -> np.ndarray:
     return buf[offset : offset + nbytes].view(np.dtype(rec["dtype"])).reshape(rec["shape"])
 
 
@@ -362,6 +361,6 @@ def _is_whole(index: Index | None, shape: Sequence[int]) -> bool:
     )
 
 
-def _array_meta(rec: dict[str, Any]) -> dict[str, Any]:
+def _array_meta(rec: Record) -> dict[str, Any]:
     """The zarr metadata of an array leaf, rebuilt from its record (no file read)."""
     return _arrays.array_metadata(rec["shape"], rec.get("stored", rec["dtype"]), rec["chunks"])

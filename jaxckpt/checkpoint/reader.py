@@ -19,12 +19,13 @@ from jaxckpt.format import paths as _paths
 from jaxckpt.format import run as _run
 from jaxckpt.format import split as _split
 from jaxckpt.format import validate as _validate
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import confine as _confine
 
 PyTree = Any
 
 
-def _leaf_dtype(rec: dict[str, Any]) -> str:
+def _leaf_dtype(rec: Record) -> str:
     if rec["t"] == "array":
         return rec.get("key_dtype", rec["dtype"])
     if rec["t"] == "state":
@@ -70,16 +71,16 @@ class Reader(ChunkReading):
         self.commit.require(meta["format_version"])
         self.metadata: dict[str, Any] = meta
         self._tree = _split.Tree(self.path, meta["tree"], early, self.commit.check)
-        self._records: dict[str, dict[str, Any]] | None = None
+        self._records: dict[str, Record] | None = None
         self._present: set[str] = set()  # arrays whose unlisted chunks were found on disk
 
     @property
-    def structure(self) -> dict[str, Any]:
+    def structure(self) -> Record:
         """The whole structure record, every split subtree read in (see docs/format.md)."""
         return self._tree.whole()  # type: ignore[return-value]  # the root always exists
 
     @property
-    def records(self) -> dict[str, dict[str, Any]]:
+    def records(self) -> dict[str, Record]:
         """``{path: leaf record}`` of every leaf, in flatten order."""
         if self._records is None:
             leaves = _metadata.iter_leaves(self.structure)
@@ -91,7 +92,7 @@ class Reader(ChunkReading):
         """The ids of the leaf records checked (each is checked once, when first handed out)."""
         return set()
 
-    def _checked(self, path: str, rec: dict[str, Any]) -> dict[str, Any]:
+    def _checked(self, path: str, rec: Record) -> Record:
         """``rec``, once it passed :func:`jaxckpt.format.validate.leaf_problem`: every record a
         reader hands out does, before anything uses it."""
         if id(rec) not in self._valid:
@@ -154,7 +155,7 @@ class Reader(ChunkReading):
         reader may find it under another name, see jaxckpt.interop.foreign)."""
         return path
 
-    def find(self, path: str) -> dict[str, Any] | None:
+    def find(self, path: str) -> Record | None:
         """The record of the leaf at ``path``, or None; reads only the metadata on its path."""
         if self._records is not None:
             return self._records.get(path)
@@ -163,11 +164,11 @@ class Reader(ChunkReading):
             return None
         return self._checked(path, node)
 
-    def node(self, path: str) -> dict[str, Any] | None:
+    def node(self, path: str) -> Record | None:
         """The structure record at ``path`` (a leaf or an inner node), or None."""
         return self._tree.node("/".join(p for p in path.split("/") if p))
 
-    def leaves(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+    def leaves(self, prefix: str = "") -> dict[str, Record]:
         """``{path: leaf record}`` of the leaves under ``prefix`` (a path, or "" for all)."""
         if not prefix:
             return self.records
@@ -183,7 +184,7 @@ class Reader(ChunkReading):
             return path
         return _paths.keystr([_paths.key_of(kind, key) for kind, key, _ in es])
 
-    def record(self, path: str) -> dict[str, Any]:
+    def record(self, path: str) -> Record:
         rec = self.find(path)
         if rec is None:
             raise KeyError(
@@ -206,7 +207,7 @@ class Reader(ChunkReading):
             return self._value(rec)
         return self.read_many([(path, index)])[0]
 
-    def _value(self, rec: dict[str, Any]) -> Any:
+    def _value(self, rec: Record) -> Any:
         return _metadata.load_value(rec) if rec["t"] == "value" else _metadata.load_state(rec)
 
     def tree(self, prefix: str | None = None) -> PyTree:
@@ -222,7 +223,7 @@ class Reader(ChunkReading):
         arrays = [p for p, r in leaves.items() if r["t"] == "array"]
         values = dict(zip(arrays, self.read_many([(p, None) for p in arrays]), strict=True))
 
-        def leaf(path: str, rec: dict[str, Any]) -> Any:
+        def leaf(path: str, rec: Record) -> Any:
             if rec["t"] != "array":
                 return self._value(rec)
             arr = values[f"{base}/{path}" if base and path else (base or path)]

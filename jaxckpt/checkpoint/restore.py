@@ -21,6 +21,7 @@ from jaxckpt.checkpoint import multihost as _multihost
 from jaxckpt.checkpoint.reader import Reader, open_reader
 from jaxckpt.errors import StructureMismatchError
 from jaxckpt.format import metadata as _metadata
+from jaxckpt.format.metadata import Record
 from jaxckpt.log import logged_restore
 
 PyTree = Any
@@ -327,7 +328,7 @@ def _as_target(x: Any, arr: np.ndarray) -> Any:
     return jax.device_put(out, _sharding(x))
 
 
-def _assemble(x: Any, rec: dict[str, Any], pieces: dict[Any, np.ndarray]) -> Any:
+def _assemble(x: Any, rec: Record, pieces: dict[Any, np.ndarray]) -> Any:
     sharding = _sharding(x)
     if "key" in rec:  # small: read whole, wrapped, then placed
         keys = _metadata.load_key(rec, pieces[None])

@@ -31,6 +31,7 @@ from jaxckpt.errors import CheckpointError, CheckpointExistsError, StorageError
 from jaxckpt.format import commit as _commit
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import split as _split
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import arrays as _arrays
 
 PyTree = Any
@@ -39,7 +40,7 @@ PyTree = Any
 @dataclasses.dataclass
 class Save:
     final: str
-    record: dict[str, Any]  # empty until ``bind`` ran (a plan from a kept template)
+    record: Record  # empty until ``bind`` ran (a plan from a kept template)
     arrays: list[_plan.Array]
     packs: list[_plan.Pack]
     extra: dict[str, Any]
@@ -47,7 +48,7 @@ class Save:
     buffers: list[np.ndarray] = dataclasses.field(default_factory=list)  # an async snapshot's
     time: float = 0.0  # when it was written, as its metadata says
     inc: _incremental.Save | None = None  # what it links from its base, and records
-    bind: Callable[[], dict[str, Any]] | None = None  # makes ``record`` (_plan_cache.Plan)
+    bind: Callable[[], Record] | None = None  # makes ``record`` (_plan_cache.Plan)
 
 
 def prepare(

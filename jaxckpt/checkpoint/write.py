@@ -31,6 +31,7 @@ from jaxckpt.checkpoint import shares as _shares
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
 from jaxckpt.format import split as _split
+from jaxckpt.format.metadata import Record
 from jaxckpt.log import phase
 from jaxckpt.storage import arrays as _arrays
 from jaxckpt.storage import chunk_files as _chunks
@@ -40,7 +41,7 @@ STREAM_BYTES = 512 << 20
 PACK_FLIGHT = 32 << 20  # pack chunks a synchronous save builds ahead of the writes
 
 
-def group_files(node: dict[str, Any], moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def group_files(node: Record, moved: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A group ``zarr.json`` for each inner node but the root, keeping the records ``moved``
     there by :func:`jaxckpt.format.split.split`."""
     files: dict[str, Any] = {}

@@ -18,7 +18,7 @@ import functools
 import gc
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import jax
 import msgpack
@@ -35,6 +35,35 @@ MAX_NAME_BYTES = 255  # the longest file name common file systems take
 PyTree = Any
 
 
+class Record(TypedDict, total=False):
+    """A node or leaf of the structure record (docs/format.md, "The structure record"), as
+    it is in the JSON of the root ``zarr.json``: ``t`` says which kind, the other fields are
+    those of that kind. A reader checks every leaf record before it uses it
+    (:func:`jaxckpt.format.validate.leaf_problem`)."""
+
+    t: str  # a node: "dict", "list", "tuple", "obj", "none"; a leaf: "array", "value", "state"
+    c: list[list[Any]]  # a node's children: [kind, key, child record], in flatten order
+    cls: str  # an "obj" node's class; a "state" leaf's class
+    # "array"
+    dtype: str  # the saved dtype's name ("float32", "bfloat16", "key<fry>")
+    shape: list[int]
+    chunks: list[int]
+    loc: str  # the zarr array's path, relative to the checkpoint
+    stored: str  # the zarr data type the bytes are stored as, where it differs from dtype
+    packed: list[int]  # [offset, bytes, pack chunk] of a leaf in the pack at loc
+    key: str  # a typed PRNG key's implementation; shape and dtype are its key data's
+    key_dtype: str  # a typed key's dtype name ("key<fry>") and shape, as the caller sees it
+    key_shape: list[int]
+    np_scalar: bool  # a NumPy scalar (np.float32(1.0)), not a 0-d array
+    zero_chunks: Any  # "all", or the flat indices of the all-zero chunks left unwritten
+    crc32c: int  # a packed leaf's own CRC-32C (its bytes in the pack)
+    # "value" and "state"
+    py: str  # a value's Python type: "bool", "int", "float", "complex", "str", "bytes", "none"
+    v: Any  # the value (or the state's msgpack bytes, base64)
+    per_process: list[Any]  # a "state" leaf saved by several processes: each one's own state
+    split: bool  # a stub: the node's record is in its group's zarr.json (docs/format.md)
+
+
 @dataclasses.dataclass
 class Leaf:
     """One leaf found while walking a tree to save it."""
@@ -42,7 +71,7 @@ class Leaf:
     keypath: tuple[Any, ...]
     path: str  # "params/l1/kernel"
     value: Any
-    record: dict[str, Any]
+    record: Record
 
 
 def is_stateful(x: Any) -> bool:
@@ -76,7 +105,7 @@ def _node_type(node: Any) -> str:
     return "obj"
 
 
-def value_record(x: Any, where: str) -> dict[str, Any]:
+def value_record(x: Any, where: str) -> Record:
     """The record of a non-array leaf kept inline in the metadata."""
     if isinstance(x, bool):
         return {"t": "value", "py": "bool", "v": x}
@@ -123,7 +152,7 @@ def _is_key_dtype(dtype: Any) -> bool:
     return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
 
 
-def key_record(x: Any) -> dict[str, Any]:
+def key_record(x: Any) -> Record:
     """What a typed key array adds to its array record (which describes its key data)."""
     return {
         "key": str(jax.random.key_impl(x)),
@@ -132,7 +161,7 @@ def key_record(x: Any) -> dict[str, Any]:
     }
 
 
-def load_key(rec: dict[str, Any], data: np.ndarray) -> jax.Array:
+def load_key(rec: Record, data: np.ndarray) -> jax.Array:
     """The typed key array saved as ``data`` (its key data)."""
     return jax.random.wrap_key_data(jax.numpy.asarray(data), impl=rec["key"])
 
@@ -170,7 +199,7 @@ def check_array(x: Any, keypath: tuple[Any, ...]) -> None:
         )
 
 
-def load_value(rec: dict[str, Any]) -> Any:
+def load_value(rec: Record) -> Any:
     py, v = rec["py"], rec["v"]
     if py == "float":
         return float(v)
@@ -181,7 +210,7 @@ def load_value(rec: dict[str, Any]) -> Any:
     return v
 
 
-def load_state(rec: dict[str, Any]) -> Any:
+def load_state(rec: Record) -> Any:
     return msgpack.unpackb(
         base64.b64decode(rec["v"]), ext_hook=_unpack_ext, strict_map_key=False, use_list=True
     )
@@ -214,16 +243,14 @@ def _cls_name(x: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def describe(
-    tree: PyTree, array_record: Callable[[str, Any], dict[str, Any]]
-) -> tuple[dict[str, Any], list[Leaf]]:
+def describe(tree: PyTree, array_record: Callable[[str, Any], Record]) -> tuple[Record, list[Leaf]]:
     """Walks ``tree``: returns its structure record and its leaves in flatten order.
 
     ``array_record(path, array)`` makes the record of an array leaf.
     """
     leaves: list[Leaf] = []
 
-    def walk(node: Any, keypath: tuple[Any, ...], names: tuple[str, ...]) -> dict[str, Any]:
+    def walk(node: Any, keypath: tuple[Any, ...], names: tuple[str, ...]) -> Record:
         flat = _flatten_one(node)
         if flat is None:
             path = "/".join(names)
@@ -241,7 +268,7 @@ def describe(
             return rec
         where = _paths.keystr(keypath)
         children, _ = flat
-        out: dict[str, Any] = {"t": _node_type(node), "c": []}
+        out: Record = {"t": _node_type(node), "c": []}
         if out["t"] == "obj":
             out["cls"] = _cls_name(node)
         seen: dict[str, Any] = {}
@@ -281,9 +308,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def iter_leaves(
-    node: dict[str, Any], names: tuple[str, ...] = ()
-) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_leaves(node: Record, names: tuple[str, ...] = ()) -> Iterator[tuple[str, Record]]:
     """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
     if node["t"] in LEAF_KINDS:
         yield "/".join(names), node
@@ -293,7 +318,7 @@ def iter_leaves(
 
 
 def rebuild(
-    node: dict[str, Any], leaf: Callable[[str, dict[str, Any]], Any], names: tuple[str, ...] = ()
+    node: Record, leaf: Callable[[str, Record], Any], names: tuple[str, ...] = ()
 ) -> PyTree:
     """Rebuilds plain containers (dict, list, tuple, None) from a structure record."""
     t = node["t"]
@@ -312,7 +337,7 @@ def rebuild(
     return {k: v for k, v in kids}
 
 
-def _is_nnx_variable(node: dict[str, Any]) -> bool:
+def _is_nnx_variable(node: Record) -> bool:
     """An NNX ``Variable`` (``Param``, ``BatchStat``, ``RngKey``...) saved as the object node
     holding its ``value``. Rebuilt as a dict it would be ``{"value": x}``, which ``nnx.update``
     takes for the value itself (NNX then reads it with ``v[...]``: ``KeyError: Ellipsis``)."""
@@ -324,7 +349,7 @@ def _is_nnx_variable(node: dict[str, Any]) -> bool:
     )
 
 
-def root_attributes(tree_record: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def root_attributes(tree_record: Record, extra: dict[str, Any]) -> dict[str, Any]:
     return {ATTR_KEY: {"format_version": FORMAT_VERSION, "tree": tree_record, **extra}}
 
 

@@ -19,12 +19,12 @@ from jaxckpt import storage as _storage
 from jaxckpt.errors import CorruptCheckpointError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import confine as _confine
 
 SPLIT_BYTES = 64 * 1024  # a record above this moves its big inner children out
 SPLIT_CHILD_BYTES = 1024  # ... those whose own record takes at least this
 
-Record = dict[str, Any]
 Entry = list[Any]  # [kind, key, child record], an edge of a record's "c"
 
 

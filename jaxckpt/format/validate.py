@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import functools
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from jaxckpt.format import metadata as _metadata
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage.confine import Violation, _json, _short, path_problem
 
 # ---------------------------------------------------------------------------- records
@@ -37,6 +38,7 @@ def leaf_problem(rec: Any) -> str | None:
     planned from it (its files are checked when read)."""
     if not isinstance(rec, dict):
         return f"has the record {_short(rec)}, which is not a JSON object"
+    rec = cast(Record, rec)  # a JSON object: its fields are checked below
     t = rec["t"]
     if t == "array":
         return _array_problem(rec)
@@ -50,7 +52,7 @@ def leaf_problem(rec: Any) -> str | None:
     return None
 
 
-def _array_problem(rec: dict[str, Any]) -> str | None:
+def _array_problem(rec: Record) -> str | None:
     dtype = _dtype(rec.get("dtype"))
     if dtype is None:
         return (
@@ -106,9 +108,7 @@ def _naturals(xs: list[Any]) -> bool:
 _INT = {int}
 
 
-def _chunks_problem(
-    rec: dict[str, Any], shape: list[int], dtype: np.dtype, nbytes: int
-) -> str | None:
+def _chunks_problem(rec: Record, shape: list[int], dtype: np.dtype, nbytes: int) -> str | None:
     chunks = rec.get("chunks")
     if (
         type(chunks) is not list
@@ -148,7 +148,7 @@ def _chunks_problem(
     return None
 
 
-def _key_problem(rec: dict[str, Any], shape: list[int], dtype: np.dtype) -> str | None:
+def _key_problem(rec: Record, shape: list[int], dtype: np.dtype) -> str | None:
     impl, key_shape = rec.get("key"), rec.get("key_shape")
     if (
         not isinstance(impl, str)
@@ -203,7 +203,7 @@ _PY_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _value_problem(rec: dict[str, Any]) -> str | None:
+def _value_problem(rec: Record) -> str | None:
     py: Any = rec.get("py")
     v: Any = rec.get("v")
     types = _PY_TYPES.get(py) if isinstance(py, str) else None
@@ -258,7 +258,7 @@ def _described(doc: Any) -> tuple[Any, Any, Any] | str:
     return doc.get("shape"), doc.get("data_type"), conf.get("chunk_shape")
 
 
-def array_json_problem(rec: dict[str, Any], doc: Any, path: str) -> str | None:
+def array_json_problem(rec: Record, doc: Any, path: str) -> str | None:
     """What makes the ``zarr.json`` of an array (``doc``, read from ``path``) disagree with
     the array's leaf record, if anything: checked before its chunks are read."""
     got = _described(doc)
@@ -309,7 +309,7 @@ def pack_json(doc: Any, where: str) -> tuple[int, int]:
     return length, chunk
 
 
-def packed_problem(rec: dict[str, Any], length: int, chunk: int) -> str | None:
+def packed_problem(rec: Record, length: int, chunk: int) -> str | None:
     """What makes a packed leaf's place disagree with its pack (``length`` bytes in chunks of
     ``chunk``), if anything."""
     offset, nbytes, size = rec["packed"]

@@ -20,6 +20,7 @@ from jaxckpt.checkpoint.reader import Reader
 from jaxckpt.checkpoint.reader import open as open_checkpoint
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
+from jaxckpt.format.metadata import Record
 from jaxckpt.interop import safetensors
 
 PyTree = Any
@@ -219,7 +220,7 @@ def _checkpoint_items(reader: Reader) -> list[Item]:
     """The leaves of a jaxckpt checkpoint, each read only when written."""
     items = []
 
-    def walk(node: dict[str, Any], keys: tuple[Any, ...], names: tuple[str, ...]) -> None:
+    def walk(node: Record, keys: tuple[Any, ...], names: tuple[str, ...]) -> None:
         if node["t"] not in _metadata.LEAF_KINDS:
             for kind, key, child in node.get("c", []):
                 walk(child, (*keys, key), (*names, _paths.name_of(kind, key)))

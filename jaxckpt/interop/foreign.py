@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
 from jaxckpt.format import run as _run
+from jaxckpt.format.metadata import Record
 from jaxckpt.interop.source import Keys, Leaf, Source
 
 PyTree = Any
@@ -42,25 +43,26 @@ def _edge(key: str | int) -> tuple[str, str]:
     return _paths.DICT, _paths.escape(key)
 
 
-def _key_fields(leaf: Leaf) -> dict[str, Any]:
-    """What a typed key adds to its array record, as jaxckpt records it."""
+def _key_fields(leaf: Leaf, impl: str) -> Record:
+    """What a typed key (of implementation ``impl``) adds to its array record, as jaxckpt
+    records it."""
     import jax
 
     data = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-    keys = jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=leaf.key_impl), data)
-    return {"key": leaf.key_impl, "key_dtype": str(keys.dtype), "key_shape": list(keys.shape)}
+    keys = jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl), data)
+    return {"key": impl, "key_dtype": str(keys.dtype), "key_shape": list(keys.shape)}
 
 
-def record_of(leaf: Leaf, where: str) -> dict[str, Any]:
+def record_of(leaf: Leaf, where: str) -> Record:
     """The jaxckpt leaf record (see docs/format.md) describing a source's leaf."""
     if leaf.value is not None:
         if isinstance(leaf.value, (np.ndarray, np.generic)):
             arr = np.asarray(leaf.value)
             return {"t": "array", "shape": list(arr.shape), "dtype": arr.dtype.name}
         return _metadata.value_record(leaf.value, where)
-    rec: dict[str, Any] = {"t": "array", "shape": list(leaf.shape), "dtype": leaf.dtype.name}
+    rec: Record = {"t": "array", "shape": list(leaf.shape), "dtype": leaf.dtype.name}
     if leaf.key_impl is not None:
-        rec.update(_key_fields(leaf))
+        rec.update(_key_fields(leaf, leaf.key_impl))
     return rec
 
 
@@ -77,8 +79,8 @@ class ForeignReader:
         leaves = source.leaves()
         self._keys: dict[str, Keys] = {}
         self._leaves: dict[str, Leaf] = {}
-        self._records: dict[str, dict[str, Any]] = {}
-        root: dict[str, Any] = {"t": "dict", "c": []}
+        self._records: dict[str, Record] = {}
+        root: Record = {"t": "dict", "c": []}
         for keys, leaf in leaves.items():
             path = name_of(keys)
             self._keys[path] = keys
@@ -101,11 +103,11 @@ class ForeignReader:
     # ------------------------------------------------------------------ what Reader offers
 
     @property
-    def records(self) -> dict[str, dict[str, Any]]:
+    def records(self) -> dict[str, Record]:
         return self._records
 
     @property
-    def structure(self) -> dict[str, Any]:
+    def structure(self) -> Record:
         return self._root
 
     @property
@@ -147,13 +149,13 @@ class ForeignReader:
             return path
         return _INT_EDGE.sub(r"\1\2", path)
 
-    def find(self, path: str) -> dict[str, Any] | None:
+    def find(self, path: str) -> Record | None:
         if not isinstance(path, str):
             return None
         return self._records.get(self.resolve(path))
 
-    def node(self, path: str) -> dict[str, Any] | None:
-        node: dict[str, Any] | None = self._root
+    def node(self, path: str) -> Record | None:
+        node: Record | None = self._root
         parts = [p for p in path.split("/") if p]
         for i, part in enumerate(parts):
             kids = {_paths.name_of(k, key): c for k, key, c in (node or {}).get("c", [])}
@@ -165,7 +167,7 @@ class ForeignReader:
                 return None
         return node
 
-    def leaves(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+    def leaves(self, prefix: str = "") -> dict[str, Record]:
         base = self.resolve("/".join(p for p in prefix.split("/") if p))
         if not base:
             return self._records
@@ -177,7 +179,7 @@ class ForeignReader:
             return path
         return _paths.keystr([_paths.key_of(_edge(k)[0], k) for k in keys])
 
-    def record(self, path: str) -> dict[str, Any]:
+    def record(self, path: str) -> Record:
         rec = self.find(path)
         if rec is None:
             raise KeyError(
@@ -257,7 +259,7 @@ class ForeignReader:
         arrays = [p for p, r in leaves.items() if r["t"] == "array"]
         values = dict(zip(arrays, self.read_many([(p, None) for p in arrays]), strict=True))
 
-        def leaf(path: str, rec: dict[str, Any]) -> Any:
+        def leaf(path: str, rec: Record) -> Any:
             if rec["t"] != "array":
                 return _metadata.load_value(rec)
             arr = values[f"{base}/{path}" if base and path else (base or path)]
@@ -268,8 +270,8 @@ class ForeignReader:
         return _metadata.rebuild(node, leaf)
 
 
-def _insert(root: dict[str, Any], keys: Keys, rec: dict[str, Any]) -> None:
-    node = root
+def _insert(root: Record, keys: Keys, rec: Record) -> None:
+    node = cast(dict[str, Any], root)  # with its lookup table "_by" while it is built
     for i, key in enumerate(keys):
         kind, _ = _edge(key)
         kids = node.setdefault("_by", {})
@@ -279,14 +281,15 @@ def _insert(root: dict[str, Any], keys: Keys, rec: dict[str, Any]) -> None:
             kids[key] = child
         node = kids[key]
     if not keys:  # a checkpoint holding one leaf as its whole tree
-        root.clear()
-        root.update(rec)
+        whole = cast(dict[str, Any], root)
+        whole.clear()
+        whole.update(rec)
 
 
-def _settle(node: dict[str, Any]) -> None:
+def _settle(node: Record) -> None:
     """Drops the lookup tables :func:`_insert` kept, and makes a node whose children are all
     sequence indices 0..n-1 a list."""
-    node.pop("_by", None)
+    cast(dict[str, Any], node).pop("_by", None)
     if node["t"] in _metadata.LEAF_KINDS:
         return
     kids = node["c"]

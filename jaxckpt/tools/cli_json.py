@@ -12,6 +12,7 @@ import math
 from typing import Any, TextIO
 
 from jaxckpt.checkpoint.reader import Reader
+from jaxckpt.format.metadata import Record
 from jaxckpt.tools import scan as _scan
 
 SCHEMA = 1  # bumped only when a key changes meaning or goes away
@@ -73,7 +74,7 @@ def ls(
     }
 
 
-def _kind(rec: dict[str, Any]) -> str:
+def _kind(rec: Record) -> str:
     return rec["t"] if rec["t"] in ("array", "state") else "value"
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from jaxckpt.checkpoint.reader import Reader
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
+from jaxckpt.format.metadata import Record
 from jaxckpt.tools.scan import human_bytes
 
 FONT = 12  # px, monospace: every character is CHAR px wide
@@ -58,7 +58,7 @@ def _short(cls: str) -> str:
     return cls.rsplit(".", 1)[-1]
 
 
-def _leaf(rec: dict[str, Any]) -> tuple[str, str]:
+def _leaf(rec: Record) -> tuple[str, str]:
     if rec["t"] == "array":
         shape = (
             "(" + ", ".join(map(str, rec["shape"])) + ("," if len(rec["shape"]) == 1 else "") + ")"
@@ -72,7 +72,7 @@ def _leaf(rec: dict[str, Any]) -> tuple[str, str]:
     ), "value"
 
 
-def _count(node: dict[str, Any]) -> tuple[int, int]:
+def _count(node: Record) -> tuple[int, int]:
     """(leaves, bytes of array data) under a structure record."""
     if node["t"] in _metadata.LEAF_KINDS:
         size = (
@@ -89,7 +89,7 @@ def _count(node: dict[str, Any]) -> tuple[int, int]:
 
 
 def _build(
-    rec: dict[str, Any], name: str, kind: str, path: str, depth: int, max_depth: int | None
+    rec: Record, name: str, kind: str, path: str, depth: int, max_depth: int | None
 ) -> _Node:
     t = rec["t"]
     if t in _metadata.LEAF_KINDS:

@@ -24,6 +24,7 @@ from jaxckpt import storage as _storage
 from jaxckpt.checkpoint.reader import Reader
 from jaxckpt.errors import CheckpointError, CorruptCheckpointError
 from jaxckpt.format import validate as _validate
+from jaxckpt.format.metadata import Record
 from jaxckpt.storage import chunk_files as _chunks
 from jaxckpt.storage import confine as _confine
 
@@ -32,14 +33,14 @@ BATCH_BYTES = 64 << 20
 Request = tuple[str, Any, int]  # (path, index or None, nbytes)
 
 
-def nbytes(rec: dict[str, Any]) -> int | None:
+def nbytes(rec: Record) -> int | None:
     """Bytes of an array leaf's data; None for a leaf that is not an array."""
     if rec["t"] != "array":
         return None
     return math.prod(rec["shape"]) * np.dtype(rec["dtype"]).itemsize
 
 
-def _blocks(path: str, rec: dict[str, Any]) -> list[Request]:
+def _blocks(path: str, rec: Record) -> list[Request]:
     total = nbytes(rec) or 0
     shape = rec["shape"]
     if not shape or total <= BLOCK_BYTES or shape[0] <= 1:
@@ -185,7 +186,7 @@ def _metadata_problems(reader: Reader) -> list[str]:
     return out
 
 
-def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[str]:
+def _pack_problems(reader: Reader, records: dict[str, Record]) -> list[str]:
     """Every chunk of every pack read whole and checked against its crc32c: the bytes between
     and after the packed leaves too, which reading the leaves may skip."""
     out = []
@@ -228,7 +229,7 @@ def _pack_problems(reader: Reader, records: dict[str, dict[str, Any]]) -> list[s
 _OWN_ARRAY = {"t", "dtype", "shape", "chunks", "loc", "stored", "np_scalar", "zero_chunks"}
 
 
-def _zarr_json_problem(root: str, rec: dict[str, Any]) -> str | None:
+def _zarr_json_problem(root: str, rec: Record) -> str | None:
     """What is wrong with the ``zarr.json`` of an array stored at its own local path, if anything.
 
     jaxckpt reads arrays from its own metadata; this file is what zarr-python reads.
@@ -266,7 +267,7 @@ class Diff:
     equal: int
 
 
-def _signature(rec: dict[str, Any]) -> tuple[Any, ...]:
+def _signature(rec: Record) -> tuple[Any, ...]:
     if rec["t"] == "array":
         return ("array", tuple(rec["shape"]), rec["dtype"])
     return (rec["t"], rec.get("py"))
