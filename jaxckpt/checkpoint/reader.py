@@ -33,7 +33,55 @@ def _leaf_dtype(rec: Record) -> str:
     return rec["py"]
 
 
-class Reader(ChunkReading):
+class LeafMapping:
+    """What every reader (of a jaxckpt checkpoint, or of another format's) offers on top of
+    its ``records``, ``metadata``, ``find``, ``read`` and ``close``: the leaves as a mapping
+    of paths, the step and metrics, and ``with``."""
+
+    records: Any
+    metadata: dict[str, Any]
+
+    def find(self, path: str) -> Record | None:
+        raise NotImplementedError  # each reader's own
+
+    def read(self, path: str, index: Any = None) -> Any:
+        raise NotImplementedError  # each reader's own
+
+    def close(self) -> None:
+        raise NotImplementedError  # each reader's own
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.records)
+
+    @property
+    def step(self) -> int | None:
+        return self.metadata.get("step")
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.metadata.get("metrics", {})
+
+    def __contains__(self, path: str) -> bool:
+        return self.find(path) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, path: str) -> Any:
+        return self.read(path)
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Reader(LeafMapping, ChunkReading):
     """A lazy view of one checkpoint: nothing but the metadata is read until asked (of a big
     tree's split metadata, only the root's and the group files on the paths looked up).
 
@@ -108,35 +156,8 @@ class Reader(ChunkReading):
             return _confine.error(self.path, path, self.keystr(path), str(e))
         return _storage.read_error(self.path, path, e)
 
-    @property
-    def paths(self) -> list[str]:
-        return list(self.records)
-
-    @property
-    def step(self) -> int | None:
-        return self.metadata.get("step")
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.metadata.get("metrics", {})
-
-    def __contains__(self, path: str) -> bool:
-        return self.find(path) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, path: str) -> Any:
-        return self.read(path)
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def close(self) -> None:
+        """Nothing to release: a checkpoint's files are opened per read."""
 
     def metadata_file(self, key: str) -> Any:
         """The JSON file ``key`` of the checkpoint (``"params/w/zarr.json"``), parsed once its

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
 
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage
-from jaxckpt.checkpoint.reader import _checked_index
+from jaxckpt.checkpoint.reader import LeafMapping, _checked_index
 from jaxckpt.errors import CheckpointNotFoundError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
@@ -66,7 +66,7 @@ def record_of(leaf: Leaf, where: str) -> Record:
     return rec
 
 
-class ForeignReader:
+class ForeignReader(LeafMapping):
     """A foreign checkpoint (``source``) read through :class:`jaxckpt.Reader`'s interface:
     ``paths``, ``records``, ``read``, ``read_many``, ``tree``... Array data is read only when
     asked for, through ``source.read`` (which reads only the slice asked for)."""
@@ -109,36 +109,6 @@ class ForeignReader:
     @property
     def structure(self) -> Record:
         return self._root
-
-    @property
-    def paths(self) -> list[str]:
-        return list(self._records)
-
-    @property
-    def step(self) -> int | None:
-        return self.metadata.get("step")
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return self.metadata.get("metrics", {})
-
-    def __contains__(self, path: str) -> bool:
-        return self.find(path) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._records)
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, path: str) -> Any:
-        return self.read(path)
-
-    def __enter__(self) -> ForeignReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.source.close()
