@@ -135,12 +135,15 @@ def _copy_pack(k: _plan.Pack, taken: list[np.ndarray]) -> None:
 
     Only the copies are made here, in the caller's time: the alignment gaps are zeroed and
     each leaf's checksum taken by :func:`seal_packs`, on the save's background thread. The
-    leaves are split into ``COPY_SPLIT`` runs of about equal bytes, copied on the copy
-    threads (NumPy lets go of the GIL for the larger copies).
+    leaves are split into up to ``COPY_SPLIT`` runs of about equal bytes, copied on the copy
+    threads, when they are large enough for that to pay: NumPy lets go of the GIL while it
+    copies, but the Python around each leaf's copy holds it, so threads copying many small
+    leaves only take turns (and hand the GIL back and forth).
     """
     buf = _runtime.take_buffer(k.n_chunks * _plan.PACK_CHUNK)
     taken.append(buf)
-    cuts = _cuts(k.starts, k.nbytes, COPY_SPLIT)
+    runs_of = min(COPY_SPLIT, 1 + k.nbytes // (max(1, len(k.starts)) * COPY_SPLIT_LEAF))
+    cuts = _cuts(k.starts, k.nbytes, runs_of)
     runs = [(k.starts[lo:hi], k.leaves[lo:hi]) for lo, hi in itertools.pairwise(cuts)]
     cp = _runtime.pool("copy")
     jobs = [cp.submit(_copy_run, buf, starts, leaves) for starts, leaves in runs[1:]]
@@ -173,6 +176,7 @@ def _host_copy(data: Any, taken: list[np.ndarray]) -> np.ndarray | _memory.Zeros
 
 
 COPY_SPLIT = 4  # runs a pack's copy is split into (the calling thread takes the first)
+COPY_SPLIT_LEAF = 256 << 10  # the mean leaf size from which a pack's copy is split in runs
 
 
 def _cuts(starts: list[int], nbytes: int, n: int) -> list[int]:

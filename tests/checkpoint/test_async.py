@@ -335,3 +335,26 @@ def test_a_manager_names_the_path_of_a_step(tmp_path):
     mngr.save(7, {"w": np.ones(2)})
     mngr.wait_until_finished()
     assert mngr.latest_checkpoint == mngr.checkpoint_path(7)
+
+
+@pytest.mark.parametrize(("size", "runs"), [(256, 1), (200_000, 4)])
+def test_a_pack_is_copied_on_threads_only_when_its_leaves_are_large(
+    tmp_path, monkeypatch, size, runs
+):
+    # Many small leaves: one run (threads would only pass the GIL around); leaves of
+    # 800 KB: the copy is split over the copy threads. Either way the snapshot is exact.
+    tree = {f"w{i}": np.full(size, i, np.float32) for i in range(_plan.PACK_MIN_LEAVES)}
+    expected = {k: v.copy() for k, v in tree.items()}
+    calls = []
+    real = _snapshot._copy_run
+    monkeypatch.setattr(
+        _snapshot,
+        "_copy_run",
+        lambda buf, s, leaves: (calls.append(len(leaves)), real(buf, s, leaves)),
+    )
+    h = jc.save_async(tmp_path / "ckpt", tree)
+    for v in tree.values():
+        v[:] = -1  # the caller changes its arrays once save_async returned
+    h.wait()
+    assert len(calls) == runs and sum(calls) == len(tree)
+    _assert_same(jc.restore(h.path, tree), expected)
