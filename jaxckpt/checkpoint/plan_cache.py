@@ -112,7 +112,8 @@ def _key(flat: list[Any], treedef: Any) -> Any:
             if j is None:
                 j = seen[id(s)] = len(shardings)
                 shardings.append(s)
-            sig.append((t, x.shape, x.dtype, j))
+            a = x.aval  # one attribute: x.shape and x.dtype are each a property call through it
+            sig.append((t, a.shape, a.dtype, j))
         elif kind == "numpy":
             sig.append((t, x.shape, x.dtype))
         else:  # a stateful leaf, a tracer, anything else: walked every time
