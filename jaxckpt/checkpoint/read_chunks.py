@@ -13,6 +13,7 @@ import functools
 import operator
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ import numpy as np
 from jaxckpt import memory as _memory
 from jaxckpt import runtime as _runtime
 from jaxckpt import storage as _storage
+from jaxckpt.checkpoint import plan as _plan
+from jaxckpt.errors import CheckpointError
 from jaxckpt.format import checksum as _checksum
 from jaxckpt.format import commit as _commit
 from jaxckpt.format import validate as _validate
@@ -163,16 +166,26 @@ class ChunkReading:
                     for f, (_, n), r in zip(futs, spans, recs, strict=True)
                 ]
             self._check_pack(loc, recs, paths)
-            size = int(recs[0]["packed"][2])  # the pack's chunk size
-            need = sorted({k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))})
-            if (
-                all("crc32c" in r for r, (_, n) in zip(recs, spans, strict=True) if n)
-                and sum(n for _, n in spans) * 8 < len(need) * size
-            ):
-                if len(recs) == 1:  # no thread hand-off for a single leaf
-                    return [self._read_one_packed(recs[0], paths[0])]
-                return list(_runtime.pool("read").map(self._read_one_packed, recs, paths))
-            starts, bufs = self._read_chunk_runs(loc, need, size)
+            early = self._prefetched.pop(loc, None)
+            if early is not None:  # the whole pack, read ahead
+                starts, bufs, reads = early
+                for read in reads:
+                    read.result()
+            else:
+                size = int(recs[0]["packed"][2])  # the pack's chunk size
+                need = sorted(
+                    {k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))}
+                )
+                if (
+                    all("crc32c" in r for r, (_, n) in zip(recs, spans, strict=True) if n)
+                    and sum(n for _, n in spans) * 8 < len(need) * size
+                ):
+                    if len(recs) == 1:  # no thread hand-off for a single leaf
+                        return [self._read_one_packed(recs[0], paths[0])]
+                    return list(_runtime.pool("read").map(self._read_one_packed, recs, paths))
+                starts, bufs, reads = self._issue_chunk_runs(loc, need, size)
+                for read in reads:
+                    read.result()
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
             one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
             raise self._error(paths[0] if one else loc, e) from e
@@ -185,11 +198,45 @@ class ChunkReading:
             out.append(_view(bufs[i], o - starts[i], n, rec))
         return out
 
-    def _read_chunk_runs(
+    @functools.cached_property
+    def _prefetched(self) -> dict[str, tuple[list[int], list[np.ndarray], list[Future[None]]]]:
+        """``{loc: what _issue_chunk_runs returned}`` of the packs read ahead, whole."""
+        return {}
+
+    def prefetch_packs(self) -> None:
+        """Starts reading every pack of a checkpoint on a local disk, whole, on the I/O threads,
+        and returns. A restore that reads every leaf calls it before it checks and matches the
+        records (CPU work), so that the disk reads the packs meanwhile. The packs are the ones
+        ``COMMIT`` holds the checksum of a ``zarr.json`` for; each such file is read and checked
+        here, as before any read of a pack. A pack that fails a check is left to the read
+        proper, which names the leaf."""
+        sums = self.commit.checksums
+        if self._files is None or not sums:  # an object store, or a version 2 checkpoint
+            return
+        prefix, suffix = f"{_plan.PACK_DIR}/", "/zarr.json"
+        for key in sums:
+            loc = key[: -len(suffix)]
+            if (
+                not (key.startswith(prefix) and key.endswith(suffix))
+                or loc in self._prefetched
+                or _confine.path_problem(loc) is not None  # the read proper refuses it
+            ):
+                continue
+            try:
+                self._check_pack(loc, [], [])
+            except (OSError, CheckpointError, _confine.Violation, ValueError):
+                continue
+            length, size = self._packs[loc]
+            self._prefetched[loc] = self._issue_chunk_runs(
+                loc, list(range(-(-length // size))), size
+            )
+
+    def _issue_chunk_runs(
         self, loc: str, need: list[int], size: int
-    ) -> tuple[list[int], list[np.ndarray]]:
-        """The chunks ``need`` of the pack ``loc`` (chunks of ``size`` bytes), each run of
-        consecutive ones read into one aligned buffer: (each run's first byte, its buffer)."""
+    ) -> tuple[list[int], list[np.ndarray], list[Future[None]]]:
+        """Starts reading the chunks ``need`` of the pack ``loc`` (chunks of ``size`` bytes),
+        each run of consecutive ones into one aligned buffer: (each run's first byte, its
+        buffer, the reads to wait for)."""
         assert self._files is not None  # read directly only from a store of files
         runs: list[list[int]] = []
         for k in need:
@@ -202,15 +249,15 @@ class ChunkReading:
         base = os.path.join(self._files, loc, "c")
         jobs = [
             (
-                _chunks.read_chunk_into,
                 os.path.join(base, str(k)),
                 buf[(k - a) * size : (k - a + 1) * size],
             )
             for (a, b), buf in zip(runs, bufs, strict=True)
             for k in range(a, b)
         ]
-        list(_runtime.pool("read").map(lambda j: j[0](*j[1:]), jobs))
-        return [a * size for a, _ in runs], bufs
+        io = _runtime.pool("read")
+        reads = [io.submit(_chunks.read_chunk_into, path, out) for path, out in jobs]
+        return [a * size for a, _ in runs], bufs, reads
 
     def _check_pack(
         self, loc: str, recs: list[Record], paths: list[str], store: Any = None

@@ -91,6 +91,8 @@ def restore(
     want = _match.Target.of(target, prefix, rename)
     # A partial restore looks up few paths: their group files are read beside the root's.
     reader = open_reader(path, prefetch=want.groups() if partial else ())
+    if not partial and prefix is None and isinstance(reader, Reader):
+        reader.prefetch_packs()  # every leaf is read: the disk starts while the plan is made
     found = _match.plan(reader, want, prefix, unused=not partial)
     entries = _settled(reader, found, partial=partial, missing=missing, mismatched=mismatched)
     reads = _planned_reads(reader, entries)

@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -13,10 +14,11 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import zarr
-from core_helpers import edit_metadata
+from core_helpers import edit_metadata, rewrite_metadata
 
 import jaxckpt as jc
 from jaxckpt import memory as _memory
+from jaxckpt.checkpoint import match as _match
 from jaxckpt.checkpoint import plan as _plan
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.format import metadata as _metadata
@@ -323,3 +325,48 @@ def test_planning_pauses_the_garbage_collector_and_restores_it(tmp_path):
     finally:
         gc.enable()
     _assert_same(jc.restore(jc.save(tmp_path / "ckpt", tree)), tree)
+
+
+def _recorded_chunk_reads(monkeypatch) -> list[str]:
+    reads: list[str] = []
+    real = _chunks.read_chunk_into
+
+    def read(path, out):
+        reads.append(path)
+        real(path, out)
+
+    monkeypatch.setattr(_chunks, "read_chunk_into", read)
+    return reads
+
+
+def test_a_full_restore_starts_reading_the_packs_before_it_plans(tmp_path, monkeypatch):
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 256)
+    tree = {f"k{i}": np.arange(50, dtype=np.float32) + i for i in range(20)}  # 20 chunks
+    path = jc.save(tmp_path / "ckpt", tree)
+    reads = _recorded_chunk_reads(monkeypatch)
+    planned_with = []
+    real_plan = _match.plan
+
+    def plan(reader, *args, **kw):
+        planned_with.append(sorted(reader._prefetched))  # the reads issued by then
+        return real_plan(reader, *args, **kw)
+
+    monkeypatch.setattr(_match, "plan", plan)
+    _assert_same(jc.restore(path, tree), tree)
+    assert planned_with == [["~pack/0"]]
+    chunks = sorted(os.listdir(os.path.join(path, "~pack/0/c")), key=int)
+    assert sorted(os.path.basename(p) for p in reads) == sorted(chunks)  # each once
+    assert len(chunks) > 10
+
+
+def test_reading_ahead_keeps_to_the_packs_inside_the_checkpoint(tmp_path, monkeypatch):
+    # A crafted COMMIT lists a "pack" outside the checkpoint (a loc with ".."): never read.
+    tree = {f"k{i}": np.arange(50, dtype=np.float32) + i for i in range(20)}
+    ck = str(jc.save(tmp_path / "ckpt", tree))
+    os.makedirs(tmp_path / "outside")
+    with open(os.path.join(ck, "~pack/0/zarr.json"), "rb") as f:
+        rewrite_metadata(ck, "~pack/../../outside/zarr.json", f.read())
+    shutil.copytree(os.path.join(ck, "~pack/0/c"), tmp_path / "outside" / "c")
+    reads = _recorded_chunk_reads(monkeypatch)
+    _assert_same(jc.restore(ck, tree), tree)
+    assert reads and not [p for p in reads if "outside" in p]
