@@ -92,7 +92,10 @@ def restore(
     # A partial restore looks up few paths: their group files are read beside the root's.
     reader = open_reader(path, prefetch=want.groups() if partial else ())
     if not partial and prefix is None and isinstance(reader, Reader):
-        reader.prefetch_packs()  # every leaf is read: the disk starts while the plan is made
+        # Every leaf is read: the disk reads the packs while the records are checked and
+        # matched. The records' files first, which would otherwise queue behind the packs.
+        reader.structure  # noqa: B018
+        reader.prefetch_packs()
     found = _match.plan(reader, want, prefix, unused=not partial)
     entries = _settled(reader, found, partial=partial, missing=missing, mismatched=mismatched)
     reads = _planned_reads(reader, entries)
