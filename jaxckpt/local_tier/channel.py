@@ -311,7 +311,7 @@ class Tcp:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        key, staged = None, None
+        key, streams, done = None, 1, False
         with conn:
             try:
                 conn.settimeout(_multihost.timeout_s())
@@ -321,7 +321,8 @@ class Tcp:
                 if "error" in head:
                     self._put(key, None, f"it failed: {head['error']}. {_NEXT_FIX}")
                     return
-                staged = self._stream_in(key, head.get("streams", 1))
+                streams = int(head.get("streams", 1))
+                staged = self._stream_in(key, streams)
                 into = _Into(conn)
                 try:
                     for name, size in zip(*head["files"], strict=True):
@@ -333,27 +334,28 @@ class Tcp:
                                 os.fsync(out.fileno())
                 finally:
                     into.close()
-                self._stream_done(key, None)
+                done = True  # counted: a lost answer is the sender's error alone
+                self._stream_done(key, None, streams)
                 conn.sendall(b"\x01")
             except Exception as e:
-                if key is not None:
-                    self._stream_done(key, f"it was cut short ({type(e).__name__}: {e})")
+                if key is not None and not done:
+                    why = f"it was cut short ({type(e).__name__}: {e})"
+                    self._stream_done(key, why, streams)
 
     def _stream_in(self, key: str, streams: int) -> str:
         """The staging directory of the part under ``key``, which arrives in ``streams``
         connections (the first to come makes it)."""
         with self._cond:
-            if key not in self._streams:
-                self._streams[key] = [_staging(self.root), streams, None]
-            return str(self._streams[key][0])
+            entry = self._streams.setdefault(key, [None, streams, None])
+            if entry[0] is None:
+                entry[0] = _staging(self.root)
+            return str(entry[0])
 
-    def _stream_done(self, key: str, error: str | None) -> None:
-        """One connection of the part under ``key`` ended (``error``: cut short); the part is
-        staged once every one of them ended, whole only if none failed."""
+    def _stream_done(self, key: str, error: str | None, streams: int) -> None:
+        """One of the ``streams`` connections of the part under ``key`` ended (``error``: cut
+        short); the part is staged once all ended, whole only if none failed."""
         with self._cond:
-            entry = self._streams.get(key)
-            if entry is None:  # failed before its staging directory was made
-                self._streams[key] = entry = [None, 1, None]
+            entry = self._streams.setdefault(key, [None, streams, None])
             entry[1] -= 1
             entry[2] = entry[2] or error
             if entry[1] > 0:
