@@ -973,11 +973,17 @@ def floors(res: Results) -> list[tuple[str, bool | None, str]]:
         m("W6", "async_block", "persistent"),
         "s",
     )
+    # The local tier in memory, as docs/multihost.md advises on a GPU host. On the persistent
+    # tier's own disk both tiers read the same bytes from one disk (the survivor reads the lost
+    # host's replica there too), so it cannot be 2x faster: shown, not bounded.
+    same_disk = m("W6", "restore_lost_host", "local+1 replica")
     check(
-        "W6 lost-host restore, local <= 1/2 persistent",
-        m("W6", "restore_lost_host", "local+1 replica"),
+        "W6 lost-host restore, local tier in /dev/shm <= 1/2 persistent",
+        m("W6", "restore_lost_host", "local /dev/shm"),
         times(m("W6", "restore_lost_host", "persistent"), 0.5),
-        "s",
+        "s; local tier on the same disk: "
+        + ("not measured" if same_disk is None else f"{same_disk:.4f}")
+        + ", not bounded",
     )
     # W3 (a GPU): the aims, from Orbax 0.12.4 on an H200, and Orbax in the same run.
     for desc, op, aim in (

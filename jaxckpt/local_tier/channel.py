@@ -5,9 +5,10 @@ picks one, the same in every process:
 
 - ``tcp`` (the default): each process listens on a port of its own and publishes its address
   through the distributed runtime's key-value store; a sender connects to the receiver and
-  streams the part's files (``socket.sendfile``); the receiver writes them (``os.splice``
-  where there is one: no copy through its memory) and syncs them, then
-  answers. Hosts must reach each other on ephemeral TCP ports, as JAX's own collectives do.
+  streams the part's files (``socket.sendfile``), split over ``STREAMS`` connections at once
+  so that the receiver writes them on as many threads (``os.splice`` where there is one: no
+  copy through its memory), syncs them, then answers; the part counts once every connection
+  brought its files whole. Hosts must reach each other on ephemeral TCP ports, as JAX's own collectives do.
 - ``kv``: the files go through the key-value store itself, 16 MiB per value: nothing but the
   job's connection to process 0 is needed, but every byte passes through process 0's
   coordination service, at tens of MB/s.
@@ -38,6 +39,7 @@ from jaxckpt.local_tier import parts as _local_parts
 
 TRANSPORT_ENV = "JAXCKPT_LOCAL_TRANSPORT"
 ADDRESS_ENV = "JAXCKPT_LOCAL_ADDRESS"
+STREAMS = 2  # connections a part's files are sent over at once (tcp)
 KV_CHUNK = 16 << 20  # bytes per key-value store value: smaller values keep its memory low
 _NEXT_FIX = "Fix: see that process's log for the cause"
 
@@ -284,6 +286,7 @@ class Tcp:
         self.addresses: list[Any] = []
         self._staged: dict[str, tuple[str | None, str | None]] = {}
         self._cond = threading.Condition()
+        self._streams: dict[str, list[Any]] = {}  # key -> [staging, connections left, error]
         threading.Thread(target=self._accept, name="jaxckpt-local-accept", daemon=True).start()
 
     def address(self) -> list[Any]:
@@ -308,7 +311,7 @@ class Tcp:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        key, staged = None, None
+        key, streams, done = None, 1, False
         with conn:
             try:
                 conn.settimeout(_multihost.timeout_s())
@@ -318,7 +321,8 @@ class Tcp:
                 if "error" in head:
                     self._put(key, None, f"it failed: {head['error']}. {_NEXT_FIX}")
                     return
-                staged = _staging(self.root)
+                streams = int(head.get("streams", 1))
+                staged = self._stream_in(key, streams)
                 into = _Into(conn)
                 try:
                     for name, size in zip(*head["files"], strict=True):
@@ -330,13 +334,37 @@ class Tcp:
                                 os.fsync(out.fileno())
                 finally:
                     into.close()
-                self._put(key, staged, None)
+                done = True  # counted: a lost answer is the sender's error alone
+                self._stream_done(key, None, streams)
                 conn.sendall(b"\x01")
             except Exception as e:
-                if staged is not None:
-                    shutil.rmtree(staged, ignore_errors=True)
-                if key is not None:
-                    self._put(key, None, f"it was cut short ({type(e).__name__}: {e})")
+                if key is not None and not done:
+                    why = f"it was cut short ({type(e).__name__}: {e})"
+                    self._stream_done(key, why, streams)
+
+    def _stream_in(self, key: str, streams: int) -> str:
+        """The staging directory of the part under ``key``, which arrives in ``streams``
+        connections (the first to come makes it)."""
+        with self._cond:
+            entry = self._streams.setdefault(key, [None, streams, None])
+            if entry[0] is None:
+                entry[0] = _staging(self.root)
+            return str(entry[0])
+
+    def _stream_done(self, key: str, error: str | None, streams: int) -> None:
+        """One of the ``streams`` connections of the part under ``key`` ended (``error``: cut
+        short); the part is staged once all ended, whole only if none failed."""
+        with self._cond:
+            entry = self._streams.setdefault(key, [None, streams, None])
+            entry[1] -= 1
+            entry[2] = entry[2] or error
+            if entry[1] > 0:
+                return
+            del self._streams[key]
+        staged, failed = entry[0], entry[2]
+        if failed is not None and staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        self._put(key, None if failed else staged, failed)
 
     def _put(self, key: str, staged: str | None, error: str | None) -> None:
         with self._cond:
@@ -348,25 +376,45 @@ class Tcp:
         return socket.create_connection((ip, port), timeout=_multihost.timeout_s())
 
     def send(self, key: str, path: str, to: int, what: str, durable: bool = True) -> None:
-        """Streams the part at ``path`` to process ``to``; it syncs what it wrote before it
-        answers, unless not ``durable`` (a restore reads the part back at once)."""
+        """Streams the part at ``path`` to process ``to``, its files split over ``STREAMS``
+        connections at once (the receiver's writing takes as many threads); it syncs what
+        it wrote before it answers, unless not ``durable`` (a restore reads it back at once)."""
         names, sizes = _sizes(path)
-        head = json.dumps({"key": key, "files": [names, sizes], "durable": durable}).encode()
-        try:
-            with self._connect(to) as s:
-                s.sendall(struct.pack("!Q", len(head)) + head)
-                for name in names:
-                    with open(os.path.join(path, name), "rb") as f:
-                        s.sendfile(f)
-                if _recv_exact(s, 1) != b"\x01":
-                    raise EOFError("the receiver did not confirm it")
-        except (OSError, EOFError) as e:
+        groups: list[tuple[list[str], list[int]]] = [([], []) for _ in range(STREAMS)]
+        for name, size in sorted(zip(names, sizes, strict=True), key=lambda f: -f[1]):
+            group = min(groups, key=lambda g: sum(g[1]))  # the fewest bytes so far
+            group[0].append(name)
+            group[1].append(size)
+        groups = [g for g in groups if g[0]] or [([], [])]
+        errors: list[BaseException] = []
+
+        def stream(files: tuple[list[str], list[int]]) -> None:
+            head = {"key": key, "files": files, "durable": durable, "streams": len(groups)}
+            raw = json.dumps(head).encode()
+            try:
+                with self._connect(to) as s:
+                    s.sendall(struct.pack("!Q", len(raw)) + raw)
+                    for name in files[0]:
+                        with open(os.path.join(path, name), "rb") as f:
+                            s.sendfile(f)
+                    if _recv_exact(s, 1) != b"\x01":
+                        raise EOFError("the receiver did not confirm it")
+            except (OSError, EOFError) as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=stream, args=(g,)) for g in groups[1:]]
+        for t in threads:
+            t.start()
+        stream(groups[0])
+        for t in threads:
+            t.join()
+        if errors:
             ip, port = self.addresses[to]
             raise CoordinationError(
-                f"jaxckpt: could not send {what} to process {to} at {ip}:{port}: {e}. Fix: let "
-                f"the job's hosts reach each other on TCP ports, or set {TRANSPORT_ENV}=kv in "
-                "every process (slower: through JAX's key-value store)."
-            ) from e
+                f"jaxckpt: could not send {what} to process {to} at {ip}:{port}: {errors[0]}. "
+                f"Fix: let the job's hosts reach each other on TCP ports, or set {TRANSPORT_ENV}=kv"
+                " in every process (slower: through JAX's key-value store)."
+            ) from errors[0]
 
     def fail(self, key: str, error: BaseException, to: int) -> None:
         head = json.dumps({"key": key, "error": f"{type(error).__name__}: {error}"[:2000]})

@@ -7,8 +7,11 @@ process 2 to SIGKILL; each test restarts 4 processes on a copy of what that job 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import struct
 
 import numpy as np
 import pytest
@@ -293,6 +296,44 @@ def test_tcp_transport_moves_a_part_and_reports_failures(tmp_path, monkeypatch, 
         receiver.close()
         with pytest.raises(jc.CoordinationError, match=r"could not send a part to process 1 at"):
             sender.send("k/3", str(tmp_path / "src" / "ckpt-1" / "process-0"), 1, "a part")
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_part_sent_over_several_connections_counts_only_when_all_arrive_whole(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_local_channel, "STREAMS", 3)
+    os.makedirs(tmp_path / "dst")
+    sender = _local_channel.Tcp(str(tmp_path / "src"))
+    receiver = _local_channel.Tcp(str(tmp_path / "dst"))
+    try:
+        for t in (sender, receiver):
+            t.connect([sender.address(), receiver.address()])
+        sender.send("k/1", a_part(tmp_path), 1, "a part")
+        received(tmp_path, receiver.receive("k/1", 0, "a part"))
+
+        def stream(name: bytes, data: bytes, size: int) -> None:
+            head = json.dumps(
+                {"key": "k/2", "files": [[name.decode()], [size]], "durable": False, "streams": 2}
+            ).encode()
+            with socket.create_connection(tuple(receiver.address())) as s:
+                s.sendall(struct.pack("!Q", len(head)) + head + data)
+                if len(data) == size:
+                    assert s.recv(1) == b"\x01"
+
+        stream(b"whole", b"x" * 100, 100)
+        stream(b"COMMIT", b"y" * 10, 100)  # the other connection breaks off
+        with pytest.raises(
+            jc.CoordinationError,
+            match=r"a part did not come from process 0: it was cut short \(EOFError: the "
+            r"connection closed in the middle of the part\)",
+        ):
+            receiver.receive("k/2", 0, "a part")
+        assert [
+            n for n in os.listdir(tmp_path / "dst") if ".jaxckpt-tmp-" in n
+        ] == []  # nothing staged
     finally:
         sender.close()
         receiver.close()
