@@ -48,8 +48,9 @@ def test_bench_runs_tiny_and_writes_json(tmp_path):
     assert {("W3", "d2h_pinned", "reference"), ("W3", "async_block_full", "jaxckpt")} <= seen
     assert ("W3", "mgr_block_full", "jaxckpt") in seen
     names = [f["floor"] for f in res["floors"]]
-    assert len(names) == 24
+    assert len(names) == 28
     assert "W2 restore cold of an Orbax checkpoint by jaxckpt <= Orbax's own" in names
+    assert {"W2 async block <= 2x np.copy", "W2 restore cold <= 1/2 Flax msgpack"} <= set(names)
 
 
 def test_quiet_disk_watches_the_disk_holding_the_path(tmp_path):
