@@ -166,12 +166,8 @@ class ChunkReading:
                     for f, (_, n), r in zip(futs, spans, recs, strict=True)
                 ]
             self._check_pack(loc, recs, paths)
-            early = self._prefetched.pop(loc, None)
-            if early is not None:  # the whole pack, read ahead
-                starts, bufs, reads = early
-                for read in reads:
-                    read.result()
-            else:
+            issued = self._prefetched.pop(loc, None)  # the whole pack, if read ahead
+            if issued is None:
                 size = int(recs[0]["packed"][2])  # the pack's chunk size
                 need = sorted(
                     {k for o, n in spans if n for k in range(o // size, -(-(o + n) // size))}
@@ -183,9 +179,10 @@ class ChunkReading:
                     if len(recs) == 1:  # no thread hand-off for a single leaf
                         return [self._read_one_packed(recs[0], paths[0])]
                     return list(_runtime.pool("read").map(self._read_one_packed, recs, paths))
-                starts, bufs, reads = self._issue_chunk_runs(loc, need, size)
-                for read in reads:
-                    read.result()
+                issued = self._issue_chunk_runs(loc, need, size)
+            starts, bufs, reads = issued
+            for read in reads:
+                read.result()
         except (OSError, _chunks.ChunkError, ValueError, KeyError) as e:
             one = len(paths) == 1 or isinstance(e, _confine.Violation)  # names the first
             raise self._error(paths[0] if one else loc, e) from e
