@@ -7,6 +7,7 @@ process 2 to SIGKILL; each test restarts 4 processes on a copy of what that job 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -274,16 +275,26 @@ def received(tmp_path, staged):
     return dest
 
 
-@pytest.mark.parametrize("splice", [True, False])
-def test_tcp_transport_moves_a_part_and_reports_failures(tmp_path, monkeypatch, splice):
-    if not splice:  # a system without splice: the bytes are read, then written
-        monkeypatch.delattr(os, "splice", raising=False)
+@contextlib.contextmanager
+def tcp_pair(tmp_path):
+    """Two connected TCP transports, process 0 (sending from src) and 1 (receiving in dst)."""
     os.makedirs(tmp_path / "dst")
     sender = _local_channel.Tcp(str(tmp_path / "src"))
     receiver = _local_channel.Tcp(str(tmp_path / "dst"))
     try:
         for t in (sender, receiver):
             t.connect([sender.address(), receiver.address()])
+        yield sender, receiver
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_tcp_transport_moves_a_part_and_reports_failures(tmp_path, monkeypatch, splice):
+    if not splice:  # a system without splice: the bytes are read, then written
+        monkeypatch.delattr(os, "splice", raising=False)
+    with tcp_pair(tmp_path) as (sender, receiver):
         sender.send("k/1", a_part(tmp_path), 1, "a part")
         received(tmp_path, receiver.receive("k/1", 0, "a part"))
         sender.fail("k/2", OSError("disk full"), 1)
@@ -296,21 +307,13 @@ def test_tcp_transport_moves_a_part_and_reports_failures(tmp_path, monkeypatch, 
         receiver.close()
         with pytest.raises(jc.CoordinationError, match=r"could not send a part to process 1 at"):
             sender.send("k/3", str(tmp_path / "src" / "ckpt-1" / "process-0"), 1, "a part")
-    finally:
-        sender.close()
-        receiver.close()
 
 
 def test_a_part_sent_over_several_connections_counts_only_when_all_arrive_whole(
     tmp_path, monkeypatch
 ):
     monkeypatch.setattr(_local_channel, "STREAMS", 3)
-    os.makedirs(tmp_path / "dst")
-    sender = _local_channel.Tcp(str(tmp_path / "src"))
-    receiver = _local_channel.Tcp(str(tmp_path / "dst"))
-    try:
-        for t in (sender, receiver):
-            t.connect([sender.address(), receiver.address()])
+    with tcp_pair(tmp_path) as (sender, receiver):
         sender.send("k/1", a_part(tmp_path), 1, "a part")
         received(tmp_path, receiver.receive("k/1", 0, "a part"))
 
@@ -334,9 +337,6 @@ def test_a_part_sent_over_several_connections_counts_only_when_all_arrive_whole(
         assert [
             n for n in os.listdir(tmp_path / "dst") if ".jaxckpt-tmp-" in n
         ] == []  # nothing staged
-    finally:
-        sender.close()
-        receiver.close()
 
 
 class FakeStore:
