@@ -151,27 +151,29 @@ class _Reads:
     """What a restore reads: one request per distinct slice any addressable device needs."""
 
     requests: list[tuple[str, Any]]  # (checkpoint path, index or None)
-    plans: list[Any]  # per pairing: None, or ({device: index}, {index key: request})
+    # Per pairing: None (nothing read), the request of a whole array for one device, or
+    # ({device: index}, {index key: request}).
+    plans: list[Any]
     to_device: dict[int, tuple[np.dtype, Any]]  # whole arrays for one device each
     everywhere: list[int]  # whole arrays every process restores: read once, broadcast
 
 
 def _planned_reads(reader: Reader, entries: list[_match.Pairing]) -> _Reads:
     reads = _Reads([], [], {}, [])
-    requests, to_device = reads.requests, reads.to_device
+    requests, to_device, plans = reads.requests, reads.to_device, reads.plans
     broadcast = _broadcast.wanted(reader.path)
     for _, x, cpath, rec in entries:
         if rec is None or cpath is None or rec["t"] != "array":  # (a record has a path)
-            reads.plans.append(None)
+            plans.append(None)
             continue
         sharding = _sharding(x)
-        device = None if sharding is None or "key" in rec else _one_device(sharding)
-        if device is not None and isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        if sharding is not None and "key" not in rec and _one_device(sharding):
             # The common case, first: a whole array for one device.
+            i = len(requests)
             if broadcast and _broadcast.everywhere(rec, sharding):
-                reads.everywhere.append(len(requests))
-            to_device[len(requests)] = (np.dtype(x.dtype), sharding)
-            reads.plans.append(({device: None}, {None: len(requests)}))
+                reads.everywhere.append(i)
+            to_device[i] = (np.dtype(x.dtype), sharding)
+            plans.append(i)
             requests.append((cpath, None))
             continue
         shards = {None: None} if "key" in rec else _target_shards(x, tuple(rec["shape"]))
@@ -181,11 +183,9 @@ def _planned_reads(reader: Reader, entries: list[_match.Pairing]) -> _Reads:
             if key not in slots:
                 slots[key] = len(requests)
                 requests.append((cpath, idx))
-        reads.plans.append((shards, slots))
+        plans.append((shards, slots))
         if broadcast and len(slots) == 1 and _broadcast.everywhere(rec, sharding):
             reads.everywhere.append(next(iter(slots.values())))
-        if device is not None:
-            to_device[slots[None]] = (np.dtype(x.dtype), sharding)
     return reads
 
 
@@ -215,22 +215,20 @@ def _assembled(entries: list[_match.Pairing], reads: _Reads, arrays: list[Any]) 
     batch: list[tuple[int, np.ndarray, Any]] = []
     to_device = reads.to_device
     for (_, x, _, rec), plan in zip(entries, reads.plans, strict=True):
-        if plan is not None:
+        if type(plan) is int:  # a whole array for one device: read via ``put``
+            got = arrays[plan]
+            if isinstance(got, np.ndarray):
+                # Not put as it was read (a packed leaf, say): one device_put for all such
+                # leaves, as per-call overhead dominates.
+                dtype, sharding = to_device[plan]
+                batch.append((len(leaves), got.astype(dtype, copy=False), sharding))
+                got = None
+            leaves.append(got)
+        elif plan is not None:
             shards, slots = plan
-            whole = slots.get(None)  # a whole array for one device: read via ``put``
-            if whole in to_device:
-                got = arrays[whole]
-                if isinstance(got, np.ndarray):
-                    # Not put as it was read (a packed leaf, say): one device_put for all such
-                    # leaves, as per-call overhead dominates.
-                    dtype, sharding = to_device[whole]
-                    batch.append((len(leaves), got.astype(dtype, copy=False), sharding))
-                    got = None
-                leaves.append(got)
-            else:
-                pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
-                assert rec is not None  # a plan is made only for a record
-                leaves.append(_assemble(x, rec, pieces))
+            pieces = {d: arrays[slots[_index_key(i)]] for d, i in shards.items()}
+            assert rec is not None  # a plan is made only for a record
+            leaves.append(_assemble(x, rec, pieces))
         elif rec is None:
             leaves.append(x)
         elif rec["t"] == "state":
@@ -290,27 +288,15 @@ def _target_shards(x: Any, shape: tuple[int, ...]) -> dict[Any, Any]:
     sharding = _sharding(x)
     if sharding is None:
         return {None: None}
-    device = _one_device(sharding)
-    if device is not None and isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return {device: None}  # the whole array, on one device
     return dict(sharding.addressable_devices_indices_map(shape))
 
 
-_devices: dict[int, tuple[Any, Any]] = {}  # id(sharding) -> (sharding, its one device or None)
-
-
-def _one_device(sharding: jax.sharding.Sharding) -> Any:
-    """The device of a sharding on one device, else None; found once per sharding object
-    (``device_set`` builds a set each time: a restore of 10,000 leaves asked 20,000 times)."""
-    got = _devices.get(id(sharding))
-    if got is not None and got[0] is sharding:
-        return got[1]
-    ds = sharding.device_set
-    device = next(iter(ds)) if len(ds) == 1 else None
-    if len(_devices) > 256:  # shardings of earlier restores (their ids may be reused)
-        _devices.clear()
-    _devices[id(sharding)] = (sharding, device)
-    return device
+def _one_device(sharding: jax.sharding.Sharding) -> bool:
+    """Whether ``sharding`` places an array whole on one device (any kind of sharding:
+    a ``NamedSharding`` over a mesh of one device does too) of this process."""
+    if type(sharding) is jax.sharding.SingleDeviceSharding:  # the common case, first
+        return True
+    return sharding.num_devices == 1 and sharding.is_fully_addressable
 
 
 def _index_key(idx: Any) -> Any:

@@ -45,6 +45,7 @@ def sharding(kind: str) -> jax.sharding.Sharding:
         "single-device": SingleDeviceSharding(jax.devices()[5]),
         "2-way": NamedSharding(mesh((2,), ("x",), jax.devices()[6:8]), P("x")),
         "2-way-cols": NamedSharding(mesh((2,), ("x",), jax.devices()[2:4]), P(None, "x")),
+        "1-device-mesh": NamedSharding(mesh((1,), ("x",), jax.devices()[3:4]), P("x")),
     }[kind]
 
 
@@ -56,7 +57,7 @@ DISTINCT = {
 SAVED = sorted(DISTINCT)
 TARGETS = [
     "2-way", "2-way-cols", "replicated", "partly-replicated", "2d-transposed", "1d-cols",
-    "single-device",
+    "single-device", "1-device-mesh",
 ]  # fmt: skip
 
 
@@ -125,6 +126,17 @@ def test_restore_onto_another_sharding(kind, target, saved):
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(like)
     assert_sharded_equal(out["w"], value(), t)
     assert_sharded_equal(out["b"], value()[0], like["b"].sharding)
+
+
+def test_packed_leaves_restore_onto_a_mesh_of_one_device(tmp_path):
+    # A single-GPU job's mesh: the small leaves come out of their pack, whole, onto its device.
+    t = sharding("1-device-mesh")
+    saved = {"w": value(), "b": value()[0].astype(np.int32)}
+    path = jc.save(tmp_path / "ckpt", saved)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=t), saved)
+    out = jc.restore(path, like)
+    for k in saved:
+        assert_sharded_equal(out[k], saved[k], t)
 
 
 @pytest.mark.parametrize("kind", ["2d", "single-device"])
