@@ -25,6 +25,7 @@ from jaxckpt.checkpoint.target_paths import Prefix, Rename, _prefix_of, _renamer
 from jaxckpt.errors import StructureMismatchError
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.format import paths as _paths
+from jaxckpt.format import validate as _validate
 from jaxckpt.format.metadata import Record
 from jaxckpt.log import phase
 
@@ -142,15 +143,28 @@ def _describe(rec: Record) -> str:
     return "saved iterator/object state" if rec["t"] == "state" else f"a Python {rec['py']}"
 
 
+def _same_array(x: Any, rec: Record) -> bool:
+    """Whether the target leaf ``x`` is an array of the very shape and dtype of the saved
+    array ``rec`` (not a typed key): the common case, told apart with little Python."""
+    if rec["t"] != "array" or "key" in rec:
+        return False
+    array = _ARRAY_TYPES.get(type(x))
+    if array is None:
+        array = _ARRAY_TYPES[type(x)] = issubclass(type(x), _ARRAYS)
+    if not array:
+        return False
+    return x.dtype == _validate.dtype_named(rec["dtype"]) and list(x.shape) == rec["shape"]
+
+
+_ARRAYS = (jax.Array, jax.ShapeDtypeStruct, np.ndarray)
+_ARRAY_TYPES: dict[
+    type, bool
+] = {}  # types found to be arrays or not (isinstance of jax.Array is slow)
+
+
 def _problem(x: Any, rec: Record) -> str | None:
     """What the target leaf ``x`` expects, if it cannot take the saved leaf ``rec``; else None."""
-    if (  # the common case, first: an array of the very shape and dtype saved
-        rec["t"] == "array"
-        and "key" not in rec
-        and isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
-        and x.dtype == rec["dtype"]
-        and list(x.shape) == rec["shape"]
-    ):
+    if _same_array(x, rec):
         return None
     kind = leaf_kind(x)
     if kind == "state":
@@ -359,6 +373,9 @@ def plan(reader: Reader, target: Target, prefix: Prefix, unused: bool) -> Plan:
             missing.append(shown)
         else:
             used.add(reader.resolve(cpath))
+            if _same_array(x, rec):  # the common case: nothing to wrap, nothing to report
+                pairings.append(Pairing(keypath, x, cpath, rec))
+                continue
             rec = _as_key(x, rec)
             why = _problem(x, rec)
             if why is not None:

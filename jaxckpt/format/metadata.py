@@ -310,11 +310,21 @@ def gc_paused() -> Iterator[None]:
 
 def iter_leaves(node: Record, names: tuple[str, ...] = ()) -> Iterator[tuple[str, Record]]:
     """Yields ``(path, leaf_record)`` for every leaf of a structure record, in order."""
+    out: list[tuple[str, Record]] = []
+    _collect_leaves(node, "/".join(names), bool(names), out)
+    return iter(out)
+
+
+def _collect_leaves(node: Record, path: str, inner: bool, out: list[tuple[str, Record]]) -> None:
+    """Appends the leaves under ``node`` (at ``path``; ``inner``: below the root) to ``out``:
+    each node's path is joined once, not once per leaf under it."""
     if node["t"] in LEAF_KINDS:
-        yield "/".join(names), node
+        out.append((path, node))
         return
+    name_of = _paths.name_of
     for kind, key, child in node["c"]:
-        yield from iter_leaves(child, (*names, _paths.name_of(kind, key)))
+        name = name_of(kind, key)
+        _collect_leaves(child, f"{path}/{name}" if inner else name, True, out)
 
 
 def rebuild(

@@ -178,7 +178,10 @@ def _key_impl_ok(impl: str, tail: tuple[int, ...], dtype: str) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _dtype_of(name: str) -> np.dtype | None:
+def dtype_named(name: str) -> np.dtype | None:
+    """The dtype named ``name`` if it is one jaxckpt saves, else None: also how code holding a
+    checked record turns its dtype name into a dtype (comparing a dtype with a name parses
+    the name every time)."""
     try:
         dtype = np.dtype(name)
     except (TypeError, ValueError):
@@ -190,7 +193,7 @@ def _dtype_of(name: str) -> np.dtype | None:
 
 def _dtype(name: Any) -> np.dtype | None:
     """The dtype a record names, if it is one jaxckpt saves (spelled as jaxckpt writes it)."""
-    return _dtype_of(name) if isinstance(name, str) else None
+    return dtype_named(name) if isinstance(name, str) else None
 
 
 _PY_TYPES: dict[str, tuple[type, ...]] = {
