@@ -154,7 +154,7 @@ class ChunkReading:
         Each run of consecutive needed chunks is read into one aligned buffer, and every leaf
         is a view into it (leaves start at 64-byte aligned offsets): no per-leaf copy.
         """
-        spans = [(int(r["packed"][0]), int(r["packed"][1])) for r in recs]
+        spans = [r["packed"][:2] for r in recs]  # checked: [offset, nbytes], ints
         try:
             if self._files is None:  # no files to read directly: TensorStore reads the spans
                 meta = self.metadata_file(f"{loc}/zarr.json")

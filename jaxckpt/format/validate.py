@@ -101,11 +101,12 @@ def _array_problem(rec: Record) -> str | None:
 
 
 def _naturals(xs: list[Any]) -> bool:
-    """Whether every item of ``xs`` is an int >= 0 (bools are not)."""
-    return not xs or (set(map(type, xs)) == _INT and min(xs) >= 0)
-
-
-_INT = {int}
+    """Whether every item of ``xs`` (a few: a shape, a packed place) is an int >= 0 (bools
+    are not)."""
+    for x in xs:
+        if type(x) is not int or x < 0:
+            return False
+    return True
 
 
 def _chunks_problem(rec: Record, shape: list[int], dtype: np.dtype, nbytes: int) -> str | None:
