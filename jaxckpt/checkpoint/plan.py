@@ -85,20 +85,23 @@ class Pack:
             return self.chunks[k]
         lo, hi = k * PACK_CHUNK, min((k + 1) * PACK_CHUNK, self.nbytes)
         if taken is None:
-            buf = np.zeros(PACK_CHUNK, np.uint8)  # alignment gaps and the tail are zeros
+            buf = np.empty(PACK_CHUNK, np.uint8)
         else:
             buf = _runtime.take_buffer(PACK_CHUNK)
-            buf.fill(0)
             taken.append(buf)
+        filled = lo  # the chunk's bytes before this are written; alignment gaps are zeros
         i = max(0, bisect.bisect_right(self.starts, lo) - 1)
         while i < len(self.starts) and self.starts[i] < hi:
             off, raw = self.starts[i], _memory.as_bytes(np.ascontiguousarray(self.leaves[i]))
             a, b = max(lo, off), min(hi, off + raw.size)
             if b > a:
+                buf[filled - lo : a - lo] = 0
                 buf[a - lo : b - lo] = raw[a - off : b - off]
+                filled = b
             if off >= lo:  # the leaf starts here: its own checksum, for reading it alone
                 self.records[i]["crc32c"] = _checksum.crc32c(raw)
             i += 1
+        buf[filled - lo :] = 0  # the tail, and the last chunk's padding
         return buf
 
 
