@@ -219,6 +219,7 @@ def _instantiate(tpl: Template, flat: list[Any]) -> Plan:
         elif kind == "value":
             values.append((i, flat[i]))
 
+    @_metadata.gc_paused()  # 10,000 records unpickled would trigger collections
     def bind() -> Record:
         record = pickle.loads(tpl.record)
         recs = _leaf_records(record, [])

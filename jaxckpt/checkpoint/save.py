@@ -24,6 +24,7 @@ from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.checkpoint import snapshot as _snapshot
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.errors import CheckpointError
+from jaxckpt.format import metadata as _metadata
 from jaxckpt.log import logged_save, logged_save_async
 
 PyTree = Any
@@ -116,6 +117,7 @@ def _raise_earlier_errors() -> None:
 
 
 @logged_save
+@_metadata.gc_paused()  # the caller waits: no collection (JAX's gc callback) per 10,000 records
 def save(
     path: str | os.PathLike[str],
     tree: PyTree,

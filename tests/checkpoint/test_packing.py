@@ -18,8 +18,10 @@ from core_helpers import edit_metadata, rewrite_metadata
 
 import jaxckpt as jc
 from jaxckpt import memory as _memory
+from jaxckpt import runtime as _runtime
 from jaxckpt.checkpoint import match as _match
 from jaxckpt.checkpoint import plan as _plan
+from jaxckpt.checkpoint import save_steps as _steps
 from jaxckpt.checkpoint import write as _write
 from jaxckpt.format import metadata as _metadata
 from jaxckpt.storage import chunk_files as _chunks
@@ -325,6 +327,55 @@ def test_planning_pauses_the_garbage_collector_and_restores_it(tmp_path):
     finally:
         gc.enable()
     _assert_same(jc.restore(jc.save(tmp_path / "ckpt", tree)), tree)
+
+
+def test_a_pack_s_gaps_and_tail_are_zeros_whatever_memory_it_is_built_in(tmp_path, monkeypatch):
+    # np.empty and the pooled buffers may hand out any bytes: the leaves' 64-byte alignment
+    # gaps and the last chunk's tail must still be written as zeros, by both kinds of save
+    # (an incremental save compares chunk files, and a pack's bytes are its checksums').
+    monkeypatch.setattr(_plan, "PACK_CHUNK", 256)
+    real_empty, real_take = np.empty, _runtime.take_buffer
+
+    def dirty_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        out.view(np.uint8).reshape(-1)[:] = 0xAB
+        return out
+
+    def dirty_take(nbytes):
+        out = real_take(nbytes)
+        out[:] = 0xAB
+        return out
+
+    monkeypatch.setattr(np, "empty", dirty_empty)
+    monkeypatch.setattr(_runtime, "take_buffer", dirty_take)
+    tree = {f"k{i}": np.full(i * 3 + 1, i + 1, np.int8) for i in range(40)}
+    paths = [jc.save(tmp_path / "sync", tree), jc.save_async(tmp_path / "async", tree).wait()]
+    for path in paths:
+        packed = np.zeros(0, np.uint8)
+        for k in range(len(os.listdir(os.path.join(path, "~pack/0/c")))):
+            raw = open(os.path.join(path, "~pack/0/c", str(k)), "rb").read()[:-4]  # the crc
+            packed = np.concatenate([packed, np.frombuffer(raw, np.uint8)])
+        covered = np.zeros(packed.size, bool)
+        for name, rec in _leaf_records(path).items():
+            offset, n, _ = rec["packed"]
+            np.testing.assert_array_equal(packed[offset : offset + n], tree[name])
+            covered[offset : offset + n] = True
+        assert not covered.all()  # there are gaps and a tail
+        assert not packed[~covered].any()
+    _assert_same(jc.restore(paths[0]), tree)
+
+
+def test_a_synchronous_save_pauses_the_garbage_collector(tmp_path, monkeypatch):
+    seen = []
+    real = _steps.execute
+
+    def execute(s, budget):
+        seen.append(gc.isenabled())
+        return real(s, budget)
+
+    monkeypatch.setattr(_steps, "execute", execute)
+    jc.save(tmp_path / "ckpt", {"a": np.zeros(3)})
+    assert seen == [False] and gc.isenabled()
 
 
 def _recorded_chunk_reads(monkeypatch) -> list[str]:
