@@ -309,7 +309,10 @@ class Jaxckpt(Tool):
         jc.save(path, tree)
 
     def restore(self, path: str, tree: Any) -> Any:
-        return block(jc.restore(path, abstract(tree)))
+        # The live tree as the target, as docs/api.md shows and as Flax msgpack's from_bytes
+        # takes it: building a ShapeDtypeStruct per leaf first is the caller's choice, not
+        # part of a restore (Orbax's restore below takes the abstract tree its docs ask for).
+        return block(jc.restore(path, tree))
 
     def partial(self, path: str, tree: Any, keypath: tuple[Any, ...], leaf: Any) -> Any:
         return pick(
